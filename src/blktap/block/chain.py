@@ -1,0 +1,276 @@
+"""A leaf-first chain of images: reads fall through to parents, writes go to the leaf.
+
+The chain is the one place that turns byte-granular requests into the sector-aligned
+requests drivers receive: unaligned reads go through a bounce buffer, unaligned writes
+read-modify-write their edge sectors (serialised per sector so that two writes sharing a
+sector both survive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+
+from blktap.block.driver import (
+    SECTOR_SIZE,
+    Alloc,
+    Image,
+    OpenOptions,
+    ParentRef,
+    opener_for,
+)
+from blktap.errors import ImageFormatError
+
+log = logging.getLogger(__name__)
+
+# NBD base:allocation bits, produced here because the chain is what knows them.
+STATE_HOLE = 1
+STATE_ZERO = 2
+
+
+@dataclass(slots=True)
+class ImageStats:
+    """Per-image request counters, as the C tapdisk's STATS reports them."""
+
+    hits: list[int] = field(default_factory=lambda: [0, 0])
+    fail: list[int] = field(default_factory=lambda: [0, 0])
+
+
+@dataclass(frozen=True, slots=True)
+class StatusExtent:
+    """One extent of NBD ``base:allocation`` status: ``flags`` is HOLE/ZERO bits."""
+
+    offset: int
+    length: int
+    flags: int
+
+
+def _align_down(n: int) -> int:
+    return n - n % SECTOR_SIZE
+
+
+def _align_up(n: int) -> int:
+    return -(-n // SECTOR_SIZE) * SECTOR_SIZE
+
+
+class Chain:
+    """An open image chain. ``images[0]`` is the leaf; each next one is its parent."""
+
+    def __init__(self, images: list[Image]) -> None:
+        assert images
+        self.images = images
+        self.stats = [ImageStats() for _ in images]
+        self._sector_locks: dict[int, asyncio.Future[None]] = {}
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    async def open(cls, type_name: str, path: str, options: OpenOptions) -> Chain:
+        """Open the leaf with ``options``, then each parent it names, read-only.
+
+        Raises NotFound (unknown type, missing file), ImageFormatError (malformed image,
+        looping chain), OSError. On failure every image opened so far is closed again.
+        """
+        images: list[Image] = []
+        seen: set[str] = set()
+        ref: ParentRef | None = ParentRef(type_name, path)
+        opts = options
+        try:
+            while ref is not None:
+                key = os.path.realpath(ref.path) if ref.type != "ram" else ref.path
+                if key in seen:
+                    raise ImageFormatError(
+                        "parent chain loops", path=images[-1].path, structure="parent chain",
+                        value=ref.path,
+                    )
+                seen.add(key)
+                image = await opener_for(ref.type)(ref.path, opts)
+                images.append(image)
+                ref = image.parent
+                opts = OpenOptions(read_only=True, direct=options.direct)
+        except BaseException:
+            for image in reversed(images):
+                try:
+                    await image.close()
+                except Exception:
+                    log.exception("closing %s after a failed open", image.path)
+            raise
+        return cls(images)
+
+    @property
+    def leaf(self) -> Image:
+        return self.images[0]
+
+    @property
+    def size(self) -> int:
+        return self.leaf.info.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.leaf.read_only
+
+    async def close(self) -> None:
+        """Close every image, leaf first. Raises the first error after closing them all."""
+        first: BaseException | None = None
+        for image in self.images:
+            try:
+                await image.close()
+            except Exception as exc:
+                log.error("closing %s: %s", image.path, exc)
+                first = first or exc
+        if first is not None:
+            raise first
+
+    # -------------------------------------------------------------------- reads
+    async def read(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` from the chain. The range must lie inside the device."""
+        length = len(buf)
+        if offset % SECTOR_SIZE == 0 and length % SECTOR_SIZE == 0:
+            await self._read_level(0, offset, buf)
+            return
+        start = _align_down(offset)
+        end = _align_up(offset + length)
+        bounce = memoryview(bytearray(end - start))
+        await self._read_level(0, start, bounce)
+        buf[:] = bounce[offset - start : offset - start + length]
+
+    async def _read_level(self, level: int, offset: int, buf: memoryview) -> None:
+        image = self.images[level]
+        stats = self.stats[level]
+        if image.fully_allocated:
+            await self._image_read(image, stats, offset, buf)
+            return
+        for ext in image.allocation(offset, len(buf)):
+            part = buf[ext.offset - offset : ext.offset - offset + ext.length]
+            if ext.alloc == Alloc.DATA:
+                await self._image_read(image, stats, ext.offset, part)
+            elif ext.alloc == Alloc.ZERO or level + 1 == len(self.images):
+                part[:] = bytes(ext.length)
+            else:
+                await self._read_parent(level + 1, ext.offset, part)
+
+    async def _read_parent(self, level: int, offset: int, buf: memoryview) -> None:
+        # A parent may be smaller than its child (the child was resized): past its end,
+        # the chain reads zeros.
+        psize = self.images[level].info.size
+        inside = max(0, min(len(buf), psize - offset))
+        if inside:
+            await self._read_level(level, offset, buf[:inside])
+        if inside < len(buf):
+            buf[inside:] = bytes(len(buf) - inside)
+
+    @staticmethod
+    async def _image_read(image: Image, stats: ImageStats, offset: int, buf: memoryview) -> None:
+        stats.hits[0] += 1
+        try:
+            await image.read(offset, buf)
+        except BaseException:
+            stats.fail[0] += 1
+            raise
+
+    # ------------------------------------------------------------------- writes
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        """Write to the leaf. Unaligned edges are read-modify-written under sector locks."""
+        length = len(data)
+        if offset % SECTOR_SIZE == 0 and length % SECTOR_SIZE == 0:
+            await self._leaf_write(offset, data, fua)
+            return
+        start = _align_down(offset)
+        end = _align_up(offset + length)
+        edges = sorted({start, end - SECTOR_SIZE})
+        await self._lock_sectors(edges)
+        try:
+            merged = memoryview(bytearray(end - start))
+            await self._read_level(0, start, merged[:SECTOR_SIZE])
+            if end - SECTOR_SIZE != start:
+                await self._read_level(0, end - SECTOR_SIZE, merged[-SECTOR_SIZE:])
+            merged[offset - start : offset - start + length] = data
+            await self._leaf_write(start, merged, fua)
+        finally:
+            self._unlock_sectors(edges)
+
+    async def _leaf_write(self, offset: int, data: memoryview, fua: bool) -> None:
+        stats = self.stats[0]
+        stats.hits[1] += 1
+        try:
+            await self.leaf.write(offset, data, fua)
+        except BaseException:
+            stats.fail[1] += 1
+            raise
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
+        """Make the range read as zeros; unaligned edges are written as zero bytes."""
+        start = _align_up(offset)
+        end = _align_down(offset + length)
+        if start >= end:
+            await self.write(offset, memoryview(bytes(length)), fua)
+            return
+        if offset < start:
+            await self.write(offset, memoryview(bytes(start - offset)), False)
+        if end < offset + length:
+            await self.write(end, memoryview(bytes(offset + length - end)), False)
+        self.stats[0].hits[1] += 1
+        try:
+            await self.leaf.write_zeroes(start, end - start, may_unmap)
+            if fua:
+                await self.leaf.flush()
+        except BaseException:
+            self.stats[0].fail[1] += 1
+            raise
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Advisory trim of the whole sectors inside the range (partial sectors are kept)."""
+        start = _align_up(offset)
+        end = _align_down(offset + length)
+        if start < end:
+            await self.leaf.discard(start, end - start)
+
+    async def flush(self) -> None:
+        await self.leaf.flush()
+
+    async def _lock_sectors(self, sectors: list[int]) -> None:
+        loop = asyncio.get_running_loop()
+        for sector in sectors:  # ascending order: no deadlock between two writers
+            while (held := self._sector_locks.get(sector)) is not None:
+                await asyncio.shield(held)
+            self._sector_locks[sector] = loop.create_future()
+
+    def _unlock_sectors(self, sectors: list[int]) -> None:
+        for sector in sectors:
+            fut = self._sector_locks.pop(sector, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    # ------------------------------------------------------------- block status
+    def block_status(self, offset: int, length: int) -> list[StatusExtent]:
+        """NBD base:allocation extents covering exactly the range, merged where equal."""
+        out: list[StatusExtent] = []
+        self._status_level(0, offset, length, out)
+        return out
+
+    def _status_level(self, level: int, offset: int, length: int, out: list[StatusExtent]) -> None:
+        if level == len(self.images):
+            _append_status(out, offset, length, STATE_HOLE | STATE_ZERO)
+            return
+        image = self.images[level]
+        # A parent smaller than its child reads as zeros past its end.
+        inside = max(0, min(length, image.info.size - offset))
+        if inside:
+            for ext in image.block_status(offset, inside):
+                if ext.alloc == Alloc.DATA:
+                    _append_status(out, ext.offset, ext.length, 0)
+                elif ext.alloc == Alloc.ZERO:
+                    _append_status(out, ext.offset, ext.length, STATE_HOLE | STATE_ZERO)
+                else:
+                    self._status_level(level + 1, ext.offset, ext.length, out)
+        if inside < length:
+            _append_status(out, offset + inside, length - inside, STATE_HOLE | STATE_ZERO)
+
+
+def _append_status(out: list[StatusExtent], offset: int, length: int, flags: int) -> None:
+    if out and out[-1].flags == flags and out[-1].offset + out[-1].length == offset:
+        last = out.pop()
+        out.append(StatusExtent(last.offset, last.length + length, flags))
+    else:
+        out.append(StatusExtent(offset, length, flags))
