@@ -48,8 +48,8 @@ def _step(coro: Coroutine[Any, Any, Any], on_done: DoneCallback, exc: BaseExcept
         # A bare yield (asyncio.sleep(0)): give the loop one turn.
         asyncio.get_running_loop().call_soon(_step, coro, on_done, None)
     else:
-        error = RuntimeError(f"eager coroutine yielded {yielded!r}")
-        _step(coro, on_done, error)
+        bad = RuntimeError(f"eager coroutine yielded {yielded!r}")
+        _step(coro, on_done, bad)
 
 
 def _wake(coro: Coroutine[Any, Any, Any], on_done: DoneCallback, fut: asyncio.Future[Any]) -> None:

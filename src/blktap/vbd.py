@@ -1,0 +1,366 @@
+"""One virtual block device (VBD): the image chain of a minor, its state and statistics.
+
+Every I/O request from a frontend enters here and is validated once (range, read-only,
+state); code below asserts. While the VBD is pausing or paused, I/O waits; it fails with
+ESHUTDOWN only when a resume failed or the VBD is closing.
+
+State machine (reported on the wire as the C tapdisk's state bits, see ``state_bits``)::
+
+    CLOSED --open--> RUNNING --pause--> PAUSING --(in-flight I/O done, chain closed)--> PAUSED
+    PAUSED --resume--> RUNNING            PAUSED --resume fails--> RESUME_FAILED
+    RESUME_FAILED --resume--> RUNNING
+    RUNNING|PAUSED|RESUME_FAILED --close--> CLOSING --> CLOSED
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from blktap.block.chain import Chain, StatusExtent
+from blktap.block.driver import OpenOptions
+from blktap.errors import BlktapError, Busy, InvalidArgument, NoSpace, ReadOnly, Shutdown
+
+log = logging.getLogger(__name__)
+
+
+class VBDState(enum.Enum):
+    CLOSED = "closed"
+    RUNNING = "running"
+    PAUSING = "pausing"
+    PAUSED = "paused"
+    RESUME_FAILED = "resume-failed"
+    CLOSING = "closing"
+
+
+# The reference's state bits (tapdisk-control-protocol.md, "VBD state bits").
+_DEAD, _CLOSED, _QUIESCE_REQ, _QUIESCED, _PAUSE_REQ, _PAUSED = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
+_SHUTDOWN_REQ, _RESUME_FAILED = 0x40, 0x200
+
+STATE_BITS: dict[VBDState, int] = {
+    VBDState.CLOSED: _CLOSED,
+    VBDState.RUNNING: 0,
+    VBDState.PAUSING: _QUIESCE_REQ | _PAUSE_REQ,
+    VBDState.PAUSED: _CLOSED | _QUIESCED | _PAUSED,
+    VBDState.RESUME_FAILED: _CLOSED | _QUIESCED | _PAUSED | _RESUME_FAILED,
+    VBDState.CLOSING: _SHUTDOWN_REQ,
+}
+
+# Which transitions each operation may start from.
+_TRANSITIONS: dict[str, tuple[frozenset[VBDState], VBDState]] = {
+    "open": (frozenset({VBDState.CLOSED}), VBDState.RUNNING),
+    "pause": (frozenset({VBDState.RUNNING}), VBDState.PAUSING),
+    "resume": (frozenset({VBDState.PAUSED, VBDState.RESUME_FAILED}), VBDState.RUNNING),
+    "close": (
+        frozenset({VBDState.RUNNING, VBDState.PAUSED, VBDState.RESUME_FAILED}),
+        VBDState.CLOSING,
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSpec:
+    """``type:path`` as the control protocol carries it."""
+
+    type: str
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> ImageSpec:
+        """Parse ``type:path``. Raises InvalidArgument when there is no type or no path."""
+        kind, sep, path = text.partition(":")
+        if not sep or not kind or not path:
+            raise InvalidArgument(f"image must be type:/path, not {text!r}")
+        return cls(kind, path)
+
+    def __str__(self) -> str:
+        return f"{self.type}:{self.path}"
+
+
+class VBD:
+    """A VBD bound to ``minor``. Created CLOSED; ``open`` makes it serve I/O."""
+
+    RESUME_TRIES = 10
+    RESUME_RETRY_DELAY = 1.0
+
+    def __init__(self, minor: int) -> None:
+        self.minor = minor
+        self.state = VBDState.CLOSED
+        self.spec: ImageSpec | None = None
+        self.options = OpenOptions()
+        self.secondary: str | None = None
+        self._chain: Chain | None = None
+        self._size = 0
+        self._inflight = 0
+        self._drained: asyncio.Future[None] | None = None
+        self._running: asyncio.Future[None] | None = None
+        self.sectors = [0, 0]  # sectors read, written
+        self.errors = [0, 0]  # failed reads, writes
+        self.log = logging.LoggerAdapter(log, {"minor": minor})
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def size(self) -> int:
+        """Size in bytes (fixed from open until close; resume must not change it)."""
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self.options.read_only
+
+    @property
+    def chain(self) -> Chain | None:
+        return self._chain
+
+    @property
+    def state_bits(self) -> int:
+        return STATE_BITS[self.state]
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def _transition(self, op: str) -> None:
+        allowed, target = _TRANSITIONS[op]
+        if self.state not in allowed:
+            raise Busy(f"minor {self.minor}: cannot {op} while {self.state.value}",
+                       errno=errno.EBUSY if self.state != VBDState.CLOSED else errno.EINVAL)
+        self.state = target
+
+    # ------------------------------------------------------------------ control
+    async def open(self, spec: ImageSpec, options: OpenOptions) -> None:
+        """Open the chain for ``spec``. On failure the VBD stays CLOSED with nothing open."""
+        if self.state != VBDState.CLOSED:
+            raise Busy(f"minor {self.minor} is already open")
+        chain = await Chain.open(spec.type, spec.path, options)
+        self._chain, self.spec, self.options = chain, spec, options
+        self._size = chain.size
+        self.sectors, self.errors = [0, 0], [0, 0]
+        self._transition("open")
+        self.log.info("opened %s (%d bytes%s)", spec, self._size,
+                      ", read-only" if options.read_only else "")
+
+    async def pause(self) -> None:
+        """Stop taking new I/O, wait for in-flight I/O, close the chain. New I/O waits.
+
+        Pausing a paused VBD succeeds at once. On a chain close error the VBD is still
+        PAUSED (the images are closed as far as possible) and the error is raised.
+        """
+        if self.state in (VBDState.PAUSED, VBDState.RESUME_FAILED):
+            return
+        self._transition("pause")
+        self._running = asyncio.get_running_loop().create_future()
+        await self._drain()
+        chain, self._chain = self._chain, None
+        self.state = VBDState.PAUSED
+        assert chain is not None
+        await chain.close()
+        self.log.info("paused")
+
+    async def resume(self, spec: ImageSpec | None = None) -> None:
+        """Reopen the chain, from ``spec`` if given (the live-snapshot primitive).
+
+        Tries RESUME_TRIES times, RESUME_RETRY_DELAY apart. The size must not change
+        (EMEDIUMTYPE). On failure the state is RESUME_FAILED and waiting I/O fails with
+        ESHUTDOWN; a later resume may still succeed.
+        """
+        if self.state not in (VBDState.PAUSED, VBDState.RESUME_FAILED):
+            raise InvalidArgument(f"minor {self.minor} is not paused")
+        new_spec = spec or self.spec
+        assert new_spec is not None
+        last: BaseException | None = None
+        for attempt in range(self.RESUME_TRIES):
+            if attempt:
+                await asyncio.sleep(self.RESUME_RETRY_DELAY)
+            try:
+                chain = await Chain.open(new_spec.type, new_spec.path, self.options)
+            except BlktapError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ENOENT):
+                    last = exc
+                    break
+                last = exc
+                continue
+            except OSError as exc:
+                last = exc
+                continue
+            if chain.size != self._size:
+                await chain.close()
+                last = BlktapError(
+                    f"resume: size changed from {self._size} to {chain.size}",
+                    errno=errno.EMEDIUMTYPE,
+                )
+                break
+            self._chain, self.spec = chain, new_spec
+            self.state = VBDState.RUNNING
+            self._wake_waiters(None)
+            self.log.info("resumed on %s", new_spec)
+            return
+        self.state = VBDState.RESUME_FAILED
+        self._wake_waiters(Shutdown(f"minor {self.minor}: resume failed"))
+        self.log.error("resume of %s failed: %s", new_spec, last)
+        assert last is not None
+        raise last
+
+    async def close(self, force: bool = False) -> None:
+        """Close the chain. Waits for in-flight I/O unless ``force``. Ends CLOSED."""
+        if self.state == VBDState.CLOSED:
+            return
+        if self.state == VBDState.PAUSING:
+            await self._drain()
+        self._transition("close")
+        self._wake_waiters(Shutdown(f"minor {self.minor} is closing"))
+        if not force:
+            await self._drain()
+        chain, self._chain = self._chain, None
+        try:
+            if chain is not None:
+                await chain.close()
+        finally:
+            self.state = VBDState.CLOSED
+            self.log.info("closed")
+
+    async def _drain(self) -> None:
+        if self._inflight:
+            if self._drained is None or self._drained.done():
+                self._drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._drained)
+
+    def _wake_waiters(self, exc: BaseException | None) -> None:
+        fut, self._running = self._running, None
+        if fut is not None and not fut.done():
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: no waiter is not an error
+
+    # ---------------------------------------------------------------------- I/O
+    async def _admit(self) -> Chain:
+        """Wait until the VBD runs; count the request in flight; return the chain."""
+        while self.state != VBDState.RUNNING:
+            if self.state in (VBDState.PAUSING, VBDState.PAUSED) and self._running is not None:
+                await asyncio.shield(self._running)
+            else:
+                raise Shutdown(f"minor {self.minor} is {self.state.value}")
+        self._inflight += 1
+        assert self._chain is not None
+        return self._chain
+
+    def _done(self) -> None:
+        self._inflight -= 1
+        if not self._inflight and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _check_range(self, offset: int, length: int, write: bool) -> None:
+        if write and self.options.read_only:
+            raise ReadOnly(f"minor {self.minor} is read-only")
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"negative offset or length ({offset}, {length})")
+        if offset + length > self._size:
+            cls = NoSpace if write else InvalidArgument
+            raise cls(f"request {offset}+{length} past the end ({self._size})")
+
+    async def read(self, offset: int, buf: memoryview) -> None:
+        length = len(buf)
+        self._check_range(offset, length, False)
+        chain = self._chain if self.state is VBDState.RUNNING else None
+        if chain is None:
+            chain = await self._admit()
+        else:
+            self._inflight += 1
+        try:
+            await chain.read(offset, buf)
+        except BaseException:
+            self.errors[0] += 1
+            raise
+        finally:
+            self._done()
+        self.sectors[0] += length >> 9
+
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        length = len(data)
+        self._check_range(offset, length, True)
+        chain = await self._admit()
+        try:
+            await chain.write(offset, data, fua)
+        except BaseException:
+            self.errors[1] += 1
+            raise
+        finally:
+            self._done()
+        self.sectors[1] += length >> 9
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool, fua: bool) -> None:
+        self._check_range(offset, length, True)
+        chain = await self._admit()
+        try:
+            await chain.write_zeroes(offset, length, may_unmap, fua)
+        except BaseException:
+            self.errors[1] += 1
+            raise
+        finally:
+            self._done()
+        self.sectors[1] += length >> 9
+
+    async def trim(self, offset: int, length: int) -> None:
+        self._check_range(offset, length, True)
+        chain = await self._admit()
+        try:
+            await chain.discard(offset, length)
+        finally:
+            self._done()
+
+    async def flush(self) -> None:
+        chain = await self._admit()
+        try:
+            await chain.flush()
+        finally:
+            self._done()
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Prefetch hint: validated, then ignored (reads are served from the page cache)."""
+        self._check_range(offset, length, False)
+
+    async def block_status(self, offset: int, length: int) -> list[StatusExtent]:
+        self._check_range(offset, length, False)
+        chain = await self._admit()
+        try:
+            return chain.block_status(offset, length)
+        finally:
+            self._done()
+
+    # -------------------------------------------------------------- statistics
+    def stats(self) -> dict[str, Any]:
+        """The STATS JSON object of this VBD, with the C tapdisk's keys."""
+        images: list[dict[str, Any]] = []
+        if self._chain is not None:
+            for image, st in zip(self._chain.images, self._chain.stats, strict=True):
+                images.append({
+                    "name": image.path,
+                    "hits": list(st.hits),
+                    "fail": list(st.fail),
+                    "driver": {"type": DISK_TYPE_IDS.get(image.type_name, -1),
+                               "name": image.type_name, "status": 0},
+                })
+        return {
+            "name": str(self.spec) if self.spec else "",
+            "minor": self.minor,
+            "state": self.state_bits,
+            "secs": list(self.sectors),
+            "errors": list(self.errors),
+            "images": images,
+            "reqs_outstanding": self._inflight,
+            "read_caching": "false",
+            "FIXME_enospc_redirect_count": 0,
+            "nbd_mirror_failed": 0,
+        }
+
+
+# The C tapdisk's disk type numbers (its disk_types table order).
+DISK_TYPE_IDS = {"aio": 0, "sync": 1, "vmdk": 2, "vhdsync": 3, "vhd": 4, "ram": 5, "qcow": 6,
+                 "bc": 7, "vhdi": 8, "log": 9, "remus": 10, "lc": 11, "llpcache": 12,
+                 "llecache": 13, "valve": 14, "nbd": 15}
