@@ -1,7 +1,68 @@
-"""The ``tapdisk`` command (placeholder until the daemon lands)."""
+"""``tapdisk``: the daemon that serves VBDs. Argument parsing only; see blktap.tapdisk."""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
 
-def main() -> int:
-    raise SystemExit("tapdisk: not implemented yet")
+from blktap import __version__, paths
+
+DESCRIPTION = """\
+Serve virtual block devices (VBDs) for tap-ctl and toolstacks.
+
+tapdisk daemonizes, creates its control socket ctl<pid> in the run directory, prints the
+socket's path as one line on standard output and keeps serving control requests
+(ATTACH, OPEN, PAUSE, RESUME, CLOSE, DETACH, LIST, STATS, ...) until its last VBD is
+detached or it receives SIGTERM. Each opened VBD is exported over NBD on the Unix socket
+nbd<pid>.<minor> in the run directory and, where the host allows, as a kernel block
+device <dev-dir>/tapdev<minor>. It is normally started by `tap-ctl spawn` or
+`tap-ctl create`, not by hand.
+"""
+
+EPILOG = f"""\
+environment:
+  {paths.RUN_DIR_ENV}   run directory (default {paths.DEFAULT_RUN_DIR})
+  {paths.DEV_DIR_ENV}   block device directory (default {paths.DEFAULT_DEV_DIR})
+  BLKTAP_BLOCKDEV  auto, on or off: the default of --blockdev
+
+Logs go to syslog (daemon facility) when daemonized, to standard error with -D.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tapdisk", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-D", "--foreground", action="store_true",
+                   help="do not daemonize; log to standard error")
+    p.add_argument("-V", "--version", action="version", version=f"tapdisk {__version__}")
+    p.add_argument("--run-dir", metavar="DIR",
+                   help=f"run directory (overrides ${paths.RUN_DIR_ENV})")
+    p.add_argument("--dev-dir", metavar="DIR",
+                   help=f"block device directory (overrides ${paths.DEV_DIR_ENV})")
+    p.add_argument("--blockdev", choices=("auto", "on", "off"),
+                   default=os.environ.get("BLKTAP_BLOCKDEV", "auto"),
+                   help="publish a kernel block device per VBD (default: %(default)s)")
+    p.add_argument("--debug", action="store_true", help="log debug messages")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.blockdev not in ("auto", "on", "off"):
+        build_parser().error(f"BLKTAP_BLOCKDEV must be auto, on or off, not {args.blockdev!r}")
+    from blktap.tapdisk.daemon import DaemonOptions, run
+
+    return run(DaemonOptions(
+        foreground=args.foreground,
+        run_dir=args.run_dir,
+        dev_dir=args.dev_dir,
+        blockdev=args.blockdev,
+        log_level=logging.DEBUG if args.debug else logging.INFO,
+    ))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""The tapdisk process: daemonize, publish the control socket, serve until done.
+
+Spawn protocol (reference: "Spawning"): unless foreground, the process daemonizes first
+so that the pid in ``ctl<pid>`` is the final one; it then creates the control socket,
+writes its path as one line on the original stdout and releases stdout. It exits after
+the last VBD is detached, or on SIGTERM/SIGINT after closing every VBD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+from blktap import paths
+from blktap.tapdisk.control_server import ControlServer
+from blktap.tapdisk.service import AttachedVBD, Frontend, FrontendFactory, Tapdisk
+
+log = logging.getLogger("blktap.tapdisk")
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    foreground: bool = False
+    run_dir: str | None = None
+    dev_dir: str | None = None
+    blockdev: str = "auto"
+    """``auto``: publish a kernel block device when the host allows; ``on``: required; ``off``."""
+    log_level: int = logging.INFO
+
+
+class _ContextFilter(logging.Filter):
+    """Gives every record ``minor`` and ``image`` so that one format fits all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "minor"):
+            record.minor = "-"
+        if not hasattr(record, "image"):
+            record.image = "-"
+        return True
+
+
+def _setup_logging(foreground: bool, level: int) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    handler: logging.Handler
+    if foreground:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "tapdisk[%(process)d] %(levelname)s [minor=%(minor)s %(image)s] %(name)s: %(message)s"
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(
+            "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
+        fmt = "tapdisk[%(process)d]: [minor=%(minor)s %(image)s] %(message)s"
+    else:
+        handler = logging.NullHandler()
+        fmt = ""
+    handler.setFormatter(logging.Formatter(fmt))
+    handler.addFilter(_ContextFilter())
+    root.handlers[:] = [handler]
+
+
+def _daemonize() -> None:
+    """Detach from the terminal and the spawner's session; stdout stays open for the path."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 2)
+    os.close(null)
+
+
+def _release_stdout() -> None:
+    sys.stdout.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+
+
+def run(options: DaemonOptions) -> int:
+    """Run a tapdisk. Returns the exit status."""
+    rundir = paths.run_dir(options.run_dir)
+    paths.ensure_dir(rundir)
+    if not options.foreground:
+        _daemonize()
+    _setup_logging(options.foreground, options.log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without
+        log.warning("uvloop is not available; using the default event loop")
+    try:
+        asyncio.run(_serve(options, rundir))
+    except Exception:
+        log.exception("tapdisk failed")
+        return 1
+    return 0
+
+
+async def _serve(options: DaemonOptions, rundir: str) -> None:
+    loop = asyncio.get_running_loop()
+    pid = os.getpid()
+    done = asyncio.Event()
+    tapdisk = Tapdisk(
+        rundir, pid,
+        frontends=_frontends(options, rundir, pid),
+        on_last_detach=done.set,
+    )
+    server = ControlServer(tapdisk, paths.control_socket(rundir, pid))
+    await server.start()
+    print(server.path, flush=True)
+    _release_stdout()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    loop.add_signal_handler(signal.SIGPIPE, lambda: None)
+    log.info("serving %s", server.path)
+    try:
+        await done.wait()
+    finally:
+        await server.stop()
+        await tapdisk.shutdown()
+    log.info("exiting")
+
+
+def _frontends(options: DaemonOptions, rundir: str, pid: int) -> list[FrontendFactory]:
+    async def nbd(attached: AttachedVBD) -> Frontend | None:
+        from blktap.frontends.nbd_server import NbdServer
+
+        vbd = attached.vbd
+        server = NbdServer(vbd, paths.nbd_socket(rundir, pid, vbd.minor))
+        await server.start()
+        return server
+
+    async def blockdev(attached: AttachedVBD) -> Frontend | None:
+        from blktap.frontends.blockdev import BlockDevice
+
+        ok, why = BlockDevice.available()
+        if not ok:
+            if options.blockdev == "on":
+                raise OSError(f"no kernel block device: {why}")
+            log.info("minor %d: no kernel block device: %s", attached.vbd.minor, why)
+            return None
+        device = BlockDevice(attached.vbd, attached.vbd.minor, run_dir=rundir,
+                             dev_dir=paths.dev_dir(options.dev_dir))
+        try:
+            attached.device = await device.start()
+        except Exception as exc:
+            if options.blockdev == "on":
+                raise
+            log.warning("minor %d: kernel block device failed: %s", attached.vbd.minor, exc)
+            with contextlib.suppress(Exception):
+                await device.stop()
+            return None
+        return device
+
+    factories: list[FrontendFactory] = [nbd]
+    if options.blockdev != "off":
+        factories.append(blockdev)
+    return factories

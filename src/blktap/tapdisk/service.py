@@ -1,0 +1,258 @@
+"""The tapdisk service: its VBDs and the handling of each control request.
+
+One ``Tapdisk`` per process. ``handle`` takes a decoded request and returns the encoded
+reply messages; it never raises. Requests other than PID, LIST and STATS are exclusive:
+they queue behind the one in progress (reference: "which requests may run concurrently").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from blktap import paths
+from blktap.block.driver import SECTOR_SIZE, OpenOptions
+from blktap.errors import BlktapError, Busy, InvalidArgument, NotFound, errno_of
+from blktap.proto import control as ctl
+from blktap.util.buffers import BufferPool
+from blktap.vbd import VBD, ImageSpec, VBDState
+
+log = logging.getLogger(__name__)
+
+# Requests the C tapdisk lets run while another one is in progress.
+CONCURRENT = frozenset({ctl.MessageType.PID, ctl.MessageType.LIST, ctl.MessageType.STATS})
+
+# OPEN flags we honour; any other flag is refused rather than silently ignored.
+SUPPORTED_OPEN_FLAGS = ctl.OpenFlag.SHARED | ctl.OpenFlag.RDONLY | ctl.OpenFlag.NO_O_DIRECT
+
+
+class Frontend(Protocol):
+    async def stop(self) -> None: ...
+
+
+FrontendFactory = Callable[["AttachedVBD"], Awaitable[Frontend | None]]
+
+
+@dataclass
+class AttachedVBD:
+    vbd: VBD
+    marker_fd: int
+    frontends: list[Frontend] = field(default_factory=list)
+    device: str | None = None
+
+
+class Tapdisk:
+    """The VBDs of this process and the control request handlers."""
+
+    def __init__(
+        self,
+        rundir: str,
+        pid: int,
+        *,
+        frontends: list[FrontendFactory] | None = None,
+        on_last_detach: Callable[[], None] | None = None,
+    ) -> None:
+        self.rundir = rundir
+        self.pid = pid
+        self.vbds: dict[int, AttachedVBD] = {}
+        self.buffers = BufferPool()
+        self._frontend_factories = frontends or []
+        self._on_last_detach = on_last_detach
+        self._exclusive = asyncio.Lock()
+        T = ctl.MessageType
+        self._handlers: dict[ctl.MessageType, Callable[[ctl.Request], Awaitable[list[bytes]]]] = {
+            T.PID: self._pid,
+            T.ATTACH: self._attach,
+            T.OPEN: self._open,
+            T.CLOSE: self._close,
+            T.FORCE_SHUTDOWN: self._close,
+            T.DETACH: self._detach,
+            T.PAUSE: self._pause,
+            T.RESUME: self._resume,
+            T.LIST: self._list,
+            T.STATS: self._stats,
+            T.DISK_INFO: self._disk_info,
+        }
+
+    # ----------------------------------------------------------------- entry
+    async def handle(self, request: ctl.Request) -> list[bytes]:
+        """Run one request; return its encoded replies (ERROR with errno on failure)."""
+        msg = request.message
+        handler = self._handlers.get(msg.type)
+        if handler is None:
+            log.warning("unsupported control message %s", _type_name(msg.type))
+            return [ctl.encode(ctl.error_reply(msg.cookie, errno.EINVAL))]
+        try:
+            if msg.type in CONCURRENT:
+                return await handler(request)
+            async with self._exclusive:
+                return await handler(request)
+        except Exception as exc:
+            code = errno_of(exc)
+            level = logging.INFO if isinstance(exc, BlktapError | OSError) else logging.ERROR
+            log.log(level, "%s for minor %s failed: %s", _type_name(msg.type), msg.cookie, exc,
+                    exc_info=level == logging.ERROR)
+            return [ctl.encode(ctl.error_reply(msg.cookie, code))]
+
+    def _vbd(self, minor: int) -> AttachedVBD:
+        try:
+            return self.vbds[minor]
+        except KeyError:
+            raise InvalidArgument(f"no VBD for minor {minor}") from None
+
+    @staticmethod
+    def _reply(request: ctl.Request, payload: ctl.Payload | None = None) -> list[bytes]:
+        return [ctl.encode(ctl.reply(request.message, payload))]
+
+    # -------------------------------------------------------------- handlers
+    async def _pid(self, request: ctl.Request) -> list[bytes]:
+        return self._reply(request, ctl.PidPayload(self.pid))
+
+    async def _attach(self, request: ctl.Request) -> list[bytes]:
+        minor = request.message.cookie
+        if not 0 <= minor <= paths.MAX_MINOR:
+            raise InvalidArgument(f"minor {minor} out of range")
+        if minor in self.vbds:
+            raise BlktapError(f"minor {minor} is already attached", errno=errno.EEXIST)
+        marker = paths.minor_marker(self.rundir, minor)
+        try:
+            fd = os.open(marker, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"minor {minor} is not allocated ({marker} missing)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(f"minor {minor} is held by another tapdisk") from None
+        self.vbds[minor] = AttachedVBD(VBD(minor), fd)
+        log.info("attached minor %d", minor)
+        return self._reply(request)
+
+    async def _open(self, request: ctl.Request) -> list[bytes]:
+        msg = request.message
+        params = msg.payload
+        assert isinstance(params, ctl.Params)
+        attached = self._vbd(msg.cookie)
+        vbd = attached.vbd
+        if vbd.state != VBDState.CLOSED:
+            raise Busy(f"minor {msg.cookie} is already open on {vbd.spec}")
+        flags = ctl.OpenFlag(params.flags)
+        unsupported = flags & ~SUPPORTED_OPEN_FLAGS
+        if unsupported:
+            raise BlktapError(f"open flags not supported: {unsupported!r}", errno=errno.EOPNOTSUPP)
+        spec = ImageSpec.parse(params.path)
+        options = OpenOptions(
+            read_only=bool(flags & ctl.OpenFlag.RDONLY),
+            direct=not flags & ctl.OpenFlag.NO_O_DIRECT,
+        )
+        await vbd.open(spec, options)
+        try:
+            for factory in self._frontend_factories:
+                frontend = await factory(attached)
+                if frontend is not None:
+                    attached.frontends.append(frontend)
+        except BaseException:
+            await self._stop_frontends(attached)
+            await vbd.close()
+            raise
+        return self._reply(request, self._image_payload(vbd))
+
+    @staticmethod
+    def _image_payload(vbd: VBD) -> ctl.ImageInfoPayload:
+        info = vbd.chain.leaf.info.info if vbd.chain is not None else 0
+        return ctl.ImageInfoPayload(vbd.size // SECTOR_SIZE, SECTOR_SIZE, info)
+
+    async def _stop_frontends(self, attached: AttachedVBD) -> None:
+        while attached.frontends:
+            frontend = attached.frontends.pop()
+            try:
+                await frontend.stop()
+            except Exception:
+                log.exception("minor %d: stopping a frontend failed", attached.vbd.minor)
+        attached.device = None
+
+    async def _close(self, request: ctl.Request) -> list[bytes]:
+        msg = request.message
+        attached = self._vbd(msg.cookie)
+        force = msg.type == ctl.MessageType.FORCE_SHUTDOWN
+        await self._stop_frontends(attached)
+        await attached.vbd.close(force=force)
+        # The C tapdisk answers FORCE_SHUTDOWN with CLOSE_RSP as well.
+        return [ctl.encode(ctl.Message(ctl.MessageType.CLOSE_RSP, msg.cookie, None))]
+
+    async def _detach(self, request: ctl.Request) -> list[bytes]:
+        minor = request.message.cookie
+        attached = self._vbd(minor)
+        if attached.vbd.state != VBDState.CLOSED:
+            raise Busy(f"minor {minor} is still open")
+        del self.vbds[minor]
+        fcntl.flock(attached.marker_fd, fcntl.LOCK_UN)
+        os.close(attached.marker_fd)
+        log.info("detached minor %d", minor)
+        if not self.vbds and self._on_last_detach is not None:
+            asyncio.get_running_loop().call_soon(self._on_last_detach)
+        return self._reply(request)
+
+    async def _pause(self, request: ctl.Request) -> list[bytes]:
+        attached = self._vbd(request.message.cookie)
+        if attached.vbd.state == VBDState.CLOSED:
+            raise InvalidArgument(f"minor {request.message.cookie} is not open")
+        await attached.vbd.pause()
+        return self._reply(request)
+
+    async def _resume(self, request: ctl.Request) -> list[bytes]:
+        msg = request.message
+        attached = self._vbd(msg.cookie)
+        params = msg.payload
+        spec = None
+        if isinstance(params, ctl.Params) and params.path:
+            spec = ImageSpec.parse(params.path)
+        await attached.vbd.resume(spec)
+        return self._reply(request)
+
+    async def _list(self, request: ctl.Request) -> list[bytes]:
+        entries = [
+            (minor, self.vbds[minor].vbd.state_bits, str(self.vbds[minor].vbd.spec or ""))
+            for minor in sorted(self.vbds)
+        ]
+        return [ctl.encode_list_replies(request.message.cookie, entries)]
+
+    async def _stats(self, request: ctl.Request) -> list[bytes]:
+        minor = request.message.cookie
+        if minor == ctl.NO_MINOR:
+            doc: object = [self.vbds[m].vbd.stats() for m in sorted(self.vbds)]
+        else:
+            doc = self._vbd(minor).vbd.stats()
+        return [ctl.encode_stats_reply(minor, json.dumps(doc).encode())]
+
+    async def _disk_info(self, request: ctl.Request) -> list[bytes]:
+        vbd = self._vbd(request.message.cookie).vbd
+        if vbd.chain is None:
+            raise InvalidArgument(f"minor {vbd.minor} is not open")
+        return self._reply(request, self._image_payload(vbd))
+
+    # -------------------------------------------------------------- shutdown
+    async def shutdown(self) -> None:
+        """Close and detach every VBD (on SIGTERM). Errors are logged, not raised."""
+        for minor in sorted(self.vbds):
+            attached = self.vbds.pop(minor)
+            await self._stop_frontends(attached)
+            try:
+                await attached.vbd.close()
+            except Exception as exc:
+                log.error("minor %d: close at shutdown failed: %s", minor, exc)
+            os.close(attached.marker_fd)
+
+
+def _type_name(value: int) -> str:
+    try:
+        return ctl.MessageType(value).name
+    except ValueError:
+        return f"type {value}"
