@@ -1,0 +1,60 @@
+"""The Block Allocation Table: ``max_bat_size`` big-endian u32 sector offsets, padded to a
+whole sector on disk; :data:`BAT_UNUSED` marks an unallocated block."""
+
+from __future__ import annotations
+
+import array
+import sys
+
+from blktap.errors import ImageFormatError
+from blktap.proto.vhd.constants import BAT_UNUSED, SECTOR_SIZE
+
+__all__ = ["BAT_UNUSED", "encode_bat", "encode_bat_sector", "parse_bat"]
+
+
+def parse_bat(
+    data: bytes | bytearray | memoryview, entries: int, path: str | None = None
+) -> array.array[int]:
+    """The ``entries`` BAT entries at the start of ``data`` as an ``array('I')``.
+
+    Raises ImageFormatError when ``data`` holds fewer than ``entries`` entries."""
+    need = entries * 4
+    if len(data) < need:
+        raise ImageFormatError(
+            "truncated BAT", path=path, structure="BAT", field="length", value=len(data)
+        )
+    table = array.array("I")
+    table.frombytes(bytes(data[:need]))
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table
+
+
+def encode_bat(table: array.array[int], padding: bytes = b"") -> bytes:
+    """The on-disk BAT: entries big-endian, then ``padding`` (the bytes that filled the
+    last sector when parsed; 0xFF... if omitted, as vhd-util writes)."""
+    out = array.array("I", table)
+    if sys.byteorder == "little":
+        out.byteswap()
+    raw = out.tobytes()
+    pad = -len(raw) % SECTOR_SIZE
+    if not padding:
+        padding = b"\xff" * pad
+    return raw + padding[:pad].ljust(pad, b"\xff")
+
+
+def encode_bat_sector(
+    table: array.array[int], index: int, padding: bytes = b""
+) -> tuple[int, bytes]:
+    """The sector of the BAT that holds entry ``index``: (byte offset within the BAT, 512
+    bytes), for the one-sector BAT update of an allocating write."""
+    per = SECTOR_SIZE // 4
+    first = index - index % per
+    chunk = array.array("I", table[first : first + per])
+    if sys.byteorder == "little":
+        chunk.byteswap()
+    raw = chunk.tobytes()
+    if len(raw) < SECTOR_SIZE:
+        pad = SECTOR_SIZE - len(raw)
+        raw += (padding or b"\xff" * pad)[:pad].ljust(pad, b"\xff")
+    return first * 4, raw
