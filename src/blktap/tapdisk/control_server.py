@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import os
+from typing import cast
 
 from blktap.proto import control as ctl
 from blktap.tapdisk.service import Tapdisk
@@ -88,6 +89,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = ctl.RequestReader()
         self.busy_answered = False
+        self.trailer = b""
         self.active = False
         self.alive = True
         self.busy = False
@@ -95,9 +97,9 @@ class _Connection(asyncio.Protocol):
 
     # asyncio.Protocol ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.pause_reading()
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()
         self.server._admit(self)
 
     def activate(self) -> None:
@@ -140,7 +142,7 @@ class _Connection(asyncio.Protocol):
     async def _serve(self, request: ctl.Request) -> None:
         replies = await self.server.tapdisk.handle(request)
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(replies)
+            self.transport.writelines([*replies, self.trailer])
             self.transport.close()
 
     def _busy_reply(self, exc: ctl.MessageError) -> None:
@@ -149,7 +151,8 @@ class _Connection(asyncio.Protocol):
             return
         self.busy_answered = True
         cookie = exc.cookie if exc.cookie is not None else ctl.NO_MINOR
-        self.transport.write(ctl.encode(ctl.error_reply(cookie, errno.EBUSY)))
+        # Sent after the reply to the request in progress.
+        self.trailer = ctl.encode(ctl.error_reply(cookie, errno.EBUSY))
 
     def _reject(self, exc: ctl.MessageError) -> None:
         log.info("bad control request: %s", exc)

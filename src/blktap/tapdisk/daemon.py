@@ -67,7 +67,9 @@ def _setup_logging(foreground: bool, level: int) -> None:
 
 def _daemonize() -> None:
     """Detach from the terminal and the spawner's session; stdout stays open for the path."""
-    if os.fork():
+    first = os.fork()
+    if first:
+        os.waitpid(first, 0)  # reap the intermediate child: leave no zombie behind
         os._exit(0)
     os.setsid()
     if os.fork():
