@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Serve one image with a real tapdisk, in the foreground, on a given NBD socket path.
+
+For ../shared/bench/nbd-compare, which wants a server command that stays in the
+foreground and listens on {socket}:
+
+    bench/serve_tapdisk.py --socket {socket} [--no-direct] [--read-only] aio:{image}
+
+It spawns `tapdisk -D` in a private run directory, attaches minor 0, opens the image (with
+NO_O_DIRECT / RDONLY as asked) through control messages, links {socket} to the VBD's
+nbd<pid>.0 socket, and waits. SIGTERM/SIGINT stop the tapdisk and remove everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from blktap.proto import control as ctl
+
+
+def request(path: str, msg: ctl.Message) -> ctl.Message:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        s.sendall(ctl.encode(msg))
+        reader = ctl.ReplyReader(msg.type)
+        while (reply := reader.feed(s.recv(65536))) is None:
+            pass
+    if reply.is_error:
+        raise SystemExit(f"{msg.type.name} failed: {os.strerror(reply.errno)}")
+    return reply.message
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--socket", required=True, help="where to expose the NBD socket")
+    ap.add_argument("--no-direct", action="store_true", help="open with NO_O_DIRECT")
+    ap.add_argument("--read-only", action="store_true", help="open read-only")
+    ap.add_argument("image", help="type:path, e.g. aio:/srv/disk.raw")
+    args = ap.parse_args()
+
+    run_dir = tempfile.mkdtemp(prefix="td-bench-", dir="/tmp")
+    env = dict(os.environ, BLKTAP_RUN_DIR=run_dir, BLKTAP_BLOCKDEV="off")
+    tapdisk = str(Path(sys.executable).parent / "tapdisk")
+    proc = subprocess.Popen([tapdisk, "-D"], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout is not None
+        ctl_path = proc.stdout.readline().decode().strip()
+        os.makedirs(os.path.join(run_dir, "tapdisk"), mode=0o700)
+        open(os.path.join(run_dir, "tapdisk", "tapdisk-0"), "w").close()
+        request(ctl_path, ctl.request(ctl.MessageType.ATTACH, 0))
+        flags = ctl.OpenFlag(0)
+        if args.no_direct:
+            flags |= ctl.OpenFlag.NO_O_DIRECT
+        if args.read_only:
+            flags |= ctl.OpenFlag.RDONLY
+        request(ctl_path, ctl.request(ctl.MessageType.OPEN, 0,
+                                      ctl.Params(flags=flags, devnum=0, domid=0,
+                                                 path=args.image)))
+        if os.path.lexists(args.socket):
+            os.unlink(args.socket)
+        os.symlink(os.path.join(run_dir, f"nbd{proc.pid}.0"), args.socket)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        proc.wait()
+        return 1
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+        if os.path.islink(args.socket):
+            os.unlink(args.socket)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
