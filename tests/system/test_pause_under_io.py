@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import Tapdisk, exchange, split_messages
+from tests.helpers import Tapdisk, exchange, message, params, split_messages
 from tests.system.test_tapdisk_control import (
     PAUSE,
     PAUSE_RSP,
@@ -18,9 +18,7 @@ from tests.system.test_tapdisk_control import (
     STATS,
     attach_open,
     list_entries,
-    message,
     one,
-    params,
 )
 
 NO_O_DIRECT = 0x200
