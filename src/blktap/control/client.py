@@ -1,0 +1,249 @@
+"""Requests to one tapdisk over its control socket (libblktapctl's tap-ctl-ipc role).
+
+One request per connection: connect to ``<run>/ctl<pid>``, send the request, read the
+reply (a LIST stream, a STATS body), close. Timeouts follow the C tap-ctl: LIST and STATS
+give up after 10 s; CLOSE, PAUSE (and destroy) take the caller's timeout; everything else
+waits indefinitely. A timeout raises :class:`TimedOut` (ETIMEDOUT); an ERROR reply raises
+:class:`TapdiskError` with the errno tapdisk sent. Nothing is retried and nothing is left
+open: the socket is closed whatever happens.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from blktap.control.errors import ControlError, NoSuchTapdisk, TapdiskError, TimedOut
+from blktap.control.minors import check_minor
+from blktap.control.options import ImageInfo, OpenOptions
+from blktap.control.rundir import RunDir
+from blktap.errors import InvalidArgument, ProtocolError
+from blktap.proto import control as ctl
+
+__all__ = [
+    "LIST_TIMEOUT",
+    "STATS_TIMEOUT",
+    "VbdListing",
+    "attach",
+    "close",
+    "detach",
+    "disk_info",
+    "get_pid",
+    "list_vbds",
+    "open",
+    "pause",
+    "stats",
+    "transact",
+    "unpause",
+]
+
+log = logging.getLogger(__name__)
+
+LIST_TIMEOUT = 10.0
+STATS_TIMEOUT = 10.0
+_RECV_SIZE = 65536
+
+
+def _describe(req: ctl.Request) -> str:
+    cookie = req.message.cookie
+    minor = "" if cookie == ctl.NO_MINOR else f" minor {cookie}"
+    return f"{req.message.type.name}{minor}"
+
+
+def transact(
+    rundir: RunDir, pid: int, req: ctl.Request, *, timeout: float | None = None
+) -> ctl.Reply:
+    """Send ``req`` to tapdisk ``pid`` and return its complete reply.
+
+    ``timeout`` (seconds) bounds the whole exchange; ``None`` waits indefinitely. Raises
+    :class:`NoSuchTapdisk` (ENOENT) when ``ctl<pid>`` is missing or nobody listens on it,
+    :class:`TimedOut` (ETIMEDOUT), :class:`TapdiskError` for an ERROR reply,
+    :class:`~blktap.errors.ProtocolError` (EPROTO) for a reply that breaks the protocol,
+    :class:`ControlError` for other socket failures (with their errno).
+    """
+    what = _describe(req)
+    data = ctl.encode_request(req)
+    path = rundir.ctl_socket(pid)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    reader = ctl.ReplyReader(req.message.type)
+
+    def remaining() -> float | None:
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return left
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            _connect(sock, os.fspath(path), remaining)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            reason = "no control socket" if isinstance(exc, FileNotFoundError) else "stale socket"
+            raise NoSuchTapdisk(f"no tapdisk with pid {pid} ({reason} {path})") from None
+        log.debug("tapdisk %d: sending %s", pid, what)
+        sock.settimeout(remaining())
+        sock.sendall(data)
+        while True:
+            sock.settimeout(remaining())
+            chunk = sock.recv(_RECV_SIZE)
+            reply = reader.feed(chunk) if chunk else reader.eof()
+            if reply is not None:
+                break
+    except TimeoutError:
+        raise TimedOut(f"tapdisk {pid} did not answer {what} within {timeout:g} s") from None
+    except ProtocolError as exc:
+        raise ProtocolError(
+            f"tapdisk {pid}: {exc.message}", errno=errno.EPROTO, remote=True
+        ) from None
+    except OSError as exc:
+        code = exc.errno or errno.EIO
+        raise ControlError(f"tapdisk {pid}: {what}: {os.strerror(code)}", errno=code) from None
+    finally:
+        sock.close()
+    if reply.is_error:
+        code = reply.errno if reply.errno > 0 else errno.EIO
+        minor = None if req.message.cookie == ctl.NO_MINOR else req.message.cookie
+        raise TapdiskError(
+            f"tapdisk {pid}: {what} failed: {os.strerror(code)}",
+            errno=code,
+            pid=pid,
+            minor=minor,
+            request=req.message.type.name,
+        )
+    log.debug("tapdisk %d: %s done", pid, what)
+    return reply
+
+
+def _connect(sock: socket.socket, path: str, remaining: Callable[[], float | None]) -> None:
+    # A Unix socket whose listen backlog is full makes a non-blocking connect fail with
+    # EAGAIN at once rather than wait; wait for room until the deadline.
+    while True:
+        sock.settimeout(remaining())
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            time.sleep(0.01)
+
+
+def _simple(type: ctl.MessageType, minor: int, payload: ctl.Payload | None = None) -> ctl.Request:
+    return ctl.Request(ctl.request(type, minor, payload))
+
+
+def get_pid(rundir: RunDir, pid: int, *, timeout: float | None = None) -> int:
+    """Ask tapdisk ``pid`` for its pid (PID); the answer confirms it is alive."""
+    reply = transact(rundir, pid, _simple(ctl.MessageType.PID, ctl.NO_MINOR), timeout=timeout)
+    payload = reply.message.payload
+    assert isinstance(payload, ctl.PidPayload)
+    return payload.pid
+
+
+def attach(rundir: RunDir, pid: int, minor: int) -> None:
+    """Bind ``minor`` to tapdisk ``pid`` (ATTACH); the tapdisk then holds its marker."""
+    check_minor(minor)
+    transact(rundir, pid, _simple(ctl.MessageType.ATTACH, minor))
+
+
+def detach(rundir: RunDir, pid: int, minor: int) -> None:
+    """Remove VBD ``minor`` from tapdisk ``pid`` (DETACH; EBUSY while open). A tapdisk
+    exits after its last VBD is detached."""
+    check_minor(minor)
+    transact(rundir, pid, _simple(ctl.MessageType.DETACH, minor))
+
+
+def open(
+    rundir: RunDir, pid: int, minor: int, image: str, options: OpenOptions | None = None
+) -> ImageInfo:
+    """Open ``image`` (``"type:/path"``) on the attached VBD ``minor`` (OPEN)."""
+    check_minor(minor)
+    req = (options or OpenOptions()).request(minor, image)
+    reply = transact(rundir, pid, req)
+    payload = reply.message.payload
+    assert isinstance(payload, ctl.ImageInfoPayload)
+    return ImageInfo(payload.sectors, payload.sector_size, payload.info)
+
+
+def close(
+    rundir: RunDir, pid: int, minor: int, *, force: bool = False, timeout: float | None = None
+) -> None:
+    """Close VBD ``minor`` (CLOSE; FORCE_SHUTDOWN if ``force``: do not wait for I/O)."""
+    check_minor(minor)
+    kind = ctl.MessageType.FORCE_SHUTDOWN if force else ctl.MessageType.CLOSE
+    transact(rundir, pid, _simple(kind, minor), timeout=timeout)
+
+
+def pause(rundir: RunDir, pid: int, minor: int, *, timeout: float | None = None) -> None:
+    """Quiesce VBD ``minor`` and close its chain (PAUSE)."""
+    check_minor(minor)
+    transact(rundir, pid, _simple(ctl.MessageType.PAUSE, minor), timeout=timeout)
+
+
+def unpause(
+    rundir: RunDir,
+    pid: int,
+    minor: int,
+    *,
+    image: str | None = None,
+    secondary: str | None = None,
+    log_path: str | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Reopen the chain of paused VBD ``minor`` (RESUME), on ``image`` if given (the
+    live-snapshot primitive), with a ``secondary`` image or a changed-block ``log_path``."""
+    check_minor(minor)
+    flags = ctl.OpenFlag(0)
+    if secondary is not None:
+        flags |= ctl.OpenFlag.SECONDARY
+    if log_path is not None:
+        flags |= ctl.OpenFlag.ADD_LOG
+    params = ctl.Params(flags=flags, devnum=minor, path=image or "", secondary=secondary or "")
+    req = ctl.Request(ctl.request(ctl.MessageType.RESUME, minor, params), log_path=log_path)
+    transact(rundir, pid, req, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class VbdListing:
+    """One VBD as tapdisk's LIST reports it. ``image`` is ``"type:/path"`` or ``None``."""
+
+    minor: int
+    state: int
+    image: str | None
+
+
+def list_vbds(rundir: RunDir, pid: int, *, timeout: float = LIST_TIMEOUT) -> list[VbdListing]:
+    """The VBDs of tapdisk ``pid`` (LIST), by ascending minor."""
+    reply = transact(rundir, pid, _simple(ctl.MessageType.LIST, ctl.NO_MINOR), timeout=timeout)
+    out = [VbdListing(e.minor, e.state, e.path or None) for e in reply.entries]
+    return sorted(out, key=lambda v: v.minor)
+
+
+def stats(rundir: RunDir, pid: int, minor: int, *, timeout: float = STATS_TIMEOUT) -> Any:
+    """The statistics of VBD ``minor`` (STATS) as parsed JSON; ``minor`` 0xFFFF gives a
+    list for every VBD. Raises :class:`~blktap.errors.ProtocolError` if it is not JSON."""
+    if minor != ctl.NO_MINOR:
+        check_minor(minor)
+    reply = transact(rundir, pid, _simple(ctl.MessageType.STATS, minor), timeout=timeout)
+    try:
+        return json.loads(reply.data)
+    except ValueError as exc:
+        text = f"tapdisk {pid}: STATS is not JSON: {exc}"
+        raise ProtocolError(text, errno=errno.EPROTO) from None
+
+
+def disk_info(rundir: RunDir, pid: int, minor: int) -> ImageInfo:
+    """The size of the image open on VBD ``minor`` (DISK_INFO)."""
+    check_minor(minor)
+    reply = transact(rundir, pid, _simple(ctl.MessageType.DISK_INFO, minor))
+    payload = reply.message.payload
+    if not isinstance(payload, ctl.ImageInfoPayload):  # pragma: no cover - codec guarantees
+        raise InvalidArgument("DISK_INFO_RSP without image info")
+    return ImageInfo(payload.sectors, payload.sector_size, payload.info)

@@ -1,0 +1,141 @@
+"""``create`` and ``destroy``: the composite operations, undone completely on failure.
+
+create = allocate → spawn → attach → open (``tap_ctl_create``). A failure at any step
+undoes the earlier ones, so nothing is left behind: a spawned tapdisk that could not
+attach is terminated (the C code leaves it running), a VBD that could not open is detached
+(its tapdisk then exits; it is terminated if it does not) and the minor is freed.
+
+destroy = close → detach → free (``tap_ctl_destroy``), stopping at the first error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from blktap.control import client, listing, minors, spawn
+from blktap.control.options import ImageInfo, OpenOptions, split_image
+from blktap.control.rundir import RunDir
+from blktap.errors import BlktapError, Busy
+
+__all__ = ["EXIT_WAIT", "Created", "create", "destroy", "device_path"]
+
+log = logging.getLogger(__name__)
+
+EXIT_WAIT = 5.0
+"""How long create's undo and destroy wait for a tapdisk with no VBD left to exit."""
+
+
+@dataclass(frozen=True)
+class Created:
+    """A VBD made by :func:`create`: its tapdisk, minor, device path and image size."""
+
+    pid: int
+    minor: int
+    device: Path
+    info: ImageInfo
+
+
+def device_path(rundir: RunDir, minor: int) -> Path:
+    """What ``create``/``allocate`` report: the kernel block device ``<dev>/tapdev<minor>``
+    if it exists, else the minor's marker (what the current C tap-ctl prints)."""
+    dev = rundir.tapdev(minor)
+    return dev if dev.exists() else rundir.marker(minor)
+
+
+def _refuse_shared_write(rundir: RunDir, image: str, options: OpenOptions) -> None:
+    for entry in listing.find_all(rundir, image):
+        assert entry.pid is not None and entry.minor is not None
+        if not options.read_only:
+            raise Busy(
+                f"{image} is already open on minor {entry.minor} of tapdisk {entry.pid}; "
+                "it cannot also be opened read-write"
+            )
+        if _opened_read_write(rundir, entry.pid, entry.minor):
+            raise Busy(f"{image} is open read-write on minor {entry.minor} of tapdisk {entry.pid}")
+
+
+def _opened_read_write(rundir: RunDir, pid: int, minor: int) -> bool:
+    # The C STATS has no open mode; ours may add "read_only". Unknown counts as read-only.
+    try:
+        doc = client.stats(rundir, pid, minor)
+    except BlktapError:
+        return False
+    return isinstance(doc, dict) and doc.get("read_only") is False
+
+
+def _undo(what: str, action: object, *args: object, **kwargs: object) -> None:
+    try:
+        assert callable(action)
+        action(*args, **kwargs)
+    except BlktapError as exc:
+        log.warning("undoing create: %s failed: %s", what, exc)
+
+
+def _retire(rundir: RunDir, pid: int) -> None:
+    """Make sure tapdisk ``pid`` (which has no VBD left) is gone."""
+    if not spawn.wait_exit(pid, EXIT_WAIT):
+        log.warning("tapdisk %d did not exit after its last detach; terminating it", pid)
+        spawn.terminate(rundir, pid)
+
+
+def create(
+    rundir: RunDir, image: str, options: OpenOptions | None = None, *, find_existing: bool = True
+) -> Created:
+    """Make a VBD serving ``image`` (``"type:/path"``) in a new tapdisk.
+
+    With ``find_existing`` (the default), an image already open by another VBD is refused
+    with :class:`~blktap.errors.Busy` (EBUSY) unless both opens are read-only. Other errors
+    are those of the failing step (e.g. ENOENT from OPEN for a missing image). On any
+    failure, including KeyboardInterrupt, every earlier step has been undone: no marker,
+    tapdisk or socket of this call remains.
+    """
+    opts = options or OpenOptions()
+    split_image(image)
+    opts.request(0, image)  # reject what cannot be encoded before touching anything
+    if find_existing:
+        _refuse_shared_write(rundir, image, opts)
+    minor = minors.allocate(rundir)
+    try:
+        pid = spawn.spawn(rundir)
+    except BaseException:
+        _undo(f"free minor {minor}", minors.free, rundir, minor)
+        raise
+    try:
+        client.attach(rundir, pid, minor)
+    except BaseException:
+        spawn.terminate(rundir, pid)
+        _undo(f"free minor {minor}", minors.free, rundir, minor)
+        raise
+    try:
+        info = client.open(rundir, pid, minor, image, opts)
+    except BaseException:
+        _undo(f"detach minor {minor}", client.detach, rundir, pid, minor)
+        _retire(rundir, pid)
+        _undo(f"free minor {minor}", minors.free, rundir, minor)
+        raise
+    log.info("created minor %d on tapdisk %d for %s", minor, pid, image)
+    return Created(pid=pid, minor=minor, device=device_path(rundir, minor), info=info)
+
+
+def destroy(rundir: RunDir, pid: int, minor: int, *, timeout: float | None = None) -> None:
+    """Close, detach and free VBD ``minor`` of tapdisk ``pid``; stop at the first error.
+
+    ``timeout`` bounds the close (ETIMEDOUT past it), as in the C tap-ctl. When the VBD
+    was the tapdisk's last, this returns once the tapdisk has exited.
+    """
+    client.close(rundir, pid, minor, timeout=timeout)
+    client.detach(rundir, pid, minor)
+    if not _attached(rundir, pid):
+        _retire(rundir, pid)
+    minors.free(rundir, minor)
+    log.info("destroyed minor %d of tapdisk %d", minor, pid)
+
+
+def _attached(rundir: RunDir, pid: int) -> set[int]:
+    """Minors tapdisk ``pid`` still serves; empty if it no longer answers."""
+    try:
+        return {v.minor for v in client.list_vbds(rundir, pid)}
+    except BlktapError:
+        return set()

@@ -1,0 +1,181 @@
+"""Starting and stopping tapdisk processes.
+
+Spawn protocol (reference: "Spawning"): fork and exec the tapdisk binary with stdout on a
+pipe; tapdisk daemonizes, creates ``ctl<pid>`` and writes that path as one line; the
+spawner reads the line and takes the pid from the name. The pre-daemon child exits and is
+reaped here; the daemon itself is not our child.
+
+The binary is ``$BLKTAP_TAPDISK`` if set, else the ``tapdisk`` next to the running Python
+(the virtualenv's or the installation's ``bin``), else ``tapdisk`` on ``$PATH``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from blktap.control.errors import SpawnError, TimedOut
+from blktap.control.rundir import RunDir
+from blktap.errors import NotFound
+from blktap.paths import DEV_DIR_ENV, RUN_DIR_ENV
+
+__all__ = [
+    "TAPDISK_ENV",
+    "is_running",
+    "spawn",
+    "tapdisk_binary",
+    "terminate",
+    "wait_exit",
+]
+
+log = logging.getLogger(__name__)
+
+TAPDISK_ENV = "BLKTAP_TAPDISK"
+_SOCKET_LINE = re.compile(r"ctl([0-9]+)")
+_MAX_LINE = 4096
+
+
+def tapdisk_binary() -> str:
+    """The tapdisk executable to run (see the module docstring). Raises :class:`NotFound`."""
+    explicit = os.environ.get(TAPDISK_ENV)
+    if explicit:
+        return explicit
+    beside = Path(sys.executable).parent / "tapdisk"
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("tapdisk")
+    if found:
+        return found
+    raise NotFound(f"no tapdisk executable: set ${TAPDISK_ENV} or install blktap")
+
+
+def spawn(rundir: RunDir, *, binary: str | None = None, timeout: float | None = 60.0) -> int:
+    """Start a tapdisk serving ``rundir``; return its (daemon) pid once ``ctl<pid>`` exists.
+
+    ``timeout`` bounds the wait for the socket line (``None``: wait indefinitely). Raises
+    :class:`SpawnError` when the binary cannot run, exits with an error, or reports no
+    socket (its errno is the exit status when that is 1..133, else EIO; the message holds
+    what tapdisk wrote on stderr), :class:`~blktap.control.errors.TimedOut` (ETIMEDOUT)
+    when the line does not come. After a failure no child of ours is left running.
+    """
+    program = binary or tapdisk_binary()
+    rundir.ensure()
+    env = dict(os.environ)
+    env[RUN_DIR_ENV] = str(rundir.root)
+    env[DEV_DIR_ENV] = str(rundir.dev_dir)
+    with tempfile.TemporaryFile(prefix="tapdisk-stderr") as errfile:
+        try:
+            proc = subprocess.Popen(
+                [program],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=errfile,
+                env=env,
+                close_fds=True,
+            )
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            raise SpawnError(f"cannot run {program}: {os.strerror(code)}", errno=code) from None
+        assert proc.stdout is not None
+        try:
+            line = _read_line(proc.stdout.fileno(), timeout)
+        except BaseException:
+            _kill_child(proc)
+            raise
+        finally:
+            proc.stdout.close()
+        try:
+            status = proc.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            _kill_child(proc)
+            status = proc.returncode
+        errfile.seek(0)
+        stderr = errfile.read(_MAX_LINE).decode("utf-8", "replace").strip()
+    match = _SOCKET_LINE.fullmatch(os.path.basename(line.strip()))
+    if status != 0 or match is None:
+        code = status if status is not None and 0 < status <= 133 else errno.EIO
+        how = f"exited with status {status}" if status else f"printed {line.strip()!r}"
+        detail = f": {stderr}" if stderr else ""
+        raise SpawnError(f"{program} {how} instead of its control socket{detail}", errno=code)
+    if stderr:
+        log.debug("tapdisk stderr: %s", stderr)
+    pid = int(match.group(1))
+    log.debug("spawned tapdisk %d", pid)
+    return pid
+
+
+def _read_line(fd: int, timeout: float | None) -> str:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    data = bytearray()
+    while b"\n" not in data and len(data) < _MAX_LINE:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([fd], [], [], wait)
+        if not ready:
+            raise TimedOut(f"tapdisk did not report its control socket within {timeout:g} s")
+        chunk = os.read(fd, _MAX_LINE)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data).split(b"\n", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _kill_child(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    proc.wait()
+
+
+def is_running(pid: int) -> bool:
+    """True if process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:  # no /proc: fall back to a signal probe
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    # The state follows the parenthesised command name, which may contain spaces.
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X")
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid`` to exit; True if it did."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while is_running(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return True
+
+
+def terminate(rundir: RunDir, pid: int, *, timeout: float = 5.0) -> None:
+    """Stop tapdisk ``pid``: SIGTERM, then SIGKILL after ``timeout`` s; then remove the
+    sockets it may have left (``ctl<pid>``, ``nbd<pid>.*``). Returns once it is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not wait_exit(pid, timeout):
+        log.warning("tapdisk %d ignored SIGTERM for %g s; killing it", pid, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_exit(pid, timeout)
+    for leftover in [rundir.ctl_socket(pid), *rundir.nbd_sockets(pid)]:
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
