@@ -1,0 +1,354 @@
+"""Linux native AIO (io_setup / io_submit / io_getevents) for asyncio, through ctypes.
+
+One :class:`AioContext` serves every image of an event loop (as the C tapdisk has one
+``tapdisk-queue`` per process). Requests return asyncio futures:
+
+* requests queued during one loop iteration go to the kernel in one ``io_submit``
+  (scheduled with ``loop.call_soon`` once per batch);
+* every iocb carries ``IOCB_FLAG_RESFD`` so that completions bump an eventfd the loop
+  watches (``loop.add_reader``); one wake-up reaps every completed event at once;
+* iocbs live in one preallocated array, filled with a precompiled ``struct.Struct``: a
+  request allocates no ctypes object of its own;
+* at most ``depth`` requests are in the kernel; more wait in a FIFO and go in as slots
+  free up. ``EAGAIN`` from ``io_submit`` leaves requests queued for a later retry.
+
+The futures resolve to the kernel's result (bytes transferred, possibly short) or fail
+with ``OSError`` carrying the errno of a negative result. A request's buffer must stay
+valid until its future is done; the ``keep`` argument holds a reference for that long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import platform
+import struct
+from collections import deque
+from typing import Any, ClassVar
+
+from blktap.errors import Shutdown
+
+log = logging.getLogger(__name__)
+
+# include/uapi/linux/aio_abi.h
+IOCB_CMD_PREAD = 0
+IOCB_CMD_PWRITE = 1
+IOCB_CMD_FSYNC = 2
+IOCB_CMD_FDSYNC = 3
+IOCB_CMD_PREADV = 7
+IOCB_CMD_PWRITEV = 8
+IOCB_FLAG_RESFD = 1 << 0
+
+# include/uapi/linux/fs.h (__kernel_rwf_t flags for aio_rw_flags / pwritev2)
+RWF_HIPRI = 0x1
+RWF_DSYNC = 0x2
+RWF_SYNC = 0x4
+
+_SYSCALLS = {
+    # machine: (io_setup, io_destroy, io_submit, io_getevents)
+    "x86_64": (206, 207, 209, 208),
+    "aarch64": (0, 1, 2, 4),
+    "arm64": (0, 1, 2, 4),
+}
+
+# struct iocb, little-endian layout (aio_key before aio_rw_flags):
+# data u64, key u32, rw_flags i32, opcode u16, reqprio i16, fildes u32, buf u64,
+# nbytes u64, offset i64, reserved2 u64, flags u32, resfd u32  -> 64 bytes
+_IOCB = struct.Struct("<QIiHhIQQqQII")
+IOCB_SIZE = _IOCB.size
+# struct io_event: data u64, obj u64, res i64, res2 i64 -> 32 bytes
+_EVENT = struct.Struct("<QQqq")
+EVENT_SIZE = _EVENT.size
+
+DEFAULT_DEPTH = 256
+
+
+class AioUnavailable(OSError):
+    """Linux AIO cannot be used here (unsupported machine, or io_setup failed)."""
+
+
+def _syscall_numbers() -> tuple[int, int, int, int]:
+    machine = platform.machine()
+    try:
+        return _SYSCALLS[machine]
+    except KeyError:
+        raise AioUnavailable(errno.ENOSYS, f"Linux AIO syscalls unknown on {machine}") from None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+
+
+def _raise_errno(what: str) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+class AioContext:
+    """One kernel AIO context plus its eventfd, driven by an asyncio loop.
+
+    Use :meth:`for_loop` to share the context of the running loop and :meth:`release`
+    when done; the last release destroys it. All methods must be called from the loop's
+    thread.
+    """
+
+    _by_loop: ClassVar[dict[asyncio.AbstractEventLoop, AioContext]] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, depth: int = DEFAULT_DEPTH) -> None:
+        """Create a context for ``depth`` in-flight requests, watched by ``loop``.
+
+        Raises AioUnavailable (an OSError) when the kernel refuses (ENOSYS, EAGAIN when
+        fs.aio-max-nr is exhausted). Nothing is left open after a failure.
+        """
+        self._nr_setup, self._nr_destroy, self._nr_submit, self._nr_getevents = (
+            _syscall_numbers()
+        )
+        self._loop = loop
+        self.depth = depth
+        self._refs = 0
+        self._closed = False
+
+        ctx = ctypes.c_ulong(0)
+        if _syscall(self._nr_setup, depth, ctypes.byref(ctx)) < 0:
+            err = ctypes.get_errno()
+            raise AioUnavailable(err, f"io_setup({depth}): {os.strerror(err)}")
+        self._ctx = ctx.value
+        try:
+            self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError:
+            _syscall(self._nr_destroy, ctypes.c_ulong(self._ctx))
+            raise
+
+        # Constant syscall arguments, wrapped once (a bare Python int is passed as C int).
+        self._ctx_arg = ctypes.c_ulong(self._ctx)
+        self._iocbs = (ctypes.c_char * (IOCB_SIZE * depth))()
+        self._iocbs_view = memoryview(self._iocbs).cast("B")
+        self._iocb_base = ctypes.addressof(self._iocbs)
+        self._ptrs = (ctypes.c_uint64 * depth)()
+        self._ptrs_view = memoryview(self._ptrs).cast("B")
+        self._ptrs_arg = ctypes.c_void_p(ctypes.addressof(self._ptrs))
+        self._events = (ctypes.c_char * (EVENT_SIZE * depth))()
+        self._events_view = memoryview(self._events).cast("B")
+        self._events_arg = ctypes.c_void_p(ctypes.addressof(self._events))
+        self._zero_timeout = (ctypes.c_long * 2)(0, 0)
+        self._timeout_arg = ctypes.c_void_p(ctypes.addressof(self._zero_timeout))
+        self._ptr_structs: dict[int, struct.Struct] = {}
+        self._slot_addr = [self._iocb_base + i * IOCB_SIZE for i in range(depth)]
+
+        # Per-slot state: the future to resolve and what must stay alive meanwhile.
+        self._futs: list[asyncio.Future[int] | None] = [None] * depth
+        self._keep: list[Any] = [None] * depth
+        self._free = list(range(depth - 1, -1, -1))
+        self._pending: list[int] = []  # filled slots not yet accepted by io_submit
+        self._overflow: deque[tuple[Any, ...]] = deque()  # requests waiting for a slot
+        self._inflight = 0
+        self._flush_scheduled = False
+        self._retry_handle: asyncio.TimerHandle | None = None
+        loop.add_reader(self._efd, self._on_eventfd)
+
+    # ------------------------------------------------------------- sharing
+    @classmethod
+    def for_loop(cls, loop: asyncio.AbstractEventLoop | None = None) -> AioContext:
+        """The context shared by everything on ``loop`` (default: the running loop).
+
+        Each call takes a reference; pair it with :meth:`release`.
+        """
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        ctx = cls._by_loop.get(loop)
+        if ctx is None or ctx._closed:
+            ctx = cls(loop)
+            cls._by_loop[loop] = ctx
+        ctx._refs += 1
+        return ctx
+
+    def release(self) -> None:
+        """Drop one reference from :meth:`for_loop`; the last one closes the context."""
+        self._refs -= 1
+        if self._refs <= 0:
+            if AioContext._by_loop.get(self._loop) is self:
+                del AioContext._by_loop[self._loop]
+            self.close()
+
+    @property
+    def inflight(self) -> int:
+        """Requests submitted to the kernel and not yet reaped."""
+        return self._inflight
+
+    @property
+    def queued(self) -> int:
+        """Requests accepted by this object but not yet submitted to the kernel."""
+        return len(self._pending) + len(self._overflow)
+
+    # ------------------------------------------------------------ requests
+    def pread(self, fd: int, addr: int, nbytes: int, offset: int, keep: Any) -> asyncio.Future[int]:
+        """Read ``nbytes`` at ``offset`` into memory at ``addr`` (kept alive by ``keep``)."""
+        return self._submit(IOCB_CMD_PREAD, fd, addr, nbytes, offset, 0, keep)
+
+    def pwrite(
+        self, fd: int, addr: int, nbytes: int, offset: int, keep: Any, rw_flags: int = 0
+    ) -> asyncio.Future[int]:
+        """Write ``nbytes`` from ``addr`` at ``offset``; ``rw_flags`` may hold RWF_DSYNC."""
+        return self._submit(IOCB_CMD_PWRITE, fd, addr, nbytes, offset, rw_flags, keep)
+
+    def fdsync(self, fd: int) -> asyncio.Future[int]:
+        """fdatasync ``fd`` asynchronously (fails with EINVAL where the kernel lacks it)."""
+        return self._submit(IOCB_CMD_FDSYNC, fd, 0, 0, 0, 0, None)
+
+    def _submit(
+        self, opcode: int, fd: int, addr: int, nbytes: int, offset: int, rw_flags: int, keep: Any
+    ) -> asyncio.Future[int]:
+        if self._closed:
+            raise Shutdown("the AIO context is closed", errno=errno.ESHUTDOWN)
+        fut: asyncio.Future[int] = self._loop.create_future()
+        if self._free and not self._overflow:
+            self._fill(self._free.pop(), fut, opcode, fd, addr, nbytes, offset, rw_flags, keep)
+        else:
+            self._overflow.append((fut, opcode, fd, addr, nbytes, offset, rw_flags, keep))
+        return fut
+
+    def _fill(
+        self,
+        slot: int,
+        fut: asyncio.Future[int],
+        opcode: int,
+        fd: int,
+        addr: int,
+        nbytes: int,
+        offset: int,
+        rw_flags: int,
+        keep: Any,
+    ) -> None:
+        _IOCB.pack_into(
+            self._iocbs_view, slot * IOCB_SIZE,
+            slot, 0, rw_flags, opcode, 0, fd, addr, nbytes, offset, 0,
+            IOCB_FLAG_RESFD, self._efd,
+        )  # fmt: skip
+        self._futs[slot] = fut
+        self._keep[slot] = keep
+        self._pending.append(slot)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _ptr_struct(self, n: int) -> struct.Struct:
+        st = self._ptr_structs.get(n)
+        if st is None:
+            st = self._ptr_structs[n] = struct.Struct(f"<{n}Q")
+        return st
+
+    def _flush(self) -> None:
+        """Submit every pending iocb (one io_submit per contiguous accepted run)."""
+        self._flush_scheduled = False
+        pending = self._pending
+        addr = self._slot_addr
+        while pending and not self._closed:
+            n = len(pending)
+            self._ptr_struct(n).pack_into(self._ptrs_view, 0, *[addr[s] for s in pending])
+            rc = _syscall(self._nr_submit, self._ctx_arg, n, self._ptrs_arg)
+            if rc > 0:
+                self._inflight += rc
+                del pending[:rc]
+                continue
+            err = ctypes.get_errno() if rc < 0 else errno.EAGAIN
+            if err in (errno.EAGAIN, errno.EINTR):
+                # Kernel resources exhausted: retry when completions come back, or soon.
+                if self._inflight == 0 and self._retry_handle is None:
+                    self._retry_handle = self._loop.call_later(0.001, self._retry)
+                return
+            # The first pending iocb is invalid (EBADF, EINVAL, ...): fail it alone.
+            slot = pending.pop(0)
+            self._complete(slot, -err)
+
+    def _retry(self) -> None:
+        self._retry_handle = None
+        self._flush()
+
+    # --------------------------------------------------------- completions
+    def _on_eventfd(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._efd, 8)
+        self.reap()
+
+    def reap(self) -> int:
+        """Resolve the futures of every completed request; returns how many."""
+        total = 0
+        events = self._events_view
+        while self._inflight:
+            n = _syscall(
+                self._nr_getevents, self._ctx_arg, 0, self.depth, self._events_arg,
+                self._timeout_arg,
+            )  # fmt: skip
+            if n < 0:
+                err = ctypes.get_errno()
+                if err == errno.EINTR:
+                    continue
+                log.error("io_getevents: %s", os.strerror(err))
+                break
+            if n == 0:
+                break
+            self._inflight -= n
+            total += n
+            for data, _obj, res, _res2 in _EVENT.iter_unpack(events[: n * EVENT_SIZE]):
+                self._complete(data, res)
+            if n < self.depth:
+                break
+        if self._overflow:
+            self._admit_overflow()
+        if self._pending and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return total
+
+    def _complete(self, slot: int, res: int) -> None:
+        fut = self._futs[slot]
+        self._futs[slot] = None
+        self._keep[slot] = None
+        self._free.append(slot)
+        if fut is None or fut.done():  # cancelled by its waiter
+            return
+        if res >= 0:
+            fut.set_result(res)
+        else:
+            fut.set_exception(OSError(-res, os.strerror(-res)))
+
+    def _admit_overflow(self) -> None:
+        free = self._free
+        overflow = self._overflow
+        while free and overflow:
+            fut, opcode, fd, addr, nbytes, offset, rw_flags, keep = overflow.popleft()
+            if fut.done():
+                continue
+            self._fill(free.pop(), fut, opcode, fd, addr, nbytes, offset, rw_flags, keep)
+
+    # -------------------------------------------------------------- closing
+    def close(self) -> None:
+        """Tear down: waits (in io_destroy) for requests in the kernel, reaps them, and
+        fails every request never submitted with Shutdown (ESHUTDOWN). Idempotent."""
+        if self._closed:
+            return
+        # Reap what has completed so their futures get real results.
+        self.reap()
+        self._closed = True
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            self._loop.remove_reader(self._efd)
+        if _syscall(self._nr_destroy, self._ctx_arg) < 0:
+            log.error("io_destroy: %s", os.strerror(ctypes.get_errno()))
+        os.close(self._efd)
+        for slot, fut in enumerate(self._futs):
+            self._futs[slot] = None
+            self._keep[slot] = None
+            if fut is not None and not fut.done():
+                fut.set_exception(Shutdown("the AIO context was closed"))
+        while self._overflow:
+            fut = self._overflow.popleft()[0]
+            if not fut.done():
+                fut.set_exception(Shutdown("the AIO context was closed"))
+        self._pending.clear()
