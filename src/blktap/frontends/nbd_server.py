@@ -1,0 +1,681 @@
+"""The NBD export of one VBD: an asyncio server on a Unix socket (optionally TCP).
+
+Each connection runs the sans-IO codec (:mod:`blktap.proto.nbd`) under an
+``asyncio.Protocol``. Requests are parsed many per ``data_received`` and each is run with
+:func:`blktap.util.eager.start` (no Task per request); replies go out of order, as soon as
+their request completes, and the replies completed during one ``data_received`` (or one
+loop turn) leave in a single ``writelines`` (one ``writev``). READ data is never copied:
+the reply is ``[header, buffer]`` with the buffer the VBD read into.
+
+Buffers come from a :class:`BufferPool` (page-aligned, as O_DIRECT needs). A READ buffer
+goes back to the pool only once the transport's write buffer is empty, since the event
+loop may still hold a reference to it until then.
+
+Flow control per connection: at most ``max_inflight`` requests and ``max_inflight_bytes``
+of READ/WRITE payload are in flight; past that, parsed requests wait in a backlog and the
+transport stops reading. Reading also stops while the transport's write buffer is full
+(a client that does not read its replies cannot make the server buffer without bound).
+
+A client that breaks the protocol is disconnected (after the requests it already sent
+complete); every other client keeps going. A client that does not finish the handshake
+within ``handshake_timeout`` seconds is disconnected. NBD_CMD_DISC gets no reply: the
+requests in flight finish, then the connection closes.
+
+Run standalone (for benchmarks, before the daemon)::
+
+    python -m blktap.frontends.nbd_server --socket PATH --image TYPE:PATH [--no-direct]
+        [--read-only] [--tcp HOST:PORT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, cast
+
+from blktap.block.chain import StatusExtent
+from blktap.errors import BlktapError, ProtocolError, errno_of
+from blktap.proto.nbd import (
+    Aborted,
+    Command,
+    CommandFlag,
+    ExportInfo,
+    Negotiated,
+    Request,
+    ServerCodec,
+    State,
+)
+from blktap.util.buffers import BufferPool
+from blktap.util.eager import start as eager_start
+from blktap.vbd import VBD
+
+log = logging.getLogger(__name__)
+
+STATUS_QUERY_MAX = 256 * 1024 * 1024
+"""A BLOCK_STATUS request asks the VBD about at most this many bytes (the reply may cover
+less than the request: the spec allows it, the client asks again)."""
+
+_EMPTY = memoryview(b"")
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    """Counters of one connection, or of a whole server (closed connections included)."""
+
+    connections: int = 0
+    requests: int = 0
+    reads: int = 0
+    writes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    errors: int = 0
+    protocol_errors: int = 0
+
+
+class NbdServer:
+    """Serve ``vbd`` over NBD on the Unix socket ``path`` (mode 0600).
+
+    ``tcp=(host, port)`` adds a TCP listener (off by default: anyone who can reach it can
+    read and write the disk). ``start`` binds and listens; ``stop`` stops accepting,
+    lets in-flight requests finish, closes every connection and removes the socket file.
+    """
+
+    def __init__(
+        self,
+        vbd: VBD,
+        path: str,
+        *,
+        buffers: BufferPool | None = None,
+        tcp: tuple[str, int] | None = None,
+        handshake_timeout: float = 10.0,
+        max_inflight: int = 128,
+        max_inflight_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.vbd = vbd
+        self.path = path
+        self.buffers = buffers if buffers is not None else BufferPool()
+        self.tcp = tcp
+        self.handshake_timeout = handshake_timeout
+        self.max_inflight = max_inflight
+        self.max_inflight_bytes = max_inflight_bytes
+        self.log = logging.LoggerAdapter(log, {"minor": vbd.minor})
+        self.tcp_port: int | None = None
+        self._servers: list[asyncio.base_events.Server] = []
+        self._conns: set[_Connection] = set()
+        self._closed_totals = [0] * 8
+        self._sock_ino: tuple[int, int] | None = None
+        self._stopping = False
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Bind and listen. Raises OSError when the path is taken by something that is not
+        a socket, or cannot be bound; nothing is left behind then."""
+        loop = asyncio.get_running_loop()
+        sock = self._bind_unix()
+        try:
+            server = await loop.create_unix_server(self._make_connection, sock=sock)
+        except BaseException:
+            sock.close()
+            self._unlink_socket()
+            raise
+        self._servers.append(server)
+        if self.tcp is not None:
+            try:
+                host, port = self.tcp
+                tcp_server = await loop.create_server(self._make_connection, host, port)
+            except BaseException:
+                await self.stop()
+                raise
+            self._servers.append(tcp_server)
+            self.tcp_port = tcp_server.sockets[0].getsockname()[1]
+            self.log.warning("minor %d: NBD export also on TCP %s:%d (no authentication)",
+                             self.vbd.minor, host, self.tcp_port)
+        self.log.info("minor %d: NBD export on %s", self.vbd.minor, self.path)
+
+    def _bind_unix(self) -> socket.socket:
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(self.path)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise FileExistsError(errno.EEXIST, "exists and is not a socket", self.path)
+            os.unlink(self.path)  # a stale socket of a dead process
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.path)
+            # Not listening yet, so nobody can connect before the mode is 0600.
+            os.chmod(self.path, 0o600)
+            st = os.lstat(self.path)
+            self._sock_ino = (st.st_dev, st.st_ino)
+            sock.listen(128)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            self._unlink_socket()
+            raise
+        return sock
+
+    def _unlink_socket(self) -> None:
+        # Only remove the file we created (a new server may already own the path).
+        if self._sock_ino is None:
+            return
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._sock_ino:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self._sock_ino = None
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting; finish in-flight requests; close every connection; remove the
+        socket. With ``timeout``, connections still busy after that many seconds are
+        aborted (their requests finish later, unanswered). Idempotent."""
+        self._stopping = True
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        self._unlink_socket()
+        conns = list(self._conns)
+        for conn in conns:
+            conn.shutdown("server stopping")
+        waits = [conn.closed for conn in conns if not conn.closed.done()]
+        if waits:
+            _done, pending = await asyncio.wait(waits, timeout=timeout)
+            if pending:
+                self.log.warning("minor %d: aborting %d busy NBD connections",
+                                 self.vbd.minor, len(pending))
+                for conn in conns:
+                    conn.abort()
+                await asyncio.wait(pending)
+        self.log.info("minor %d: NBD export on %s stopped", self.vbd.minor, self.path)
+
+    def _make_connection(self) -> _Connection:
+        return _Connection(self)
+
+    def _forget(self, conn: _Connection) -> None:
+        if conn in self._conns:
+            self._conns.discard(conn)
+            totals = self._closed_totals
+            for i, value in enumerate(conn.counters()):
+                totals[i] += value
+
+    # --------------------------------------------------------------- statistics
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def statistics(self) -> Statistics:
+        """Totals over every connection this server has had (``connections`` counts them)."""
+        totals = list(self._closed_totals)
+        for conn in self._conns:
+            for i, value in enumerate(conn.counters()):
+                totals[i] += value
+        return Statistics(*totals)
+
+
+class _Connection(asyncio.Protocol):
+    """One client. All callbacks run in the event loop; none lets an exception escape."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.vbd = server.vbd
+        self.pool = server.buffers
+        self.log = server.log
+        self.codec: ServerCodec | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.peer = "?"
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._out: list[bytes | memoryview] = []
+        self._held: list[memoryview] = []  # sent READ buffers, pooled once the socket drained
+        self._batching = False
+        self._flush_scheduled = False
+        self._inflight = 0
+        self._inflight_bytes = 0
+        self._backlog: deque[Request] = deque()
+        self._reading = True
+        self._writing_paused = False
+        self._draining = False  # DISC, protocol error or stop: close when in-flight done
+        self._lost = False
+        self._max_inflight = server.max_inflight
+        self._max_bytes = server.max_inflight_bytes
+        self._fast_zero = False
+        # Counters (same order as Statistics' fields).
+        self.requests = 0
+        self.reads = 0
+        self.writes = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.errors = 0
+        self.protocol_errors = 0
+
+    def counters(self) -> tuple[int, ...]:
+        return (1, self.requests, self.reads, self.writes, self.bytes_read,
+                self.bytes_written, self.errors, self.protocol_errors)
+
+    def statistics(self) -> Statistics:
+        return Statistics(*self.counters())
+
+    # ----------------------------------------------------------- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer) if peer else "unix"
+        server = self.server
+        if server._stopping:
+            transport.abort()
+            return
+        server._conns.add(self)
+        vbd = self.vbd
+        export = ExportInfo(size=vbd.size, read_only=vbd.read_only,
+                            description=f"blktap VBD minor {vbd.minor}")
+        self.codec = ServerCodec(export, self.pool.get)
+        transport.write(self.codec.greeting())
+        self._timer = self._loop.call_later(server.handshake_timeout, self._handshake_expired)
+        self.log.debug("minor %d: NBD client %s connected", vbd.minor, self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._out.clear()
+        self._held.clear()
+        self._backlog.clear()
+        self.server._forget(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.log.debug("minor %d: NBD client %s gone (%d requests)", self.vbd.minor,
+                       self.peer, self.requests)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    def eof_received(self) -> bool | None:
+        # The client half-closed: finish what it sent, then close.
+        self.shutdown(None)
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        codec = self.codec
+        if codec is None or self._draining or self._lost:
+            return
+        try:
+            events = codec.feed(data)
+        except ProtocolError as exc:
+            self.protocol_errors += 1
+            self.log.warning("minor %d: NBD client %s broke the protocol: %s",
+                             self.vbd.minor, self.peer, exc)
+            self._take_codec_output()
+            self.shutdown(None)
+            return
+        try:
+            self._batching = True
+            try:
+                if codec.output:
+                    self._take_codec_output()
+                backlog = self._backlog
+                for ev in events:
+                    if type(ev) is Request:
+                        if (backlog or self._inflight >= self._max_inflight
+                                or self._inflight_bytes >= self._max_bytes):
+                            backlog.append(ev)
+                        else:
+                            self._dispatch(ev)
+                    elif type(ev) is Negotiated:
+                        self._negotiated(ev)
+                    elif type(ev) is Aborted:
+                        self.shutdown(None)
+            finally:
+                self._batching = False
+            self._flush()
+            self._update_reading()
+        except Exception:
+            self.log.exception("minor %d: NBD connection %s failed", self.vbd.minor, self.peer)
+            self.abort()
+
+    # --------------------------------------------------------------- handshake
+    def _negotiated(self, ev: Negotiated) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        chain = self.vbd.chain
+        self._fast_zero = bool(getattr(chain.leaf, "zero_is_fast", False)) if chain else False
+        self.log.debug("minor %d: NBD client %s: export %r, structured=%s, flags=%#x",
+                       self.vbd.minor, self.peer, ev.export_name, ev.structured,
+                       ev.transmission_flags)
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        self.protocol_errors += 1
+        self.log.warning("minor %d: NBD client %s did not finish the handshake in %gs",
+                         self.vbd.minor, self.peer, self.server.handshake_timeout)
+        self.abort()
+
+    # ---------------------------------------------------------------- requests
+    def _dispatch(self, req: Request) -> None:
+        """Start serving ``req`` (never raises for a request's failure)."""
+        self.requests += 1
+        command = req.command
+        vbd = self.vbd
+        if command is Command.READ:
+            length = req.length
+            if not length:
+                self._finish_read(req, _EMPTY, None, None)
+                return
+            buf = self.pool.get(length)
+            self._inflight += 1
+            self._inflight_bytes += length
+            eager_start(vbd.read(req.offset, buf),
+                        lambda _r, exc: self._finish_read(req, buf, exc, True))
+        elif command is Command.WRITE:
+            data = req.data
+            assert data is not None
+            self._inflight += 1
+            self._inflight_bytes += req.length
+            if req.length:
+                coro: Coroutine[Any, Any, Any] = vbd.write(
+                    req.offset, data, bool(req.flags & CommandFlag.FUA))
+            else:
+                coro = _check_writable(vbd)
+            eager_start(coro, lambda _r, exc: self._finish_write(req, data, exc))
+        elif command is Command.DISC:
+            self.log.debug("minor %d: NBD client %s disconnects", vbd.minor, self.peer)
+            self.shutdown(None)
+        else:
+            self._inflight += 1
+            if command is Command.BLOCK_STATUS:
+                query = min(req.length, STATUS_QUERY_MAX)
+                eager_start(vbd.block_status(req.offset, query),
+                            lambda result, exc: self._finish_status(req, result, exc))
+                return
+            fua = bool(req.flags & CommandFlag.FUA)
+            if command is Command.FLUSH:
+                coro = vbd.flush()
+            elif command is Command.TRIM:
+                coro = _trim(vbd, req.offset, req.length, fua)
+            elif command is Command.WRITE_ZEROES:
+                if req.flags & CommandFlag.FAST_ZERO and not self._fast_zero:
+                    # The spec: fail fast with ENOTSUP when zeroing would not be fast.
+                    coro = _fail(BlktapError("zeroing is not fast here", errno=errno.ENOTSUP))
+                else:
+                    coro = vbd.write_zeroes(req.offset, req.length,
+                                            may_unmap=not req.flags & CommandFlag.NO_HOLE,
+                                            fua=fua)
+            else:
+                assert command is Command.CACHE, command
+                coro = vbd.cache(req.offset, req.length)
+            eager_start(coro, lambda _r, exc: self._finish_simple(req, exc))
+
+    def _finish_read(self, req: Request, buf: memoryview, exc: BaseException | None,
+                     counted: bool | None) -> None:
+        try:
+            if counted:
+                self._inflight -= 1
+                self._inflight_bytes -= req.length
+            codec = self.codec
+            if self._lost or codec is None:
+                if len(buf):
+                    self.pool.put(buf)
+                return
+            self.reads += 1
+            if exc is None:
+                self.bytes_read += req.length
+                self._out.extend(codec.reply_read(req.cookie, req.offset, buf))
+                if len(buf):
+                    self._held.append(buf)
+            else:
+                self._out.append(self._error_reply(req, exc, read=True))
+                self.pool.put(buf)
+            self._replied()
+        except Exception:
+            self._callback_failed()
+
+    def _finish_write(self, req: Request, data: memoryview, exc: BaseException | None) -> None:
+        try:
+            self._inflight -= 1
+            self._inflight_bytes -= req.length
+            if len(data):
+                self.pool.put(data)
+            codec = self.codec
+            if self._lost or codec is None:
+                return
+            self.writes += 1
+            if exc is None:
+                self.bytes_written += req.length
+                self._out.append(codec.reply_ok(req.cookie))
+            else:
+                self._out.append(self._error_reply(req, exc))
+            self._replied()
+        except Exception:
+            self._callback_failed()
+
+    def _finish_simple(self, req: Request, exc: BaseException | None) -> None:
+        try:
+            self._inflight -= 1
+            codec = self.codec
+            if self._lost or codec is None:
+                return
+            if exc is None:
+                self._out.append(codec.reply_ok(req.cookie))
+            else:
+                self._out.append(self._error_reply(req, exc))
+            self._replied()
+        except Exception:
+            self._callback_failed()
+
+    def _finish_status(self, req: Request, result: list[StatusExtent] | None,
+                       exc: BaseException | None) -> None:
+        try:
+            self._inflight -= 1
+            codec = self.codec
+            if self._lost or codec is None:
+                return
+            if exc is None and result:
+                pairs = [(e.length, e.flags) for e in result]
+                req_one = bool(req.flags & CommandFlag.REQ_ONE)
+                self._out.append(codec.reply_block_status(req.cookie, req.length, pairs,
+                                                          req_one))
+            else:
+                if exc is None:
+                    exc = BlktapError("no block status for the range", errno=errno.EIO)
+                self._out.append(self._error_reply(req, exc))
+            self._replied()
+        except Exception:
+            self._callback_failed()
+
+    def _error_reply(self, req: Request, exc: BaseException, read: bool = False) -> bytes:
+        self.errors += 1
+        err = errno_of(exc)
+        if isinstance(exc, (BlktapError, OSError)):
+            self.log.debug("minor %d: NBD %s %d+%d failed: %s", self.vbd.minor,
+                           req.command.name, req.offset, req.length, exc)
+        else:
+            # Not an error a request can cause: a bug below. Keep serving.
+            self.log.error("minor %d: NBD %s %d+%d raised %r", self.vbd.minor,
+                           req.command.name, req.offset, req.length, exc, exc_info=exc)
+        assert self.codec is not None
+        return self.codec.reply_error(req.cookie, err, str(exc), read=read)
+
+    def _callback_failed(self) -> None:
+        self.log.exception("minor %d: NBD reply to %s failed", self.vbd.minor, self.peer)
+        self.abort()
+
+    def _replied(self) -> None:
+        """After a request completed: dispatch waiting requests, flush, maybe close."""
+        backlog = self._backlog
+        while (backlog and self._inflight < self._max_inflight
+               and (self._inflight_bytes < self._max_bytes or not self._inflight)):
+            self._dispatch(backlog.popleft())
+        if not self._batching:
+            if self._draining and not self._inflight and not backlog:
+                self._flush()
+                self._close_now()
+                return
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+            self._update_reading()
+
+    # ------------------------------------------------------------------ output
+    def _take_codec_output(self) -> None:
+        codec = self.codec
+        if codec is not None and codec.output:
+            self._out.append(bytes(codec.output))
+            codec.output.clear()
+        if not self._batching:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        held = self._held
+        if held and not transport.get_write_buffer_size():
+            # Everything written before has left: those READ buffers are free again.
+            put = self.pool.put
+            for buf in held:
+                put(buf)
+            held.clear()
+        out = self._out
+        if out:
+            self._out = []
+            transport.writelines(out)
+
+    # ------------------------------------------------------------- flow control
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        stop = (self._draining or self._writing_paused or bool(self._backlog)
+                or self._inflight >= self._max_inflight
+                or self._inflight_bytes >= self._max_bytes)
+        if stop and self._reading:
+            self._reading = False
+            transport.pause_reading()
+        elif not stop and not self._reading:
+            self._reading = True
+            transport.resume_reading()
+
+    # ---------------------------------------------------------------- closing
+    def shutdown(self, reason: str | None) -> None:
+        """Stop reading; close once the requests in flight are answered."""
+        if self._lost:
+            return
+        if reason and not self._draining:
+            self.log.debug("minor %d: closing NBD client %s: %s", self.vbd.minor,
+                           self.peer, reason)
+        self._draining = True
+        if self.codec is None or self.codec.state is not State.TRANSMISSION:
+            self._backlog.clear()
+        self._update_reading()
+        if not self._inflight and not self._backlog:
+            self._flush()
+            self._close_now()
+
+    def _close_now(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.close()  # sends what is buffered first
+
+    def abort(self) -> None:
+        """Drop the connection now, without sending what is buffered."""
+        if self.transport is not None and not self._lost:
+            self.transport.abort()
+
+
+async def _trim(vbd: VBD, offset: int, length: int, fua: bool) -> None:
+    await vbd.trim(offset, length)
+    if fua:
+        await vbd.flush()
+
+
+async def _check_writable(vbd: VBD) -> None:
+    if vbd.read_only:
+        await vbd.write(0, _EMPTY)  # raises ReadOnly (EPERM)
+
+
+async def _fail(exc: BaseException) -> None:
+    raise exc
+
+
+# ------------------------------------------------------------------ standalone use
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m blktap.frontends.nbd_server",
+        description="Serve one image over NBD in the foreground until SIGINT/SIGTERM.",
+    )
+    parser.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    parser.add_argument("--image", required=True, help="TYPE:PATH, e.g. aio:/srv/disk.raw")
+    parser.add_argument("--no-direct", action="store_true", help="open without O_DIRECT")
+    parser.add_argument("--read-only", action="store_true", help="export read-only")
+    parser.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (no auth!)")
+    parser.add_argument("--no-uvloop", action="store_true", help="use asyncio's own loop")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from blktap.block.driver import OpenOptions
+    from blktap.vbd import ImageSpec
+
+    loop = asyncio.get_running_loop()
+    vbd = VBD(0)
+    await vbd.open(ImageSpec.parse(args.image),
+                   OpenOptions(read_only=args.read_only, direct=not args.no_direct))
+    tcp = None
+    if args.tcp:
+        host, _, port = args.tcp.rpartition(":")
+        tcp = (host or "127.0.0.1", int(port))
+    server = NbdServer(vbd, args.socket, tcp=tcp)
+    done = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    try:
+        await server.start()
+        await done.wait()
+    finally:
+        await server.stop(timeout=10.0)
+        await vbd.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    if not args.no_uvloop:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:  # pragma: no cover - uvloop is a dependency
+            log.warning("uvloop is not available; using asyncio's event loop")
+    try:
+        asyncio.run(_serve(args))
+    except (BlktapError, OSError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
