@@ -187,7 +187,14 @@ class VhdFile:
         wrong uuid, or cannot be located). Never writes; on failure the file is closed.
         """
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-        fd = os.open(path, flags)
+        if writable:
+            fd = os.open(path, flags)
+        else:
+            # A read-only open leaves even the access time alone where we may ask that.
+            try:
+                fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
+            except PermissionError:
+                fd = os.open(path, flags)
         self = cls(path, fd, writable)
         try:
             self._load(resolve_parent)
@@ -513,6 +520,11 @@ class VhdFile:
         entry = self.bat[block]
         if entry == BAT_UNUSED:
             return None
+        return entry * SECTOR_SIZE + self.header.bitmap_size
+
+    def data_offset_of_entry(self, entry: int) -> int:
+        """Byte offset of the data of a block whose BAT entry is ``entry``."""
+        assert self.header is not None
         return entry * SECTOR_SIZE + self.header.bitmap_size
 
     def sector_runs(self, block: int, first: int, count: int) -> list[tuple[int, int, bool]]:
