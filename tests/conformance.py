@@ -1,0 +1,136 @@
+"""The drivers every conformance test runs against, and helpers to build their images.
+
+Adding a driver (or a new way to open one) is one line in :data:`CASES`: a
+:class:`DriverCase` whose ``make`` creates an image holding given bytes. The suites in
+``tests/unit/test_driver_conformance.py`` and ``tests/property/test_chain_model.py``
+check each case against a plain ``bytearray`` model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from blktap.block.driver import Image, OpenOptions, opener_for
+
+ImageMaker = Callable[[Path, bytes], contextlib.AbstractContextManager[str]]
+"""``make(tmp_dir, initial)``: a context giving the path of an image that reads as
+``initial``; leaving it removes everything it created (files, loop devices)."""
+
+
+@dataclass(frozen=True)
+class DriverCase:
+    id: str
+    type_name: str
+    make: ImageMaker
+    direct: bool = True
+    persistent: bool = True
+    """Writes reach the file (False for ram, which never writes back)."""
+    file_times: bool = True
+    """The path is a regular file whose timestamps a read-only open must not change."""
+
+    def options(self, read_only: bool = False) -> OpenOptions:
+        return OpenOptions(read_only=read_only, direct=self.direct)
+
+    async def open(self, path: str, read_only: bool = False) -> Image:
+        return await opener_for(self.type_name)(path, self.options(read_only))
+
+
+# ------------------------------------------------------------------- image makers
+@contextlib.contextmanager
+def raw_file(tmp: Path, initial: bytes) -> Iterator[str]:
+    """A regular file on the test's temporary directory (a disk filesystem here)."""
+    path = tmp / "image.raw"
+    path.write_bytes(initial)
+    try:
+        yield str(path)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def shm_file(tmp: Path, initial: bytes) -> Iterator[str]:
+    """A regular file on tmpfs (/dev/shm)."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm tmpfs on this host")
+    path = Path("/dev/shm") / f"blktap-conformance-{os.getpid()}-{tmp.name}.raw"
+    path.write_bytes(initial)
+    try:
+        yield str(path)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def loop_device_unavailable() -> str | None:
+    """Why a loop device cannot be set up here, or None when it can."""
+    if os.geteuid() != 0:
+        return "loop devices need root (losetup)"
+    if shutil.which("losetup") is None:
+        return "losetup is not installed (util-linux)"
+    if not os.path.exists("/dev/loop-control"):
+        return "no /dev/loop-control: the loop module is not loaded"
+    return None
+
+
+@contextlib.contextmanager
+def loop_device(backing: str, sector_size: int = 512) -> Iterator[str]:
+    """Attach ``backing`` to a free loop device; detached on exit."""
+    why = loop_device_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    cmd = ["losetup", "-f", "--show"]
+    if sector_size != 512:
+        cmd += ["--sector-size", str(sector_size)]
+    res = subprocess.run([*cmd, backing], capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        pytest.skip(f"losetup failed: {res.stderr.strip()}")
+    dev = res.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=30)
+
+
+def loop_maker(sector_size: int) -> ImageMaker:
+    @contextlib.contextmanager
+    def make(tmp: Path, initial: bytes) -> Iterator[str]:
+        with raw_file(tmp, initial) as backing, loop_device(backing, sector_size) as dev:
+            yield dev
+
+    return make
+
+
+CASES: list[DriverCase] = [
+    DriverCase("ram", "ram", raw_file, persistent=False),
+    DriverCase("aio-direct", "aio", raw_file),
+    DriverCase("aio-buffered", "aio", raw_file, direct=False),
+    DriverCase("aio-direct-tmpfs", "aio", shm_file),
+    DriverCase("aio-direct-loop", "aio", loop_maker(512), file_times=False),
+    DriverCase("aio-direct-loop4k", "aio", loop_maker(4096), file_times=False),
+    DriverCase("aio-buffered-loop", "aio", loop_maker(512), direct=False, file_times=False),
+]
+"""Every driver configuration the shared suites check. Add a driver here."""
+
+CASE_IDS = [c.id for c in CASES]
+
+
+def sectors_equal_or_zero(got: bytes, old: bytes, sector: int = 512) -> bool:
+    """Each sector of ``got`` equals the same sector of ``old`` or is all zeros."""
+    zero = bytes(sector)
+    for pos in range(0, len(got), sector):
+        part = got[pos : pos + sector]
+        if part != old[pos : pos + sector] and part != zero:
+            return False
+    return True
+
+
+def open_fds() -> set[int]:
+    """The descriptors this process holds now."""
+    return {int(name) for name in os.listdir("/proc/self/fd")}
