@@ -1,0 +1,817 @@
+"""The kernel block device frontend: a one-file FUSE filesystem with a loop device on top.
+
+This is the role of blktap2's kernel driver on a host without the nbd or ublk modules.
+For the VBD of minor X, tapdisk serves a FUSE filesystem mounted on
+``<run_dir>/fuse/X/`` holding one regular file, ``disk``, whose bytes are the VBD's
+bytes; a loop device (``/dev/loopN``, 512-byte sectors, read-only for a read-only VBD,
+direct I/O when the kernel allows it, partitions scanned) sits on that file and is
+published as ``<dev_dir>/tapdevX``, a symbolic link to ``/dev/loopN``.
+
+The FUSE protocol (``blktap.proto.fuse``) is spoken on a non-blocking ``/dev/fuse``
+descriptor from the event loop: each readable event reads requests until the device is
+empty, and each READ, WRITE, FSYNC or FALLOCATE runs eagerly (``blktap.util.eager``), so
+that many requests are in flight at once and replies go out in completion order.
+
+Deadlock rule: the thread running the event loop never does I/O on the FUSE file or the
+loop device itself (opening the file, configuring or clearing the loop device, and
+unmounting all wait for the FUSE server): those calls run in the loop's default executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from blktap.errors import BlktapError, Busy, InvalidArgument, ProtocolError, errno_of
+from blktap.proto import fuse
+from blktap.proto.fuse import Opcode
+from blktap.util import eager
+from blktap.util.buffers import BufferPool
+from blktap.vbd import VBD
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FILE_NAME = "disk"
+FILE_ID = 2
+"""Node id of the one file (the root directory is fuse.ROOT_ID)."""
+
+MAX_IO = 1 << 20
+"""Largest READ or WRITE negotiated with the kernel (max_write, max_pages)."""
+
+MAX_BACKGROUND = 256
+"""Asynchronous requests the kernel may have outstanding (the loop device's queue depth is
+128; the kernel's default of 12 would cap direct I/O at 12 requests in flight)."""
+
+ATTR_VALID_SECONDS = 86400
+"""Names and attributes never change while the device exists (the VBD size is fixed)."""
+
+FILE_BLKSIZE = 4096
+
+# --------------------------------------------------------------------- loop ioctls
+# linux/loop.h
+_LOOP_CLR_FD = 0x4C01
+_LOOP_CONFIGURE = 0x4C0A
+_LOOP_CTL_GET_FREE = 0x4C82
+_LO_FLAGS_READ_ONLY = 1
+_LO_FLAGS_PARTSCAN = 8
+_LO_FLAGS_DIRECT_IO = 16
+# struct loop_config: fd, block_size, struct loop_info64, __reserved[8]
+_LOOP_CONFIG = struct.Struct("=II" "QQQQQ" "IIII" "64s64s32s" "QQ" "64x")
+_SECTOR_SIZE = 512
+
+# mount(2) / umount2(2)
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_MNT_FORCE = 1
+_MNT_DETACH = 2
+_UMOUNT_NOFOLLOW = 8
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
+                   data.encode()) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {target}: {os.strerror(err)}", target)
+
+
+def _umount(target: str, flags: int) -> None:
+    if _libc.umount2(target.encode(), ctypes.c_int(flags | _UMOUNT_NOFOLLOW)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {target}: {os.strerror(err)}", target)
+
+
+def _mounted(target: str) -> bool:
+    """Whether ``target`` is a mount point, from /proc/self/mountinfo (no I/O on it)."""
+    want = os.path.realpath(target)
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as info:
+        for line in info:
+            fields = line.split(" ", 5)
+            if len(fields) > 4 and _unescape(fields[4]) == want:
+                return True
+    return False
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and i + 4 <= len(field):
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def _loop_name(device: str) -> str:
+    return os.path.basename(device)
+
+
+def loop_backing_file(device: str) -> str | None:
+    """The backing file of loop ``device`` as sysfs shows it, or None when unbound."""
+    try:
+        with open(f"/sys/block/{_loop_name(device)}/loop/backing_file",
+                  encoding="utf-8") as f:
+            return f.read().rstrip("\n")
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def loop_direct_io(device: str) -> bool:
+    try:
+        with open(f"/sys/block/{_loop_name(device)}/loop/dio", encoding="utf-8") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def _loop_configure(backing_fd: int, name: str, lo_flags: int) -> str:
+    """Bind a free loop device to ``backing_fd``; return its path. Retries lost races."""
+    # The kernel makes the loop device read-only unless it was itself opened for writing.
+    access = os.O_RDONLY if lo_flags & _LO_FLAGS_READ_ONLY else os.O_RDWR
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for _attempt in range(32):
+            number = fcntl.ioctl(ctl, _LOOP_CTL_GET_FREE)
+            device = f"/dev/loop{number}"
+            for _wait in range(100):  # devtmpfs creates the node right after the add
+                try:
+                    lfd = os.open(device, access | os.O_CLOEXEC)
+                    break
+                except FileNotFoundError:
+                    time.sleep(0.01)
+            else:
+                raise BlktapError(f"{device} did not appear", errno=errno.ENODEV)
+            try:
+                config = _LOOP_CONFIG.pack(
+                    backing_fd, _SECTOR_SIZE, 0, 0, 0, 0, 0, 0, 0, 0, lo_flags,
+                    name.encode()[:63], b"", b"", 0, 0)
+                fcntl.ioctl(lfd, _LOOP_CONFIGURE, config)
+                return device
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:  # EBUSY: another process took it first
+                    raise
+            finally:
+                os.close(lfd)
+        raise Busy("no free loop device after 32 tries")
+    finally:
+        os.close(ctl)
+
+
+def _loop_attach(path: str, read_only: bool, direct: bool) -> str:
+    """Put a loop device on ``path``; direct I/O if ``direct`` and the kernel accepts it.
+
+    Blocks until the FUSE server answers: call it outside the event loop's thread.
+    """
+    access = os.O_RDONLY if read_only else os.O_RDWR
+    lo_flags = _LO_FLAGS_PARTSCAN | (_LO_FLAGS_READ_ONLY if read_only else 0)
+    if direct:
+        try:
+            fd = os.open(path, access | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        else:
+            try:
+                return _loop_configure(fd, path, lo_flags | _LO_FLAGS_DIRECT_IO)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            finally:
+                os.close(fd)
+    fd = os.open(path, access | os.O_CLOEXEC)
+    try:
+        return _loop_configure(fd, path, lo_flags)
+    finally:
+        os.close(fd)
+
+
+def _loop_claimed(device: str) -> bool:
+    """Whether ``device`` is held exclusively (mounted, a dm/md member, ...)."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return True
+        if exc.errno in (errno.ENOENT, errno.ENXIO):
+            return False
+        raise
+    os.close(fd)
+    return False
+
+
+def _loop_clear(device: str) -> None:
+    """LOOP_CLR_FD: detach now if unused, else when its last user closes it (autoclear)."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.ioctl(fd, _LOOP_CLR_FD)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # ENXIO: not bound any more
+            raise
+    finally:
+        os.close(fd)  # the last close of a device being cleared does the detach
+
+
+def _publish(target: str, link: str) -> None:
+    """Make ``link`` a symbolic link to ``target``, atomically replacing what was there."""
+    tmp = f"{link}.new{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+# ------------------------------------------------------------------ FUSE session
+Payload = bytes
+SyncOp = Callable[[int, memoryview], Payload]
+AsyncOp = Callable[[int, memoryview], Coroutine[Any, Any, Payload]]
+
+
+class _FuseSession:
+    """The server side of one FUSE connection: one directory holding one file.
+
+    Reads requests from the non-blocking ``fd`` in the event loop, replies with one
+    ``writev`` each. ``inflight`` counts requests whose reply is not written yet.
+    """
+
+    def __init__(self, fd: int, vbd: VBD, logger: logging.LoggerAdapter[logging.Logger], *,
+                 open_flags: int) -> None:
+        self.fd = fd
+        self.ended = False
+        self.inflight = 0
+        self.initialized = False
+        self._vbd = vbd
+        self._size = vbd.size
+        self._read_only = vbd.read_only
+        self._log = logger
+        self._open_flags = open_flags
+        self._pool = BufferPool(keep=32)
+        self._head = memoryview(bytearray(fuse.WRITE_HEAD_SIZE))
+        self._data = self._pool.get(MAX_IO)
+        self._iov = [self._head, self._data]
+        self._idle: asyncio.Future[None] | None = None
+        self._reading = False
+        now = int(time.time())
+        self._root = fuse.Attr(fuse.ROOT_ID, 0, stat.S_IFDIR | 0o755, nlink=2, time=now)
+        self._file = fuse.Attr(FILE_ID, self._size,
+                               stat.S_IFREG | (0o400 if self._read_only else 0o600),
+                               time=now, blksize=FILE_BLKSIZE)
+        self._sync_ops: dict[int, SyncOp] = {
+            Opcode.INIT: self._init,
+            Opcode.LOOKUP: self._lookup,
+            Opcode.GETATTR: self._getattr,
+            Opcode.SETATTR: self._setattr,
+            Opcode.OPEN: self._open,
+            Opcode.RELEASE: self._nothing,
+            Opcode.FLUSH: self._nothing,
+            Opcode.STATFS: self._statfs,
+            Opcode.OPENDIR: self._opendir,
+            Opcode.READDIR: self._readdir,
+            Opcode.RELEASEDIR: self._nothing,
+            Opcode.FSYNCDIR: self._nothing,
+            Opcode.DESTROY: self._nothing,
+        }
+        for op in (Opcode.MKNOD, Opcode.MKDIR, Opcode.UNLINK, Opcode.RMDIR, Opcode.RENAME,
+                   Opcode.RENAME2, Opcode.LINK, Opcode.SYMLINK, Opcode.CREATE, Opcode.TMPFILE):
+            self._sync_ops[op] = self._no_namespace_change
+        self._async_ops: dict[int, AsyncOp] = {
+            Opcode.FSYNC: self._fsync,
+            Opcode.FALLOCATE: self._fallocate,
+        }
+
+    # ------------------------------------------------------------ event loop side
+    def start_reading(self) -> None:
+        asyncio.get_running_loop().add_reader(self.fd, self._on_readable)
+        self._reading = True
+
+    def stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            asyncio.get_running_loop().remove_reader(self.fd)
+
+    def close(self) -> None:
+        """Stop reading and close the descriptor (which aborts the connection if mounted)."""
+        self.stop_reading()
+        self.ended = True
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    async def wait_idle(self) -> None:
+        """Return when no request is in flight."""
+        while self.inflight:
+            if self._idle is None or self._idle.done():
+                self._idle = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._idle)
+
+    def _finished(self) -> None:
+        self.inflight -= 1
+        if not self.inflight and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    def _on_readable(self) -> None:
+        # Drain the queue, but yield to the loop now and then so replies and other
+        # VBDs are not starved by a busy device.
+        for _ in range(128):
+            if self.fd < 0:
+                return
+            try:
+                n = os.readv(self.fd, self._iov)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:  # the request was interrupted meanwhile
+                    continue
+                if exc.errno != errno.ENODEV:  # ENODEV: unmounted, connection over
+                    self._log.error("reading /dev/fuse: %s", exc)
+                self.ended = True
+                self.stop_reading()
+                return
+            self._dispatch(n)
+
+    def _dispatch(self, n: int) -> None:
+        head = self._head
+        if n < fuse.IN_HEADER.size:
+            self._log.error("FUSE request of %d bytes ignored (shorter than a header)", n)
+            return
+        length, opcode, unique, nodeid, *_ = fuse.IN_HEADER.unpack_from(head)
+        if length != n:
+            self._log.error("FUSE request %d: header says %d bytes, read %d", unique, length, n)
+            self._send_errno(unique, errno.EIO)
+            return
+        if opcode == Opcode.READ:
+            self._read(unique, nodeid, n)
+        elif opcode == Opcode.WRITE:
+            self._write(unique, nodeid, n)
+        else:
+            self._other(opcode, unique, nodeid, n)
+
+    # ----------------------------------------------------------------- replies
+    def _send(self, parts: list[bytes | memoryview]) -> None:
+        if self.fd < 0:
+            return
+        try:
+            os.writev(self.fd, parts)
+        except OSError as exc:
+            # ENOENT: the kernel dropped the request (interrupted, or aborted);
+            # ENODEV/EBADF: the connection is gone. Neither concerns anyone else.
+            if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+                self._log.error("writing a FUSE reply: %s", exc)
+
+    def _send_errno(self, unique: int, err: int) -> None:
+        self._send([fuse.reply_error(unique, err)])
+
+    def _send_exc(self, unique: int, exc: BaseException, what: str) -> None:
+        err = errno_of(exc)
+        if not isinstance(exc, BlktapError | OSError):
+            self._log.error("%s failed", what, exc_info=exc)
+        else:
+            self._log.debug("%s failed: %s", what, exc)
+        self._send_errno(unique, err)
+
+    # --------------------------------------------------------------- data path
+    def _read(self, unique: int, nodeid: int, n: int) -> None:
+        if n < fuse.IN_HEADER.size + fuse.READ_IN.size:
+            self._send_errno(unique, errno.EINVAL)
+            return
+        _fh, offset, size, _flags = fuse.READ_IN.unpack_from(self._head, fuse.IN_HEADER.size)
+        if nodeid != FILE_ID:
+            self._send_errno(unique, errno.EISDIR if nodeid == fuse.ROOT_ID else errno.ENOENT)
+            return
+        if size > MAX_IO:
+            self._send_errno(unique, errno.EINVAL)
+            return
+        end = min(offset + size, self._size)
+        if offset >= end:  # at or past the end of the file: a short (empty) read
+            self._send([fuse.reply_header(unique, 0)])
+            return
+        buf = self._pool.get(end - offset)
+        self.inflight += 1
+
+        def done(_result: object, exc: BaseException | None) -> None:
+            if exc is None:
+                self._send([fuse.reply_header(unique, len(buf)), buf])
+            else:
+                self._send_exc(unique, exc, f"read {offset}+{len(buf)}")
+            self._pool.put(buf)
+            self._finished()
+
+        eager.start(self._vbd.read(offset, buf), done)
+
+    def _write(self, unique: int, nodeid: int, n: int) -> None:
+        _fh, offset, size, _wflags, _owner, _flags, _pad = fuse.WRITE_IN.unpack_from(
+            self._head, fuse.IN_HEADER.size)
+        if n != fuse.WRITE_HEAD_SIZE + size:
+            self._log.error("FUSE WRITE %d: %d data bytes announced, %d read", unique, size,
+                            n - fuse.WRITE_HEAD_SIZE)
+            self._send_errno(unique, errno.EINVAL)
+            return
+        if nodeid != FILE_ID:
+            self._send_errno(unique, errno.EBADF)
+            return
+        data = self._data
+        # [still running, buffer lent to the request]
+        state = [True, False]
+        self.inflight += 1
+
+        def done(_result: object, exc: BaseException | None) -> None:
+            if exc is None:
+                self._send([fuse.reply(unique, fuse.encode_write_out(size))])
+            else:
+                self._send_exc(unique, exc, f"write {offset}+{size}")
+            state[0] = False
+            if state[1]:
+                self._pool.put(data)
+            self._finished()
+
+        eager.start(self._vbd.write(offset, data[:size]), done)
+        if state[0]:
+            # The write waits (e.g. for the disk, or a paused VBD): it keeps this
+            # buffer, the next request is read into another.
+            state[1] = True
+            self._data = self._pool.get(MAX_IO)
+            self._iov = [self._head, self._data]
+
+    # ----------------------------------------------------------- other requests
+    def _body(self, n: int) -> memoryview:
+        head_args = fuse.WRITE_HEAD_SIZE - fuse.IN_HEADER.size
+        if n <= fuse.WRITE_HEAD_SIZE:
+            return self._head[fuse.IN_HEADER.size : n]
+        joined = bytes(self._head[fuse.IN_HEADER.size :]) + bytes(
+            self._data[: n - fuse.IN_HEADER.size - head_args])
+        return memoryview(joined)
+
+    def _other(self, opcode: int, unique: int, nodeid: int, n: int) -> None:
+        if opcode in fuse.NO_REPLY:
+            # FORGET/BATCH_FORGET: our two inodes live as long as the mount.
+            # INTERRUPT: requests here cannot be cancelled; they finish and reply.
+            return
+        body = self._body(n)
+        sync_op = self._sync_ops.get(opcode)
+        if sync_op is not None:
+            try:
+                payload = sync_op(nodeid, body)
+            except (BlktapError, OSError) as exc:
+                self._send_exc(unique, exc, _opname(opcode))
+                return
+            self._send([fuse.reply(unique, payload)])
+            return
+        async_op = self._async_ops.get(opcode)
+        if async_op is None:
+            self._send_errno(unique, errno.ENOSYS)
+            return
+        try:
+            coro = async_op(nodeid, body)
+        except (BlktapError, OSError) as exc:
+            self._send_exc(unique, exc, _opname(opcode))
+            return
+        self.inflight += 1
+
+        def done(result: Payload | None, exc: BaseException | None) -> None:
+            if exc is None:
+                self._send([fuse.reply(unique, result or b"")])
+            else:
+                self._send_exc(unique, exc, _opname(opcode))
+            self._finished()
+
+        eager.start(coro, done)
+
+    def _attr(self, nodeid: int) -> fuse.Attr:
+        if nodeid == FILE_ID:
+            return self._file
+        if nodeid == fuse.ROOT_ID:
+            return self._root
+        raise BlktapError(f"no inode {nodeid}", errno=errno.ENOENT)
+
+    def _init(self, _nodeid: int, body: memoryview) -> Payload:
+        init = fuse.InitIn.decode(body)
+        if init.major != fuse.KERNEL_MAJOR:
+            raise ProtocolError(f"FUSE protocol {init.major}.{init.minor} is not 7.x",
+                                errno=errno.EPROTO)
+        want = (fuse.InitFlag.ASYNC_READ | fuse.InitFlag.BIG_WRITES | fuse.InitFlag.ASYNC_DIO
+                | fuse.InitFlag.MAX_PAGES)
+        flags = init.flags & want
+        minor = min(init.minor, fuse.KERNEL_MINOR)
+        self.initialized = True
+        self._log.debug("FUSE %d.%d negotiated, flags %#x", fuse.KERNEL_MAJOR, minor, flags)
+        return fuse.encode_init_out(
+            minor, init.max_readahead, flags, max_background=MAX_BACKGROUND,
+            congestion_threshold=MAX_BACKGROUND * 3 // 4, max_write=MAX_IO,
+            max_pages=MAX_IO // 4096)
+
+    def _lookup(self, nodeid: int, body: memoryview) -> Payload:
+        name = fuse.decode_name(body)
+        if nodeid != fuse.ROOT_ID or name != FILE_NAME.encode():
+            raise BlktapError(f"no {name!r} in inode {nodeid}", errno=errno.ENOENT)
+        return fuse.encode_entry_out(self._file, ATTR_VALID_SECONDS)
+
+    def _getattr(self, nodeid: int, _body: memoryview) -> Payload:
+        return fuse.encode_attr_out(self._attr(nodeid), ATTR_VALID_SECONDS)
+
+    def _setattr(self, nodeid: int, body: memoryview) -> Payload:
+        attr = self._attr(nodeid)
+        req = fuse.SetattrIn.decode(body)
+        valid = fuse.SetattrValid(req.valid)
+        if valid & fuse.SetattrValid.SIZE and req.size != attr.size:
+            raise BlktapError(f"the size of the device is fixed ({attr.size} bytes)",
+                              errno=errno.EPERM)
+        changes = fuse.SetattrValid.MODE | fuse.SetattrValid.UID | fuse.SetattrValid.GID
+        if valid & changes:
+            raise BlktapError("owner and mode are fixed", errno=errno.EPERM)
+        # Times (touch) are accepted and forgotten.
+        return fuse.encode_attr_out(attr, ATTR_VALID_SECONDS)
+
+    def _open(self, nodeid: int, body: memoryview) -> Payload:
+        flags = fuse.decode_open_flags(body)
+        if nodeid != FILE_ID:
+            raise BlktapError("not a file", errno=errno.EISDIR)
+        if self._read_only and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise BlktapError("the device is read-only", errno=errno.EROFS)
+        return fuse.encode_open_out(0, self._open_flags)
+
+    def _opendir(self, nodeid: int, body: memoryview) -> Payload:
+        fuse.decode_open_flags(body, Opcode.OPENDIR)
+        if nodeid != fuse.ROOT_ID:
+            raise BlktapError("not a directory", errno=errno.ENOTDIR)
+        return fuse.encode_open_out(0, 0)
+
+    def _readdir(self, nodeid: int, body: memoryview) -> Payload:
+        if nodeid != fuse.ROOT_ID:
+            raise BlktapError("not a directory", errno=errno.ENOTDIR)
+        offset, size = fuse.decode_read_size(body, Opcode.READDIR)
+        entries = ((fuse.ROOT_ID, b".", fuse.DT_DIR), (fuse.ROOT_ID, b"..", fuse.DT_DIR),
+                   (FILE_ID, FILE_NAME.encode(), fuse.DT_REG))
+        out = b""
+        for index in range(offset, len(entries)):
+            ino, name, dtype = entries[index]
+            dirent = fuse.encode_dirent(ino, index + 1, name, dtype)
+            if len(out) + len(dirent) > size:
+                break
+            out += dirent
+        return out
+
+    def _statfs(self, _nodeid: int, _body: memoryview) -> Payload:
+        return fuse.encode_statfs_out(blocks=-(-self._size // FILE_BLKSIZE), bsize=FILE_BLKSIZE,
+                                      files=2)
+
+    @staticmethod
+    def _nothing(_nodeid: int, _body: memoryview) -> Payload:
+        return b""
+
+    @staticmethod
+    def _no_namespace_change(_nodeid: int, _body: memoryview) -> Payload:
+        raise BlktapError("the filesystem holds exactly one file", errno=errno.EPERM)
+
+    async def _fsync(self, nodeid: int, _body: memoryview) -> Payload:
+        if nodeid == FILE_ID:
+            await self._vbd.flush()
+        return b""
+
+    def _fallocate(self, nodeid: int, body: memoryview) -> Coroutine[Any, Any, Payload]:
+        req = fuse.FallocateIn.decode(body)
+        if nodeid != FILE_ID:
+            raise BlktapError("not a file", errno=errno.EISDIR)
+        mode = req.mode
+        end = req.offset + req.length
+        if mode & ~(fuse.FALLOC_FL_KEEP_SIZE | fuse.FALLOC_FL_PUNCH_HOLE
+                    | fuse.FALLOC_FL_ZERO_RANGE):
+            raise BlktapError(f"fallocate mode {mode:#x} not supported", errno=errno.EOPNOTSUPP)
+        if mode & fuse.FALLOC_FL_PUNCH_HOLE and mode & fuse.FALLOC_FL_ZERO_RANGE:
+            raise InvalidArgument("fallocate: PUNCH_HOLE and ZERO_RANGE together")
+        if not mode & (fuse.FALLOC_FL_PUNCH_HOLE | fuse.FALLOC_FL_ZERO_RANGE):
+            # Plain allocation: every byte inside the device already exists.
+            if end > self._size and not mode & fuse.FALLOC_FL_KEEP_SIZE:
+                raise BlktapError("the size of the device is fixed", errno=errno.EFBIG)
+            return _done_payload()
+        # The loop driver punches holes for discard *and* for write-zeroes with unmap
+        # (and uses ZERO_RANGE for write-zeroes without unmap): both must read back as
+        # zeros afterwards, as fallocate(2) promises, so both become write_zeroes; the
+        # image may deallocate on PUNCH_HOLE.
+        length = min(end, self._size) - req.offset
+        if length <= 0:
+            return _done_payload()
+        return self._zero(req.offset, length, bool(mode & fuse.FALLOC_FL_PUNCH_HOLE))
+
+    async def _zero(self, offset: int, length: int, may_unmap: bool) -> Payload:
+        await self._vbd.write_zeroes(offset, length, may_unmap=may_unmap, fua=False)
+        return b""
+
+
+async def _done_payload() -> Payload:
+    return b""
+
+
+def _opname(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"opcode {opcode}"
+
+
+# ------------------------------------------------------------------ the frontend
+class BlockDevice:
+    """The kernel block device of one VBD: FUSE file + loop device + published link.
+
+    ``start`` mounts ``<run_dir>/fuse/<minor>/``, binds a loop device to its ``disk``
+    file and links ``<dev_dir>/tapdev<minor>`` to it. ``stop`` undoes all of it. The VBD
+    must be open (its size is read at ``start`` and must not change until ``stop``).
+    """
+
+    BUSY_TIMEOUT = 2.0
+    """How long ``stop`` waits for the loop device to let go of the file."""
+
+    def __init__(self, vbd: VBD, minor: int, *, run_dir: str, dev_dir: str,
+                 direct_io: bool = True, fuse_direct_io: bool = True) -> None:
+        """``direct_io``: ask for a direct-I/O loop device (no page cache above the
+        FUSE file). ``fuse_direct_io``: open the FUSE file with FOPEN_DIRECT_IO (no page
+        cache in the FUSE file itself, even for buffered openers)."""
+        self.vbd = vbd
+        self.minor = minor
+        self.mountpoint = os.path.join(run_dir, "fuse", str(minor))
+        self.file_path = os.path.join(self.mountpoint, FILE_NAME)
+        self.dev_dir = dev_dir
+        self.path = os.path.join(dev_dir, f"tapdev{minor}")
+        self.loop_device: str | None = None
+        self.direct_io = False
+        self._want_direct = direct_io
+        self._open_flags = fuse.OpenFlag.PARALLEL_DIRECT_WRITES | (
+            fuse.OpenFlag.DIRECT_IO if fuse_direct_io else 0)
+        self._session: _FuseSession | None = None
+        self._mounted = False
+        self._linked = False
+        self._started = False
+        self.log = logging.LoggerAdapter(log, {"minor": minor})
+
+    @staticmethod
+    def available() -> tuple[bool, str]:
+        """Whether this host can make the device: ``(True, "")`` or ``(False, reason)``."""
+        if os.geteuid() != 0:
+            return False, "mounting FUSE and binding loop devices needs root"
+        if not os.path.exists("/dev/fuse"):
+            return False, "/dev/fuse is missing (no fuse module)"
+        if not os.path.exists("/dev/loop-control"):
+            return False, "/dev/loop-control is missing (no loop module)"
+        return True, ""
+
+    # ------------------------------------------------------------------- start
+    async def start(self) -> str:
+        """Create and publish the device; return its path ``<dev_dir>/tapdev<minor>``.
+
+        Raises BlktapError (EOPNOTSUPP when the host cannot, EBUSY when started twice)
+        or OSError. On failure everything set up so far is undone.
+        """
+        ok, why = self.available()
+        if not ok:
+            raise BlktapError(f"no kernel block device on this host: {why}",
+                              errno=errno.EOPNOTSUPP)
+        if self._started:
+            raise Busy(f"minor {self.minor}: block device already started")
+        self._started = True
+        try:
+            await self._start()
+        except BaseException:
+            try:
+                await self._teardown(force=True)
+            except Exception:
+                self.log.exception("cleaning up after a failed start")
+            raise
+        self.log.info("block device %s -> %s (%s, direct I/O %s)", self.path,
+                      self.loop_device, "read-only" if self.vbd.read_only else "read-write",
+                      "on" if self.direct_io else "off")
+        return self.path
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        os.makedirs(os.path.dirname(self.mountpoint), mode=0o700, exist_ok=True)
+        if _mounted(self.mountpoint):
+            # Left by a tapdisk that died: its connection is dead, take the place.
+            self.log.warning("%s: lazily unmounting a stale mount", self.mountpoint)
+            _umount(self.mountpoint, _MNT_DETACH)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.mountpoint, 0o700)
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._session = _FuseSession(fd, self.vbd, self.log, open_flags=self._open_flags)
+        options = (f"fd={fd},rootmode={stat.S_IFDIR:o},user_id=0,group_id=0,allow_other,"
+                   "default_permissions")
+        # Mounting queues INIT and returns; nothing here waits for the server.
+        _mount("blktap", self.mountpoint, "fuse.blktap", _MS_NOSUID | _MS_NODEV, options)
+        self._mounted = True
+        self._session.start_reading()
+        attach = loop.run_in_executor(None, _loop_attach, self.file_path,
+                                      self.vbd.read_only, self._want_direct)
+        try:
+            self.loop_device = await asyncio.shield(attach)
+        except asyncio.CancelledError:
+            # The thread goes on: let it finish so that teardown can detach its device.
+            await asyncio.wait([attach])
+            if not attach.cancelled() and attach.exception() is None:
+                self.loop_device = attach.result()
+            raise
+        self.direct_io = loop_direct_io(self.loop_device)
+        os.makedirs(self.dev_dir, mode=0o755, exist_ok=True)
+        _publish(self.loop_device, self.path)
+        self._linked = True
+
+    # -------------------------------------------------------------------- stop
+    async def stop(self, force: bool = False) -> None:
+        """Withdraw the device: unlink, detach the loop device, unmount, remove the dir.
+
+        Waits for in-flight FUSE requests. Raises Busy (and changes nothing) when the
+        device is mounted or otherwise held exclusively, or (after unlinking and marking
+        the loop device to detach on its last close) when a process still has it open
+        after BUSY_TIMEOUT; calling ``stop`` again later finishes the job. With ``force``
+        the FUSE connection is aborted instead: remaining users get I/O errors.
+        Stopping a stopped device does nothing.
+        """
+        if not self._started:
+            return
+        await self._teardown(force)
+        self._started = False
+        self.log.info("block device %s removed", self.path)
+
+    async def _teardown(self, force: bool) -> None:
+        loop = asyncio.get_running_loop()
+        device = self.loop_device
+        if device is not None:
+            if not force and await loop.run_in_executor(None, _loop_claimed, device):
+                raise Busy(f"{self.path} ({device}) is in use (mounted or claimed)")
+            self._unlink()
+            await loop.run_in_executor(None, _loop_clear, device)
+            if not await self._released(device):
+                if not force:
+                    raise Busy(f"{device} is still open; it detaches when its last user "
+                               "closes it")
+                self.log.warning("%s still open: aborting its FUSE connection", device)
+            self.loop_device = None
+        self._unlink()
+        session = self._session
+        if self._mounted:
+            if session is not None and not force:
+                await session.wait_idle()
+            await loop.run_in_executor(None, self._unmount, force)
+            self._mounted = False
+        if session is not None:
+            session.close()
+            self._session = None
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(self.mountpoint)
+
+    def _unlink(self) -> None:
+        if self._linked:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self._linked = False
+
+    async def _released(self, device: str) -> bool:
+        """Wait up to BUSY_TIMEOUT for ``device`` to stop using our file."""
+        deadline = time.monotonic() + self.BUSY_TIMEOUT
+        while True:
+            if loop_backing_file(device) != self.file_path:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+
+    def _unmount(self, force: bool) -> None:
+        # A file the loop device just closed may still be held for a moment (the
+        # kernel's deferred close): retry EBUSY briefly.
+        deadline = time.monotonic() + self.BUSY_TIMEOUT
+        while True:
+            try:
+                _umount(self.mountpoint, 0)
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.ENOENT):  # not mounted any more
+                    return
+                if exc.errno != errno.EBUSY:
+                    raise
+                if time.monotonic() >= deadline:
+                    break
+            time.sleep(0.01)
+        if not force:
+            raise Busy(f"{self.mountpoint} is busy")
+        with contextlib.suppress(OSError):
+            _umount(self.mountpoint, _MNT_FORCE)  # aborts the FUSE connection
+        with contextlib.suppress(OSError):
+            _umount(self.mountpoint, _MNT_DETACH)
