@@ -272,6 +272,8 @@ _TRANSITIONS: dict[str, tuple[frozenset[State], State]] = {
 }
 
 _COMMANDS: dict[int, Command] = {c.value: c for c in Command}
+# Plain ints: ``~`` of an IntFlag would drop the bits the enum does not know.
+_KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.FIXED_NEWSTYLE) | int(ClientFlag.NO_ZEROES)
 
 
 def _default_alloc(length: int) -> memoryview:
@@ -363,7 +365,7 @@ class ServerCodec:
             (flags,) = _CLIENT_FLAGS.unpack_from(hs)
             del hs[:4]
             # The spec: the server MUST drop the connection on unknown client flags.
-            if flags & ~(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
+            if flags & ~_KNOWN_CLIENT_FLAGS:
                 raise self._fail(f"unknown client flags {flags:#x}")
             if not flags & ClientFlag.FIXED_NEWSTYLE:
                 raise self._fail("client does not speak fixed newstyle negotiation")
@@ -550,8 +552,8 @@ class ServerCodec:
             Command.FLUSH: fua,
             Command.TRIM: fua,
             Command.CACHE: fua,
-            Command.WRITE_ZEROES: fua | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
-            Command.BLOCK_STATUS: fua | CommandFlag.REQ_ONE,
+            Command.WRITE_ZEROES: fua | int(CommandFlag.NO_HOLE) | int(CommandFlag.FAST_ZERO),
+            Command.BLOCK_STATUS: fua | int(CommandFlag.REQ_ONE),
         }
         # Commands without payload or special handling, for the parser's fast path.
         fast = [Command.READ, Command.FLUSH, Command.TRIM, Command.CACHE, Command.WRITE_ZEROES]
