@@ -304,7 +304,7 @@ class VhdFile:
             raise _fail(
                 self.path, "BAT offset invalid", "dynamic header", "table_offset", h.table_offset
             )
-        if h.table_offset + blocks * 4 > size:
+        if h.table_offset + h.max_bat_size * 4 > size:
             raise _fail(
                 self.path,
                 "BAT lies past the end of the file",

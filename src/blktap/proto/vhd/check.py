@@ -238,10 +238,15 @@ def _bat_faults(
             out.append(f"block {i} (offset {off:#x}) clobbers footer")
         used.append((off, i))
     if not no_overlap:
+        # vhd-util reports the lower-numbered block of a clashing pair first.
         used.sort()
+        clashes: list[tuple[int, int, int, int]] = []
         for (a_off, a), (b_off, b) in itertools.pairwise(used):
             if b_off < a_off + span:
-                out.append(f"block {b} (offset {b_off:#x}) clobbers block {a} (offset {a_off:#x})")
+                lo, hi = sorted(((a, a_off), (b, b_off)))
+                clashes.append((lo[0], lo[1], hi[0], hi[1]))
+        for i, i_off, j, j_off in sorted(clashes):
+            out.append(f"block {i} (offset {i_off:#x}) clobbers block {j} (offset {j_off:#x})")
     return out
 
 
