@@ -304,7 +304,7 @@ class ErrorPayload:
     """``u.response``: a failed request's positive errno (ERROR, RUNTIME_ERROR).
 
     The C code never fills ``message``; it is decoded leniently (up to the first NUL, or
-    all 256 bytes, undecodable bytes replaced) so that a reply's errno is never lost.
+    the first 255 bytes if there is none) so that a reply's errno is never lost.
     """
 
     error: int
@@ -318,7 +318,7 @@ class ErrorPayload:
     def _unpack(cls, union: bytes, cookie: int, type: int) -> ErrorPayload:
         error, raw = _RESPONSE.unpack_from(union)
         end = raw.find(b"\0")
-        text = (raw if end < 0 else raw[:end]).decode("utf-8", "replace")
+        text = raw[: PATH_MAX - 1 if end < 0 else end].decode("utf-8", "surrogateescape")
         return cls(error=error, message=text)
 
 
