@@ -128,16 +128,16 @@ class AioContext:
         self._iocbs = (ctypes.c_char * (IOCB_SIZE * depth))()
         self._iocbs_view = memoryview(self._iocbs).cast("B")
         self._iocb_base = ctypes.addressof(self._iocbs)
-        self._ptrs = (ctypes.c_uint64 * depth)()
-        self._ptrs_view = memoryview(self._ptrs).cast("B")
-        self._ptrs_arg = ctypes.c_void_p(ctypes.addressof(self._ptrs))
+        self._ptrs = (ctypes.c_uint64 * depth)(
+            *[self._iocb_base + i * IOCB_SIZE for i in range(depth)]
+        )
+        self._ptrs_base = ctypes.addressof(self._ptrs)
+        self._ptrs_arg = ctypes.c_void_p(self._ptrs_base)
         self._events = (ctypes.c_char * (EVENT_SIZE * depth))()
         self._events_view = memoryview(self._events).cast("B")
         self._events_arg = ctypes.c_void_p(ctypes.addressof(self._events))
         self._zero_timeout = (ctypes.c_long * 2)(0, 0)
         self._timeout_arg = ctypes.c_void_p(ctypes.addressof(self._zero_timeout))
-        self._ptr_structs: dict[int, struct.Struct] = {}
-        self._slot_addr = [self._iocb_base + i * IOCB_SIZE for i in range(depth)]
 
         # Per-slot state: the future to resolve and what must stay alive meanwhile.
         self._futs: list[asyncio.Future[int] | None] = [None] * depth
@@ -205,64 +205,64 @@ class AioContext:
         if self._closed:
             raise Shutdown("the AIO context is closed", errno=errno.ESHUTDOWN)
         fut: asyncio.Future[int] = self._loop.create_future()
-        if self._free and not self._overflow:
-            self._fill(self._free.pop(), fut, opcode, fd, addr, nbytes, offset, rw_flags, keep)
+        free = self._free
+        if free and not self._overflow:
+            slot = free.pop()
+            pending = self._pending
+            # The kernel copies iocbs during io_submit, so the batch array is reused:
+            # entry i of a batch sits at i * IOCB_SIZE; aio_data names the slot.
+            _IOCB.pack_into(
+                self._iocbs_view, len(pending) * IOCB_SIZE,
+                slot, 0, rw_flags, opcode, 0, fd, addr, nbytes, offset, 0,
+                IOCB_FLAG_RESFD, self._efd,
+            )  # fmt: skip
+            self._futs[slot] = fut
+            self._keep[slot] = keep
+            pending.append(slot)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
         else:
             self._overflow.append((fut, opcode, fd, addr, nbytes, offset, rw_flags, keep))
         return fut
 
-    def _fill(
-        self,
-        slot: int,
-        fut: asyncio.Future[int],
-        opcode: int,
-        fd: int,
-        addr: int,
-        nbytes: int,
-        offset: int,
-        rw_flags: int,
-        keep: Any,
-    ) -> None:
-        _IOCB.pack_into(
-            self._iocbs_view, slot * IOCB_SIZE,
-            slot, 0, rw_flags, opcode, 0, fd, addr, nbytes, offset, 0,
-            IOCB_FLAG_RESFD, self._efd,
-        )  # fmt: skip
-        self._futs[slot] = fut
-        self._keep[slot] = keep
-        self._pending.append(slot)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _ptr_struct(self, n: int) -> struct.Struct:
-        st = self._ptr_structs.get(n)
-        if st is None:
-            st = self._ptr_structs[n] = struct.Struct(f"<{n}Q")
-        return st
-
     def _flush(self) -> None:
-        """Submit every pending iocb (one io_submit per contiguous accepted run)."""
+        """Submit the pending batch (several io_submit calls if the kernel takes part)."""
         self._flush_scheduled = False
         pending = self._pending
-        addr = self._slot_addr
-        while pending and not self._closed:
-            n = len(pending)
-            self._ptr_struct(n).pack_into(self._ptrs_view, 0, *[addr[s] for s in pending])
-            rc = _syscall(self._nr_submit, self._ctx_arg, n, self._ptrs_arg)
+        n = len(pending)
+        done = 0
+        while done < n and not self._closed:
+            ptrs = self._ptrs_arg if done == 0 else ctypes.c_void_p(self._ptrs_base + 8 * done)
+            rc = _syscall(self._nr_submit, self._ctx_arg, n - done, ptrs)
             if rc > 0:
                 self._inflight += rc
-                del pending[:rc]
+                done += rc
                 continue
             err = ctypes.get_errno() if rc < 0 else errno.EAGAIN
             if err in (errno.EAGAIN, errno.EINTR):
                 # Kernel resources exhausted: retry when completions come back, or soon.
                 if self._inflight == 0 and self._retry_handle is None:
                     self._retry_handle = self._loop.call_later(0.001, self._retry)
-                return
-            # The first pending iocb is invalid (EBADF, EINVAL, ...): fail it alone.
-            slot = pending.pop(0)
-            self._complete(slot, -err)
+                break
+            # iocb number ``done`` is invalid (EBADF, EINVAL, ...): fail it alone.
+            self._fail_slot(pending[done], err)
+            done += 1
+        if done == n:
+            pending.clear()
+        elif done:
+            # Keep the unsubmitted tail as the start of the next batch.
+            view = self._iocbs_view
+            view[: (n - done) * IOCB_SIZE] = view[done * IOCB_SIZE : n * IOCB_SIZE]
+            del pending[:done]
+
+    def _fail_slot(self, slot: int, err: int) -> None:
+        fut = self._futs[slot]
+        self._futs[slot] = None
+        self._keep[slot] = None
+        self._free.append(slot)
+        if fut is not None and not fut.done():
+            fut.set_exception(OSError(err, os.strerror(err)))
 
     def _retry(self) -> None:
         self._retry_handle = None
@@ -293,8 +293,20 @@ class AioContext:
                 break
             self._inflight -= n
             total += n
-            for data, _obj, res, _res2 in _EVENT.iter_unpack(events[: n * EVENT_SIZE]):
-                self._complete(data, res)
+            futs = self._futs
+            keep = self._keep
+            free = self._free
+            for slot, _obj, res, _res2 in _EVENT.iter_unpack(events[: n * EVENT_SIZE]):
+                fut = futs[slot]
+                futs[slot] = None
+                keep[slot] = None
+                free.append(slot)
+                if fut is None or fut.done():  # cancelled by its waiter
+                    continue
+                if res >= 0:
+                    fut.set_result(res)
+                else:
+                    fut.set_exception(OSError(-res, os.strerror(-res)))
             if n < self.depth:
                 break
         if self._overflow:
@@ -304,18 +316,6 @@ class AioContext:
             self._loop.call_soon(self._flush)
         return total
 
-    def _complete(self, slot: int, res: int) -> None:
-        fut = self._futs[slot]
-        self._futs[slot] = None
-        self._keep[slot] = None
-        self._free.append(slot)
-        if fut is None or fut.done():  # cancelled by its waiter
-            return
-        if res >= 0:
-            fut.set_result(res)
-        else:
-            fut.set_exception(OSError(-res, os.strerror(-res)))
-
     def _admit_overflow(self) -> None:
         free = self._free
         overflow = self._overflow
@@ -323,7 +323,16 @@ class AioContext:
             fut, opcode, fd, addr, nbytes, offset, rw_flags, keep = overflow.popleft()
             if fut.done():
                 continue
-            self._fill(free.pop(), fut, opcode, fd, addr, nbytes, offset, rw_flags, keep)
+            slot = free.pop()
+            pending = self._pending
+            _IOCB.pack_into(
+                self._iocbs_view, len(pending) * IOCB_SIZE,
+                slot, 0, rw_flags, opcode, 0, fd, addr, nbytes, offset, 0,
+                IOCB_FLAG_RESFD, self._efd,
+            )  # fmt: skip
+            self._futs[slot] = fut
+            self._keep[slot] = keep
+            pending.append(slot)
 
     # -------------------------------------------------------------- closing
     def close(self) -> None:
