@@ -1,0 +1,264 @@
+"""What the ``aio`` and ``ram`` drivers do beyond the shared conformance suite."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import random
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from blktap.block.driver import Alloc, OpenOptions, opener_for, registered_types
+from blktap.block.drivers.aio import AioImage, open_aio
+from blktap.block.drivers.ram import open_ram
+from blktap.errors import ImageFormatError
+from blktap.util.linux_aio import AioContext
+from tests.conformance import loop_device, open_fds
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def make_file(tmp_path: Path, content: bytes, name: str = "image.raw") -> str:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return str(path)
+
+
+async def read(image: Any, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    await image.read(offset, memoryview(buf))
+    return bytes(buf)
+
+
+def test_drivers_are_registered_under_their_c_type_strings() -> None:
+    assert {"aio", "ram"} <= set(registered_types())
+    assert opener_for("aio") is open_aio
+    assert opener_for("ram") is open_ram
+
+
+def test_direct_is_really_o_direct_and_buffered_is_not(tmp_path: Path) -> None:
+    path = make_file(tmp_path, bytes(65536))
+
+    async def body() -> None:
+        direct = await open_aio(path, OpenOptions(direct=True))
+        buffered = await open_aio(path, OpenOptions(direct=False))
+        try:
+            assert isinstance(direct, AioImage) and direct.direct
+            assert fcntl.fcntl(direct._fd, fcntl.F_GETFL) & os.O_DIRECT
+            assert not buffered.direct
+            assert not fcntl.fcntl(buffered._fd, fcntl.F_GETFL) & os.O_DIRECT
+        finally:
+            await direct.close()
+            await buffered.close()
+
+    run(body())
+
+
+def test_read_only_uses_o_noatime_and_o_rdonly(tmp_path: Path) -> None:
+    path = make_file(tmp_path, bytes(4096))
+
+    async def body() -> None:
+        image = await open_aio(path, OpenOptions(read_only=True))
+        try:
+            flags = fcntl.fcntl(image._fd, fcntl.F_GETFL)
+            assert flags & os.O_ACCMODE == os.O_RDONLY
+            if os.geteuid() == 0 or os.stat(path).st_uid == os.geteuid():
+                assert flags & os.O_NOATIME
+        finally:
+            await image.close()
+
+    run(body())
+
+
+def test_size_rounds_down_to_whole_sectors(tmp_path: Path) -> None:
+    path = make_file(tmp_path, b"\x01" * 1500)
+
+    async def body() -> None:
+        for opener in (open_aio, open_ram):
+            image = await opener(path, OpenOptions())
+            try:
+                assert image.info.size == 1024
+                assert await read(image, 512, 512) == b"\x01" * 512
+            finally:
+                await image.close()
+
+    run(body())
+
+
+def test_paths_that_are_not_images_are_refused(tmp_path: Path) -> None:
+    async def body() -> None:
+        before = open_fds()
+        for opener in (open_aio, open_ram):
+            with pytest.raises(ImageFormatError):
+                await opener("/dev/null", OpenOptions(direct=False))
+            with pytest.raises(FileNotFoundError):
+                await opener(str(tmp_path / "missing.raw"), OpenOptions())
+            with pytest.raises((OSError, ImageFormatError)) as info:
+                await opener(str(tmp_path), OpenOptions(direct=False))
+            assert getattr(info.value, "errno", None) in (errno.EISDIR, errno.EINVAL)
+        assert open_fds() == before
+
+    run(body())
+
+
+def test_holes_are_reported_as_zero_extents(tmp_path: Path) -> None:
+    path = str(tmp_path / "sparse.raw")
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)
+
+    async def body() -> None:
+        image = await open_aio(path, OpenOptions())
+        try:
+            assert [(e.offset, e.length, e.alloc) for e in image.block_status(0, 1 << 20)] == [
+                (0, 1 << 20, Alloc.ZERO)
+            ]
+            await image.write(65536, memoryview(b"\x01" * 4096))
+            extents = image.block_status(0, 1 << 20)
+            data = [e for e in extents if e.alloc == Alloc.DATA]
+            assert data and data[0].offset <= 65536
+            assert data[0].offset + data[0].length >= 65536 + 4096
+            # Punching the data away makes it a hole again.
+            await image.write_zeroes(0, 1 << 20, True)
+            assert all(e.alloc == Alloc.ZERO for e in image.block_status(0, 1 << 20))
+            await image.write(8192, memoryview(b"\x02" * 4096))
+            await image.discard(8192, 4096)
+            assert all(e.alloc == Alloc.ZERO for e in image.block_status(0, 1 << 20))
+            assert await read(image, 8192, 4096) == bytes(4096)
+        finally:
+            await image.close()
+
+    run(body())
+
+
+def test_block_device_size_and_status(tmp_path: Path) -> None:
+    backing = make_file(tmp_path, os.urandom(3 << 20))
+    with loop_device(backing) as dev:
+
+        async def body() -> None:
+            image = await open_aio(dev, OpenOptions())
+            try:
+                assert isinstance(image, AioImage) and image.is_block_device
+                assert image.info.size == 3 << 20
+                assert [(e.offset, e.length, e.alloc) for e in image.block_status(512, 4096)] == [
+                    (512, 4096, Alloc.DATA)
+                ]
+            finally:
+                await image.close()
+            ram = await open_ram(dev, OpenOptions())
+            try:
+                assert ram.info.size == 3 << 20
+                with open(backing, "rb") as f:
+                    assert await read(ram, 0, 3 << 20) == f.read()
+            finally:
+                await ram.close()
+
+        run(body())
+
+
+def test_concurrent_sector_writes_in_one_4k_block_all_survive(tmp_path: Path) -> None:
+    """On a 4096-byte-sector device each 512-byte write is a read-modify-write."""
+    backing = make_file(tmp_path, bytes(1 << 20))
+    with loop_device(backing, sector_size=4096) as dev:
+
+        async def body() -> None:
+            image = await open_aio(dev, OpenOptions())
+            try:
+                assert isinstance(image, AioImage) and image.offset_align == 4096
+                writes = []
+                model = bytearray(1 << 20)
+                for block in range(16):
+                    for sector in range(8):
+                        off = block * 4096 + sector * 512
+                        data = bytes([block * 8 + sector + 1]) * 512
+                        model[off : off + 512] = data
+                        writes.append(image.write(off, memoryview(data)))
+                # A whole-block write overlapping the read-modify-writes of block 20.
+                for sector in (1, 3):
+                    model[20 * 4096 + sector * 512 : 20 * 4096 + sector * 512 + 512] = b"s" * 512
+                    writes.append(image.write(20 * 4096 + sector * 512, memoryview(b"s" * 512)))
+                random.Random(3).shuffle(writes)
+                await asyncio.gather(*writes)
+                assert await read(image, 0, 1 << 20) == model
+            finally:
+                await image.close()
+
+        run(body())
+
+
+def test_coarser_alignment_uses_rmw_and_a_buffered_tail(tmp_path: Path) -> None:
+    """A 4096-byte O_DIRECT alignment on a file whose size is not a multiple of it.
+
+    Forced on an ext4 file (which would take 512): the driver must widen requests,
+    read-modify-write, and serve the partial last block without growing the file.
+    """
+    size = 64 * 1024 + 1536
+    content = os.urandom(size)
+    path = make_file(tmp_path, content)
+    model = bytearray(content)
+
+    async def body() -> None:
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        image = AioImage(
+            path, fd, size=size, read_only=False, is_block=False, direct=True,
+            offset_align=4096, mem_align=4096, aio=AioContext.for_loop(),
+        )  # fmt: skip
+        try:
+            rng = random.Random(5)
+            ops = []
+            for _ in range(200):
+                sector = rng.randrange(size // 512)
+                count = rng.randint(1, min(10, size // 512 - sector))
+                data = rng.randbytes(count * 512)
+                model[sector * 512 : sector * 512 + len(data)] = data
+                ops.append((sector * 512, data))
+            # Non-overlapping batches run concurrently; overlapping ones in order.
+            for off, data in ops:
+                await image.write(off, memoryview(data))
+            assert await read(image, 0, size) == model
+            await image.write(size - 512, memoryview(b"T" * 512))
+            model[-512:] = b"T" * 512
+            assert await read(image, size - 1024, 1024) == model[-1024:]
+            await asyncio.gather(*[image.write(i * 512, memoryview(bytes([i]) * 512))
+                                   for i in range(32)])
+            for i in range(32):
+                model[i * 512 : i * 512 + 512] = bytes([i]) * 512
+            assert await read(image, 0, size) == model
+        finally:
+            await image.close()
+        assert os.path.getsize(path) == size
+        with open(path, "rb") as f:
+            assert f.read() == model
+
+    run(body())
+
+
+def test_ram_never_writes_back(tmp_path: Path) -> None:
+    content = os.urandom(65536)
+    path = make_file(tmp_path, content)
+    st = os.stat(path)
+
+    async def body() -> None:
+        a = await open_ram(path, OpenOptions())
+        b = await open_ram(path, OpenOptions())
+        try:
+            await a.write(0, memoryview(b"\xff" * 4096), fua=True)
+            await a.flush()
+            assert await read(a, 0, 4096) == b"\xff" * 4096
+            assert await read(b, 0, 4096) == content[:4096]  # each open is its own copy
+        finally:
+            await a.close()
+            await b.close()
+
+    run(body())
+    with open(path, "rb") as f:
+        assert f.read() == content
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns
