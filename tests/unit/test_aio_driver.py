@@ -262,3 +262,22 @@ def test_ram_never_writes_back(tmp_path: Path) -> None:
     with open(path, "rb") as f:
         assert f.read() == content
     assert os.stat(path).st_mtime_ns == st.st_mtime_ns
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_file_truncated_under_the_image_reads_fail_with_eio(tmp_path: Path, direct: bool) -> None:
+    path = make_file(tmp_path, os.urandom(65536))
+
+    async def body() -> None:
+        image = await open_aio(path, OpenOptions(direct=direct))
+        try:
+            os.truncate(path, 8192)
+            assert len(await read(image, 0, 8192)) == 8192
+            for offset, length in [(4096, 8192), (32768, 4096)]:  # partly / wholly past EOF
+                with pytest.raises(OSError) as info:
+                    await read(image, offset, length)
+                assert info.value.errno == errno.EIO
+        finally:
+            await image.close()
+
+    run(body())
