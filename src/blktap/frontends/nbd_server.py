@@ -67,6 +67,11 @@ STATUS_QUERY_MAX = 256 * 1024 * 1024
 less than the request: the spec allows it, the client asks again)."""
 
 _EMPTY = memoryview(b"")
+# Plain ints: IntFlag arithmetic runs Python code on every request.
+_FUA = int(CommandFlag.FUA)
+_NO_HOLE = int(CommandFlag.NO_HOLE)
+_FAST_ZERO = int(CommandFlag.FAST_ZERO)
+_REQ_ONE = int(CommandFlag.REQ_ONE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +243,8 @@ class _Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._out: list[bytes | memoryview] = []
-        self._held: list[memoryview] = []  # sent READ buffers, pooled once the socket drained
+        self._held: list[memoryview] = []  # sent READ buffers, reused once the socket drained
+        self._free: dict[int, list[memoryview]] = {}  # pool buffers kept by exact length
         self._batching = False
         self._flush_scheduled = False
         self._inflight = 0
@@ -282,7 +288,7 @@ class _Connection(asyncio.Protocol):
         vbd = self.vbd
         export = ExportInfo(size=vbd.size, read_only=vbd.read_only,
                             description=f"blktap VBD minor {vbd.minor}")
-        self.codec = ServerCodec(export, self.pool.get)
+        self.codec = ServerCodec(export, self._get_buf)
         transport.write(self.codec.greeting())
         self._timer = self._loop.call_later(server.handshake_timeout, self._handshake_expired)
         self.log.debug("minor %d: NBD client %s connected", vbd.minor, self.peer)
@@ -293,8 +299,16 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._out.clear()
-        self._held.clear()
         self._backlog.clear()
+        # Nothing more will be sent: every buffer goes back to the shared pool.
+        put = self.pool.put
+        for buf in self._held:
+            put(buf)
+        self._held.clear()
+        for bufs in self._free.values():
+            for buf in bufs:
+                put(buf)
+        self._free.clear()
         self.server._forget(self)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -381,7 +395,7 @@ class _Connection(asyncio.Protocol):
             if not length:
                 self._finish_read(req, _EMPTY, None, None)
                 return
-            buf = self.pool.get(length)
+            buf = self._get_buf(length)
             self._inflight += 1
             self._inflight_bytes += length
             eager_start(vbd.read(req.offset, buf),
@@ -393,7 +407,7 @@ class _Connection(asyncio.Protocol):
             self._inflight_bytes += req.length
             if req.length:
                 coro: Coroutine[Any, Any, Any] = vbd.write(
-                    req.offset, data, bool(req.flags & CommandFlag.FUA))
+                    req.offset, data, bool(req.flags & _FUA))
             else:
                 coro = _check_writable(vbd)
             eager_start(coro, lambda _r, exc: self._finish_write(req, data, exc))
@@ -407,18 +421,18 @@ class _Connection(asyncio.Protocol):
                 eager_start(vbd.block_status(req.offset, query),
                             lambda result, exc: self._finish_status(req, result, exc))
                 return
-            fua = bool(req.flags & CommandFlag.FUA)
+            fua = bool(req.flags & _FUA)
             if command is Command.FLUSH:
                 coro = vbd.flush()
             elif command is Command.TRIM:
                 coro = _trim(vbd, req.offset, req.length, fua)
             elif command is Command.WRITE_ZEROES:
-                if req.flags & CommandFlag.FAST_ZERO and not self._fast_zero:
+                if req.flags & _FAST_ZERO and not self._fast_zero:
                     # The spec: fail fast with ENOTSUP when zeroing would not be fast.
                     coro = _fail(BlktapError("zeroing is not fast here", errno=errno.ENOTSUP))
                 else:
                     coro = vbd.write_zeroes(req.offset, req.length,
-                                            may_unmap=not req.flags & CommandFlag.NO_HOLE,
+                                            may_unmap=not req.flags & _NO_HOLE,
                                             fua=fua)
             else:
                 assert command is Command.CACHE, command
@@ -444,7 +458,8 @@ class _Connection(asyncio.Protocol):
                     self._held.append(buf)
             else:
                 self._out.append(self._error_reply(req, exc, read=True))
-                self.pool.put(buf)
+                if len(buf):
+                    self._put_buf(buf)
             self._replied()
         except Exception:
             self._callback_failed()
@@ -453,9 +468,12 @@ class _Connection(asyncio.Protocol):
         try:
             self._inflight -= 1
             self._inflight_bytes -= req.length
-            if len(data):
-                self.pool.put(data)
             codec = self.codec
+            if len(data):
+                if self._lost:
+                    self.pool.put(data)
+                else:
+                    self._put_buf(data)
             if self._lost or codec is None:
                 return
             self.writes += 1
@@ -491,7 +509,7 @@ class _Connection(asyncio.Protocol):
                 return
             if exc is None and result:
                 pairs = [(e.length, e.flags) for e in result]
-                req_one = bool(req.flags & CommandFlag.REQ_ONE)
+                req_one = bool(req.flags & _REQ_ONE)
                 self._out.append(codec.reply_block_status(req.cookie, req.length, pairs,
                                                           req_one))
             else:
@@ -552,7 +570,7 @@ class _Connection(asyncio.Protocol):
         held = self._held
         if held and not transport.get_write_buffer_size():
             # Everything written before has left: those READ buffers are free again.
-            put = self.pool.put
+            put = self._put_buf
             for buf in held:
                 put(buf)
             held.clear()
@@ -560,6 +578,25 @@ class _Connection(asyncio.Protocol):
         if out:
             self._out = []
             transport.writelines(out)
+
+    # ----------------------------------------------------------------- buffers
+    def _get_buf(self, length: int) -> memoryview:
+        """A page-aligned buffer of ``length`` bytes: a recycled one or one from the pool."""
+        bufs = self._free.get(length)
+        if bufs:
+            return bufs.pop()
+        return self.pool.get(length)
+
+    def _put_buf(self, buf: memoryview) -> None:
+        # Kept per connection by exact length (cheaper than the pool's size classes);
+        # beyond what the connection can have in flight, back to the pool.
+        bufs = self._free.get(len(buf))
+        if bufs is None:
+            self._free[len(buf)] = [buf]
+        elif len(bufs) < self._max_inflight:
+            bufs.append(buf)
+        else:
+            self.pool.put(buf)
 
     # ------------------------------------------------------------- flow control
     def _update_reading(self) -> None:
