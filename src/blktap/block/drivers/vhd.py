@@ -118,28 +118,42 @@ class VhdImage:
         return self.allocation(offset, length)
 
     def _file_runs(self, offset: int, length: int) -> list[tuple[int, int, int]]:
-        """(file offset or -1 if unallocated, buffer offset, length), merged where the
-        file bytes are contiguous."""
+        """(file offset, or -1 for sectors this file does not hold, buffer offset, length),
+        merged where the file bytes are contiguous."""
         if not self._sparse:
             return [(offset, 0, length)]
         out: list[tuple[int, int, int]] = []
         vf = self.vhd
         for block, within, voff, n in self._segments(offset, length):
             base = vf.data_offset_of(block)
-            foff = -1 if base is None else base + within
-            boff = voff - offset
-            if out and foff >= 0 and out[-1][0] >= 0 and out[-1][0] + out[-1][2] == foff:
-                last = out.pop()
-                out.append((last[0], last[1], last[2] + n))
+            if base is None:
+                pieces = [(-1, voff - offset, n)]
             else:
-                out.append((foff, boff, n))
+                first = within // SECTOR_SIZE
+                pieces = [
+                    (
+                        base + s * SECTOR_SIZE if present else -1,
+                        voff - offset + (s - first) * SECTOR_SIZE,
+                        count * SECTOR_SIZE,
+                    )
+                    for s, count, present in vf.sector_runs(block, first, n // SECTOR_SIZE)
+                ]
+            for foff, boff, size in pieces:
+                if out and (
+                    (foff < 0 and out[-1][0] < 0)
+                    or (foff >= 0 and out[-1][0] >= 0 and out[-1][0] + out[-1][2] == foff)
+                ):
+                    last = out.pop()
+                    out.append((last[0], last[1], last[2] + size))
+                else:
+                    out.append((foff, boff, size))
         return out
 
     # -------------------------------------------------------------------- reads
     async def read(self, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` with this file's bytes at ``offset``: one ``preadv`` per
-        contiguous run. Sectors of unallocated blocks read as zeros (the chain only asks
-        for DATA ranges)."""
+        """Fill ``buf`` with this image's view of ``offset``: one ``preadv`` per run of
+        contiguous file bytes; sectors this file does not hold (UNALLOCATED) read as
+        zeros (the chain only asks for DATA ranges)."""
         for foff, boff, n in self._file_runs(offset, len(buf)):
             part = buf[boff : boff + n]
             if foff < 0:
