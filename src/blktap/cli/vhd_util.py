@@ -1,7 +1,569 @@
-"""Placeholder until the command lands."""
+"""``vhd-util``: the VHD tool. Argument parsing and printing only; the operations live in
+:mod:`blktap.vhdutil`.
+
+Exit status: 0 on success, otherwise a positive errno (22, EINVAL, for usage errors and
+for ``check`` finding a fault), as the C tool.
+"""
 
 from __future__ import annotations
 
+import argparse
+import errno
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
-def main() -> int:
-    raise SystemExit("not implemented yet")
+from blktap import __version__
+from blktap.errors import BlktapError, errno_of
+
+PROG = "vhd-util"
+
+OVERVIEW = """\
+Create, inspect, check, repair and transform VHD images (fixed, dynamic and
+differencing) as blktap's tapdisk uses them.
+
+Images are written in blktap's layout (creator "tap" 1.3, a batmap, relative parent
+locators) and are readable by the C vhd-util and tapdisk, qemu-img (format vpc) and
+libvhdi. Sizes given with -s/-S are in MiB unless stated otherwise.
+"""
+
+COMMANDS_EPILOG = """\
+commands:
+  create     create a dynamic (or, with -r, fixed) VHD
+  snapshot   create a differencing VHD over a parent
+  query      print the size, parent, flags or chain depth of a VHD
+  read       dump headers, BAT, bitmaps, batmap or data
+  set        set the hidden flag or the batmap marker
+  repair     restore a lost or corrupt trailing footer
+  resize     grow a VHD
+  fill       allocate every block
+  coalesce   merge a differencing VHD into its parent
+  modify     change the parent, physical size, or drop all data (dangerous)
+  scan       print one line per VHD, optionally as a tree of parents
+  check      validate a VHD's metadata
+  revert     undo an interrupted resize from its journal
+
+Run "vhd-util COMMAND -h" for the options of one command.
+
+exit status:
+  0 on success; otherwise a positive errno: 22 (EINVAL) for usage errors and for an
+  image that check finds invalid, 2 (ENOENT) for a missing file, 34 (ERANGE) for a read
+  past the end, 17 (EEXIST) for a file or journal that exists already.
+"""
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with EINVAL (22) on usage errors, as the C tool."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(errno.EINVAL, f"{self.prog}: error: {message}\n")
+
+
+def _parser(name: str, description: str, epilog: str = "") -> _Parser:
+    return _Parser(
+        prog=f"{PROG} {name}",
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+
+
+def _err(cmd: str, message: str) -> None:
+    sys.stderr.write(f"{PROG} {cmd}: {message}\n")
+
+
+def _mb(value: int, what: str, p: _Parser) -> int:
+    if value <= 0:
+        p.error(f"invalid {what}: {value} (must be a positive number of MiB)")
+    return value << 20
+
+
+def _progress(flag: bool) -> bool | None:
+    return True if flag else None
+
+
+# ----------------------------------------------------------------------------- create
+def _create(argv: Sequence[str]) -> int:
+    p = _parser(
+        "create",
+        "Create NAME, an empty dynamic VHD of SIZE MiB (a fixed one with -r).",
+        "A dynamic disk takes a few KiB until written to; a fixed disk is a sparse file\n"
+        "of SIZE MiB followed by the footer.\n\n"
+        "example:\n  vhd-util create -n disk.vhd -s 10240 -S 20480",
+    )
+    p.add_argument("-n", dest="name", required=True, metavar="NAME", help="file to create")
+    p.add_argument("-s", dest="size", type=int, required=True, metavar="MB",
+                   help="virtual size in MiB")
+    p.add_argument("-S", dest="prealloc", type=int, metavar="MB",
+                   help="size the metadata (BAT) for a disk of MB MiB, so that a later "
+                        "'resize -f' can grow the disk up to MB without moving data")
+    p.add_argument("-r", dest="fixed", action="store_true", help="create a fixed VHD")
+    a = p.parse_args(argv)
+    from blktap.vhdutil.create import create
+
+    size = _mb(a.size, "size", p)
+    prealloc = _mb(a.prealloc, "metadata size", p) if a.prealloc is not None else None
+    if prealloc is not None and a.fixed:
+        p.error("-S applies to dynamic disks only")
+    create(a.name, size, fixed=a.fixed, prealloc=prealloc)
+    return 0
+
+
+# --------------------------------------------------------------------------- snapshot
+def _snapshot(argv: Sequence[str]) -> int:
+    p = _parser(
+        "snapshot",
+        "Create NAME, a differencing VHD over PARENT: it reads as PARENT until written to.",
+        "Without -e, empty differencing disks below PARENT are skipped: NAME links to the\n"
+        "first non-empty image down the chain. The new disk stores PARENT's base name,\n"
+        "uuid and modification time, and three relative parent locators (MACX, W2KU,\n"
+        "W2RU), as the C vhd-util.\n\n"
+        "example:\n  vhd-util snapshot -n child.vhd -p base.vhd",
+    )
+    p.add_argument("-n", dest="name", required=True, metavar="NAME", help="file to create")
+    p.add_argument("-p", dest="parent", required=True, metavar="PARENT", help="parent image")
+    p.add_argument("-l", dest="limit", type=int, metavar="DEPTH",
+                   help="refuse (ENOSPC) if the new chain would hold more than DEPTH images")
+    p.add_argument("-m", dest="raw", action="store_true",
+                   help="PARENT is a raw image (opened with the aio driver)")
+    p.add_argument("-S", dest="prealloc", type=int, metavar="MB",
+                   help="size the metadata for a disk of MB MiB (see create -S)")
+    p.add_argument("-e", dest="exact", action="store_true",
+                   help="link to PARENT exactly, even if it is an empty differencing disk")
+    a = p.parse_args(argv)
+    from blktap.vhdutil.create import snapshot
+
+    prealloc = _mb(a.prealloc, "metadata size", p) if a.prealloc is not None else None
+    snapshot(a.name, a.parent, raw_parent=a.raw, depth_limit=a.limit, prealloc=prealloc,
+             exact=a.exact)
+    return 0
+
+
+# ------------------------------------------------------------------------------ query
+def _query(argv: Sequence[str]) -> int:
+    p = _parser(
+        "query",
+        "Print facts about NAME, one per line, in the order of the options below.",
+        "output formats (as the C vhd-util):\n"
+        "  -v  the virtual size in MiB, e.g. 64\n"
+        "  -s  the physical size in bytes (end of the data plus the footer)\n"
+        "  -p  the parent's path, or \"NAME has no parent\"\n"
+        "  -f  \"hidden: N\"\n"
+        "  -m  \"marker: N\"\n"
+        "  -d  \"chain depth: N\" (1 for an image without parent)\n"
+        "  -S  the largest size in MiB 'resize -f' can reach\n"
+        "  -a  the number of allocated blocks\n"
+        "  -u  the hidden flag, as a bare number",
+    )
+    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    for flag, dest, text in (
+        ("-v", "size", "virtual size (MiB)"),
+        ("-s", "physize", "physical size (bytes)"),
+        ("-p", "parent", "parent"),
+        ("-f", "fields", "fields (hidden)"),
+        ("-m", "marker", "batmap marker"),
+        ("-d", "depth", "chain depth"),
+        ("-S", "fastresize", "maximum size for 'resize -f' (MiB)"),
+        ("-a", "allocated", "allocated block count"),
+        ("-u", "hidden", "hidden flag (bare number)"),
+    ):
+        p.add_argument(flag, dest=dest, action="store_true", help=f"print the {text}")
+    a = p.parse_args(argv)
+    from blktap.proto.vhd.constants import DiskType
+    from blktap.vhdutil.create import chain_depth
+    from blktap.vhdutil.query import query
+
+    info = query(a.name, resolve_parent=a.parent)
+    if a.size:
+        _out(str(info.virtual_size_mb))
+    if a.physize:
+        _out(str(info.physical_size))
+    if a.parent:
+        if info.disk_type != DiskType.DIFFERENCING or info.parent is None:
+            _out(f"{a.name} has no parent")
+        else:
+            _out(info.parent)
+    if a.fields:
+        _out(f"hidden: {info.hidden}")
+    if a.marker:
+        _out(f"marker: {info.marker or 0}")
+    if a.depth:
+        _out(f"chain depth: {chain_depth(a.name)}")
+    if a.fastresize:
+        _out(str(info.max_size_mb))
+    if a.allocated:
+        _out(str(info.allocated_blocks))
+    if a.hidden:
+        _out(str(info.hidden))
+    return 0
+
+
+# ------------------------------------------------------------------------------- read
+def _read(argv: Sequence[str]) -> int:
+    p = _parser(
+        "read",
+        "Dump NAME's metadata or data. Several dumps may be combined; they appear in the\n"
+        "order listed below. Bitmaps, the BAT bitmap, the batmap and data are written\n"
+        "raw to standard output.",
+        "example:\n  vhd-util read -n disk.vhd -p\n  vhd-util read -n disk.vhd -b 0 -c 16",
+    )
+    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-p", dest="headers", action="store_true",
+                   help="print the footer, header, parent locators and batmap header")
+    p.add_argument("-t", dest="translate", type=int, metavar="SEC",
+                   help="translate logical sector SEC to its place in the file")
+    p.add_argument("-b", dest="bat", type=int, metavar="BLK", help="print BAT entry BLK")
+    p.add_argument("-B", dest="bat_bitmap", action="store_true",
+                   help="print the whole BAT as a bitmap (raw)")
+    p.add_argument("-m", dest="bitmap", type=int, metavar="BLK",
+                   help="print block BLK's sector bitmap (raw)")
+    p.add_argument("-i", dest="test_bitmap", type=int, metavar="SEC",
+                   help="test the bitmap bit of logical sector SEC")
+    p.add_argument("-e", dest="extents", type=int, metavar="SEC",
+                   help="list the allocated extents (start count) from sector SEC")
+    p.add_argument("-a", dest="batmap", action="store_true", help="print the batmap (raw)")
+    p.add_argument("-j", dest="test_batmap", type=int, metavar="BLK",
+                   help="test the batmap bit of block BLK (printed on standard error)")
+    p.add_argument("-d", dest="data", type=int, metavar="BLK",
+                   help="print block BLK's data (raw)")
+    p.add_argument("-c", dest="count", type=int, default=1, metavar="NUM",
+                   help="number of units (blocks, sectors or bytes) for the above "
+                        "(default 1)")
+    p.add_argument("-r", dest="read_sectors", type=int, metavar="SEC",
+                   help="read NUM sectors of the virtual disk at SEC (raw)")
+    p.add_argument("-R", dest="read_bytes", type=int, metavar="BYTE",
+                   help="read NUM bytes of the virtual disk at BYTE (raw)")
+    p.add_argument("-x", dest="hex", action="store_true", help="print numbers in hex")
+    a = p.parse_args(argv)
+    if a.count <= 0:
+        p.error(f"invalid count {a.count}")
+    for field in ("translate", "bat", "bitmap", "test_bitmap", "extents", "test_batmap",
+                  "data", "read_sectors", "read_bytes"):
+        v = getattr(a, field)
+        if v is not None and v < 0:
+            p.error(f"invalid {field.replace('_', ' ')}: {v}")
+    from blktap.vhdutil.dump import DumpOptions, dump
+
+    opts = DumpOptions(
+        headers=a.headers, translate=a.translate, bat=a.bat, bat_bitmap=a.bat_bitmap,
+        bitmap=a.bitmap, test_bitmap=a.test_bitmap, extents=a.extents, batmap=a.batmap,
+        test_batmap=a.test_batmap, data=a.data, read_sectors=a.read_sectors,
+        read_bytes=a.read_bytes, count=a.count, hex=a.hex,
+    )
+    for stream, payload in dump(a.name, opts):
+        target = sys.stdout if stream == "out" else sys.stderr
+        if isinstance(payload, bytes):
+            target.flush()
+            target.buffer.write(payload)
+            target.buffer.flush()
+        else:
+            target.write(payload + "\n")
+    return 0
+
+
+# -------------------------------------------------------------------------------- set
+def _set(argv: Sequence[str]) -> int:
+    p = _parser(
+        "set",
+        "Set one of blktap's flags: 'hidden' (footer byte 85; both footer copies are\n"
+        "rewritten) or 'marker' (the batmap header's marker byte).",
+        "example:\n  vhd-util set -n base.vhd -f hidden -v 1",
+    )
+    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-f", dest="field", required=True, choices=("hidden", "marker"),
+                   metavar="FIELD", help="hidden or marker")
+    p.add_argument("-v", dest="value", required=True, type=int, metavar="N",
+                   help="the new value (0..255)")
+    a = p.parse_args(argv)
+    if not 0 <= a.value <= 255:
+        p.error(f"invalid value {a.value}: must be 0..255")
+    from blktap.vhdutil.setfield import set_field
+
+    set_field(a.name, a.field, a.value)
+    return 0
+
+
+# ----------------------------------------------------------------------------- repair
+def _repair(argv: Sequence[str]) -> int:
+    p = _parser(
+        "repair",
+        "Rewrite NAME's footers: the trailing footer goes right after the last block (the\n"
+        "file is cut there) and the backup copy at offset 0 is made to match. A lost or\n"
+        "corrupt trailing footer is restored from the backup copy; with -b the backup is\n"
+        "used even when the trailing footer is valid. A null uuid is replaced.",
+        "Damage to other structures (header, BAT) is reported, not repaired.",
+    )
+    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-b", dest="backup", action="store_true", help="use the backup footer")
+    a = p.parse_args(argv)
+    from blktap.vhdutil.repair import repair
+
+    repair(a.name, use_backup=a.backup)
+    return 0
+
+
+# ----------------------------------------------------------------------------- resize
+def _resize(argv: Sequence[str]) -> int:
+    p = _parser(
+        "resize",
+        "Grow NAME to SIZE MiB. With -f only the footers change, which works while SIZE\n"
+        "fits the metadata ('query -S'). Otherwise the BAT grows in place: blocks in its\n"
+        "way are moved to the end of the file, and every byte rewritten in place is saved\n"
+        "to JOURNAL first; if the resize is interrupted, 'vhd-util revert -n NAME -j\n"
+        "JOURNAL' restores the image. The journal is removed on success.",
+        "Shrinking is refused.\n\nexample:\n  vhd-util resize -n disk.vhd -s 20480 -j disk.journal",
+    )
+    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-s", dest="size", type=int, required=True, metavar="MB",
+                   help="new virtual size in MiB")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("-j", dest="journal", metavar="JOURNAL", help="journal file to create")
+    g.add_argument("-f", dest="fast", action="store_true",
+                   help="fast resize: footers only (within 'query -S')")
+    a = p.parse_args(argv)
+    from blktap.vhdutil.resize import resize
+
+    resize(a.name, _mb(a.size, "size", p), journal=a.journal, fast=a.fast)
+    return 0
+
+
+# ------------------------------------------------------------------------------- fill
+def _fill(argv: Sequence[str]) -> int:
+    p = _parser(
+        "fill",
+        "Allocate every block of NAME. Its contents do not change: a dynamic disk's\n"
+        "unwritten sectors become explicit zeros, a differencing disk's are copied from\n"
+        "its parents. Shows a progress bar when standard error is a terminal.",
+    )
+    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    a = p.parse_args(argv)
+    from blktap.vhdutil.fill import fill
+
+    fill(a.name)
+    return 0
+
+
+# --------------------------------------------------------------------------- coalesce
+def _coalesce(argv: Sequence[str]) -> int:
+    p = _parser(
+        "coalesce",
+        "Merge NAME, a differencing disk, into its parent: every sector NAME holds is\n"
+        "written to the parent, which then reads as NAME did. NAME itself is unchanged.",
+        "The data is copied in the kernel (copy_file_range), a block at a time.\n"
+        "An interrupted coalesce leaves a valid parent; run it again to finish.",
+    )
+    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-s", dest="sparse", action="store_true",
+                   help="sparse: do not allocate parent blocks for all-zero child data")
+    p.add_argument("-p", dest="progress", action="store_true",
+                   help="show progress on standard error even when it is not a terminal")
+    a = p.parse_args(argv)
+    from blktap.vhdutil.coalesce import coalesce
+
+    coalesce(a.name, sparse=a.sparse, progress=_progress(a.progress))
+    return 0
+
+
+# ----------------------------------------------------------------------------- modify
+def _modify(argv: Sequence[str]) -> int:
+    p = _parser(
+        "modify",
+        "*** Dangerous operations, use with care ***\n\n"
+        "Change NAME's metadata: its parent (-p, a raw one with -m), its physical size\n"
+        "(-s, in bytes: the trailing footer moves to SIZE-512), or drop every block (-z).",
+    )
+    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-p", dest="parent", metavar="PARENT", help="new parent")
+    p.add_argument("-m", dest="raw", action="store_true", help="the new parent is raw")
+    p.add_argument("-s", dest="size", type=int, metavar="BYTES", help="new physical size")
+    p.add_argument("-z", dest="zero", action="store_true",
+                   help="zero: forget every block (kill data)")
+    a = p.parse_args(argv)
+    if a.raw and not a.parent:
+        p.error("-m needs -p")
+    if a.parent is None and a.size is None and not a.zero:
+        p.error("nothing to do: give -p, -s or -z")
+    from blktap.vhdutil import modify
+
+    if a.zero:
+        modify.zero_data(a.name)
+    if a.size is not None:
+        modify.set_physical_size(a.name, a.size)
+    if a.parent is not None:
+        modify.set_parent(a.name, a.parent, raw=a.raw)
+    return 0
+
+
+# ------------------------------------------------------------------------------- scan
+def _scan(argv: Sequence[str]) -> int:
+    p = _parser(
+        "scan",
+        "Print one line per VHD:\n"
+        "  vhd=NAME capacity=BYTES size=BYTES hidden=N parent=PARENT|none\n"
+        "or, for an image that cannot be read:\n"
+        "  vhd=NAME scan-error=-ERRNO error-message='WHAT'",
+        "capacity is the virtual size, size the file's size. Names are base names unless\n"
+        "-v. With -p the images are printed as trees: children indented three spaces\n"
+        "below their parent, unhidden ones first.",
+    )
+    p.add_argument("-m", dest="filter", metavar="PATTERN",
+                   help="also scan the files this glob pattern matches")
+    p.add_argument("-f", dest="fast", action="store_true",
+                   help="fast: take parent names from the header, not the locators")
+    p.add_argument("-c", dest="cont", action="store_true", help="continue on failure")
+    p.add_argument("-l", dest="volume", metavar="VG",
+                   help="scan an LVM volume group (not supported: ENOSYS)")
+    p.add_argument("-p", dest="pretty", action="store_true", help="pretty print as trees")
+    p.add_argument("-a", dest="parents", action="store_true", help="scan parents too")
+    p.add_argument("-v", dest="verbose", action="store_true", help="print full paths")
+    p.add_argument("-M", dest="markers", action="store_true", help="print batmap markers")
+    p.add_argument("files", nargs="*", metavar="FILES")
+    a = p.parse_args(argv)
+    if not a.files and a.filter is None:
+        p.error("give FILES or -m PATTERN")
+    from blktap.vhdutil.scan import ScanOptions, scan
+
+    result = scan(a.files, ScanOptions(
+        filter=a.filter, fast=a.fast, continue_on_failure=a.cont, volume=a.volume,
+        pretty=a.pretty, parents=a.parents, verbose=a.verbose, markers=a.markers,
+    ))
+    for line in result.lines:
+        _out(line)
+    return result.errno
+
+
+# ------------------------------------------------------------------------------ check
+def _check(argv: Sequence[str]) -> int:
+    p = _parser(
+        "check",
+        "Validate NAME's metadata as the C vhd-util does: footers (cookie, checksum,\n"
+        "features, version, offsets, timestamp, creator, geometry, type, flags, uuid,\n"
+        "primary against backup), dynamic header, differencing fields and parent\n"
+        "locators, batmap, and the BAT (no block overlaps the metadata, another block,\n"
+        "or runs past the end of the file).\n\n"
+        "Prints \"NAME is valid\" and exits 0 (a valid fixed disk prints nothing), or\n"
+        "prints the fault(s), the first being the C tool's verdict, and exits 22.",
+    )
+    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-i", dest="ignore_primary", action="store_true",
+                   help="accept a never-written primary footer (use the backup)")
+    p.add_argument("-I", dest="ignore_uuid", action="store_true",
+                   help="ignore parent uuid mismatches")
+    p.add_argument("-t", dest="ignore_time", action="store_true",
+                   help="ignore timestamps in the future")
+    p.add_argument("-B", dest="ignore_overlap", action="store_true",
+                   help="ignore blocks that overlap each other")
+    p.add_argument("-p", dest="parents", action="store_true", help="check the parents too")
+    p.add_argument("-b", dest="bitmaps", action="store_true",
+                   help="check the sector bitmaps of blocks the batmap calls full")
+    p.add_argument("-s", dest="stats", action="store_true", help="print block statistics")
+    a = p.parse_args(argv)
+    from blktap.vhdutil.check import CheckOptions, check
+
+    report = check(
+        a.name,
+        options=CheckOptions(
+            ignore_missing_primary=a.ignore_primary,
+            ignore_timestamps=a.ignore_time,
+            ignore_bat_overlap=a.ignore_overlap,
+        ),
+        ignore_parent_uuid=a.ignore_uuid,
+        check_parents=a.parents,
+        check_bitmaps=a.bitmaps,
+        stats=a.stats,
+    )
+    for line in report.lines():
+        _out(line)
+    return 0 if report.valid else errno.EINVAL
+
+
+# ----------------------------------------------------------------------------- revert
+def _revert(argv: Sequence[str]) -> int:
+    p = _parser(
+        "revert",
+        "Undo an interrupted 'resize -j JOURNAL' of NAME: the byte ranges saved in the\n"
+        "journal are written back and the file is cut to its old size; the journal is\n"
+        "then removed. A journal that was never completed means NAME was not touched.",
+    )
+    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-j", dest="journal", required=True, metavar="JOURNAL")
+    a = p.parse_args(argv)
+    from blktap.vhdutil.journal import revert
+
+    revert(a.name, a.journal)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "create": _create,
+    "snapshot": _snapshot,
+    "query": _query,
+    "read": _read,
+    "set": _set,
+    "repair": _repair,
+    "resize": _resize,
+    "fill": _fill,
+    "coalesce": _coalesce,
+    "modify": _modify,
+    "scan": _scan,
+    "check": _check,
+    "revert": _revert,
+}
+
+
+def _top_parser() -> _Parser:
+    p = _Parser(
+        prog=PROG,
+        usage=f"{PROG} COMMAND [OPTIONS]",
+        description=OVERVIEW,
+        epilog=COMMANDS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not args:
+        top.print_usage(sys.stderr)
+        sys.stderr.write(COMMANDS_EPILOG)
+        return errno.EINVAL
+    if args[0] in ("-h", "--help", "-V", "--version"):
+        top.parse_args(args[:1])
+        return 0
+    cmd, rest = args[0], args[1:]
+    run = COMMANDS.get(cmd)
+    if run is None:
+        top.error(f"unknown command {cmd!r}")
+    try:
+        return run(rest)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else errno.EINVAL
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return errno.EPIPE
+    except (BlktapError, OSError) as exc:
+        if isinstance(exc, BlktapError):
+            message = exc.message
+        else:
+            message = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        _err(cmd, message)
+        return errno_of(exc)
+    except KeyboardInterrupt:
+        return errno.EINTR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

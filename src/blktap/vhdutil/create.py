@@ -1,0 +1,166 @@
+"""``vhd-util create`` and ``vhd-util snapshot``.
+
+Both build on :func:`blktap.vhd.create_dynamic` / :func:`blktap.vhd.create_fixed` /
+:func:`blktap.vhd.snapshot`. Metadata preallocation (``-S MB``) sizes the BAT (and the
+batmap) for a larger disk than the virtual size so that a later ``resize -f`` needs no
+data movement: the image is created for the larger size and its footers are then set
+back to the real size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import os
+
+from blktap.errors import BlktapError, InvalidArgument
+from blktap.proto.vhd.constants import BAT_UNUSED, MAX_VHD_SIZE, DiskType
+from blktap.proto.vhd.footer import chs_geometry
+from blktap.vhd import create_dynamic, create_fixed
+from blktap.vhd import snapshot as _lib_snapshot
+from blktap.vhd.image import VhdFile
+from blktap.vhdutil.common import write_footers
+
+
+class DepthExceeded(BlktapError):
+    """``snapshot -l``: the new chain would be deeper than the limit."""
+
+    errno = errno.ENOSPC
+
+
+def _shrink_to(path: str, size: int) -> None:
+    """Set a freshly created sparse image's virtual size down to ``size`` (keeping its
+    larger BAT): both footers rewritten."""
+    with VhdFile.open(path, writable=True, resolve_parent=False) as image:
+        new = dataclasses.replace(
+            image.footer,
+            current_size=size,
+            original_size=size,
+            geometry=chs_geometry(size),
+        )
+        write_footers(image, new)
+
+
+def create(path: str, size: int, *, fixed: bool = False, prealloc: int | None = None) -> None:
+    """Create ``path``: a dynamic VHD of ``size`` bytes (fixed with ``fixed``).
+
+    ``prealloc`` (bytes, dynamic only) sizes the BAT for a disk of that size. Raises
+    InvalidArgument (bad size, prealloc smaller than size), FileExistsError, OSError.
+    The partial file is removed on failure.
+    """
+    if fixed:
+        create_fixed(path, size)
+        return
+    if prealloc is not None and prealloc > size:
+        if prealloc > MAX_VHD_SIZE:
+            raise InvalidArgument(
+                f"metadata preallocation of {prealloc} bytes exceeds 2040 GiB",
+                errno=errno.EFBIG,
+            )
+        create_dynamic(path, prealloc)
+        try:
+            _shrink_to(path, size)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return
+    create_dynamic(path, size)
+
+
+def is_empty(image: VhdFile) -> bool:
+    """True when a sparse image has no block allocated."""
+    return all(entry == BAT_UNUSED for entry in image.bat)
+
+
+def chain_depth(path: str) -> int:
+    """How many images the chain starting at ``path`` holds (1 for a lone image; a raw
+    parent counts as one)."""
+    depth = 0
+    seen: set[str] = set()
+    current: str | None = path
+    while current is not None:
+        real = os.path.realpath(current)
+        if real in seen:
+            break
+        seen.add(real)
+        depth += 1
+        try:
+            with VhdFile.open(current) as image:
+                link = image.parent
+        except BlktapError:
+            if depth == 1:
+                raise
+            break
+        if link is None:
+            break
+        if link.raw:
+            depth += 1
+            break
+        current = link.path
+    return depth
+
+
+def resolve_snapshot_parent(parent: str, *, exact: bool) -> str:
+    """The parent a snapshot links to: ``parent`` with ``exact``; otherwise the first
+    non-empty image going down from ``parent`` through empty differencing disks (as
+    vhd-util does without ``-e``)."""
+    current = parent
+    if exact:
+        return current
+    while True:
+        with VhdFile.open(current) as image:
+            if (
+                image.footer.disk_type != DiskType.DIFFERENCING
+                or image.parent is None
+                or not is_empty(image)
+            ):
+                return current
+            if image.parent.raw:
+                return current
+            current = image.parent.path
+
+
+def snapshot(
+    path: str,
+    parent: str,
+    *,
+    raw_parent: bool = False,
+    depth_limit: int | None = None,
+    prealloc: int | None = None,
+    exact: bool = False,
+) -> str:
+    """Create ``path``, a differencing VHD over ``parent`` (see :func:`resolve_snapshot_parent`).
+
+    ``raw_parent``: ``parent`` is a raw image. ``depth_limit``: refuse (DepthExceeded,
+    ENOSPC) when the new chain would hold more images. ``prealloc``: BAT sized for that
+    many bytes. Returns the path of the parent actually linked.
+
+    Raises FileNotFoundError (no parent), ImageFormatError (parent malformed),
+    DepthExceeded, FileExistsError, OSError; nothing is left behind on failure.
+    """
+    if not os.path.exists(parent):
+        raise FileNotFoundError(errno.ENOENT, "parent not found", parent)
+    target = parent if raw_parent else resolve_snapshot_parent(parent, exact=exact)
+    if depth_limit is not None and depth_limit > 0:
+        depth = 1 if raw_parent else chain_depth(target)
+        if depth + 1 > depth_limit:
+            raise DepthExceeded(
+                f"snapshot depth exceeded: current depth: {depth}, limit: {depth_limit}"
+            )
+    if raw_parent:
+        psize = -(-os.stat(target).st_size // 512) * 512
+    else:
+        with VhdFile.open(target, resolve_parent=False) as p:
+            psize = p.size
+    size = prealloc if prealloc is not None and prealloc > psize else None
+    _lib_snapshot(path, target, raw_parent=raw_parent, size=size)
+    if size is not None:
+        try:
+            _shrink_to(path, psize)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+    return target

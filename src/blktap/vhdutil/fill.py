@@ -1,0 +1,97 @@
+"""``vhd-util fill -n NAME``: allocate every block of a sparse VHD.
+
+Each block ends up allocated with every sector present: a dynamic disk's missing
+sectors become explicit zeros, a differencing disk's missing sectors are copied from its
+parents (so the virtual contents are unchanged, as with the C tool's read-then-write of
+every block). Fixed disks are already full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blktap.proto.vhd.constants import BAT_UNUSED, SECTOR_SIZE, DiskType
+from blktap.vhd.image import VhdFile, pwrite_all
+from blktap.vhdutil.common import allocate_block, full_bitmap
+from blktap.vhdutil.progress import Progress
+from blktap.vhdutil.reader import ChainReader
+
+
+@dataclass(frozen=True, slots=True)
+class FillResult:
+    blocks: int
+    allocated: int
+    """Blocks newly allocated."""
+    completed: int
+    """Partly present blocks made complete."""
+
+
+def fill(path: str, *, progress: bool | None = None) -> FillResult:
+    """Allocate and complete every block of ``path``.
+
+    ``progress``: show a bar on standard error (None: only on a terminal). Raises
+    ImageFormatError/OSError. Blocks are linked into the BAT only after their data and
+    bitmap are written, so an interrupted fill leaves a valid image (possibly without
+    its trailing footer, which ``repair`` restores) with the same contents.
+    """
+    with VhdFile.open(path, writable=True) as image:
+        if image.header is None:
+            return FillResult(0, 0, 0)
+        differencing = image.footer.disk_type == DiskType.DIFFERENCING
+        below = ChainReader.open(path, start_at_parent=True) if differencing else None
+        try:
+            return _fill(image, below, progress)
+        finally:
+            if below is not None:
+                below.close()
+
+
+def _fill(image: VhdFile, below: ChainReader | None, progress: bool | None) -> FillResult:
+    h = image.header
+    assert h is not None
+    bs = h.block_size
+    spb = h.sectors_per_block
+    full = full_bitmap(image)
+    bar = Progress(f"fill {image.path}", len(image.bat), enabled=progress)
+    allocated = completed = 0
+    buf = bytearray(bs)
+    for block in range(len(image.bat)):
+        bar.update(block)
+        entry = image.bat[block]
+        if entry != BAT_UNUSED and block in image.full_blocks:
+            continue
+        if entry == BAT_UNUSED:
+            if below is None:
+                new = allocate_block(image, zero=True)
+            else:
+                new = allocate_block(image, zero=False)
+                below.read_into(block * bs, memoryview(buf))
+                pwrite_all(image.fd, [full, buf], new * SECTOR_SIZE)
+            _link(image, block, new, full)
+            allocated += 1
+            continue
+        data_off = image.data_offset_of(block)
+        assert data_off is not None
+        for s, c, here in image.sector_runs(block, 0, spb):
+            if here:
+                continue
+            view = memoryview(buf)[: c * SECTOR_SIZE]
+            if below is None:
+                view[:] = bytes(len(view))
+            else:
+                below.read_into(block * bs + s * SECTOR_SIZE, view)
+            pwrite_all(image.fd, [view], data_off + s * SECTOR_SIZE)
+        image.write_bitmap(block, bytearray(full))
+        completed += 1
+    bar.finish()
+    return FillResult(len(image.bat), allocated, completed)
+
+
+def _link(image: VhdFile, block: int, entry: int, full: bytearray) -> None:
+    """Point the BAT at a block whose bitmap and data are written, then set its bitmap
+    (and the batmap bit) through the library."""
+    assert image.header is not None
+    if image.bat[block] == BAT_UNUSED:
+        # The one-sector BAT write is what makes the block visible.
+        image.write_bat_entry(block, entry)
+    image.write_bitmap(block, bytearray(full))
