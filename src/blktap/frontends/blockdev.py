@@ -38,7 +38,7 @@ from blktap.proto import fuse
 from blktap.proto.fuse import Opcode
 from blktap.util import eager
 from blktap.util.buffers import BufferPool
-from blktap.vbd import VBD
+from blktap.vbd import VBD, VBDState
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,16 @@ def loop_backing_file(device: str) -> str | None:
             return f.read().rstrip("\n")
     except (FileNotFoundError, OSError):
         return None
+
+
+def loops_backed_by(path: str) -> list[str]:
+    """The loop devices whose backing file is ``path``."""
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir("/sys/block")):
+            if name.startswith("loop") and loop_backing_file(f"/dev/{name}") == path:
+                found.append(f"/dev/{name}")
+    return found
 
 
 def loop_direct_io(device: str) -> bool:
@@ -658,6 +668,7 @@ class BlockDevice:
         self._open_flags = fuse.OpenFlag.PARALLEL_DIRECT_WRITES | (
             fuse.OpenFlag.DIRECT_IO if fuse_direct_io else 0)
         self._session: _FuseSession | None = None
+        self._clearing: asyncio.Future[None] | None = None
         self._mounted = False
         self._linked = False
         self._started = False
@@ -704,6 +715,12 @@ class BlockDevice:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         os.makedirs(os.path.dirname(self.mountpoint), mode=0o700, exist_ok=True)
+        for stale in loops_backed_by(self.file_path):
+            # Left by a tapdisk that died: its I/O fails at once, so clearing is quick;
+            # if something still holds it open it detaches on its last close.
+            self.log.warning("detaching %s, left on %s by a previous tapdisk", stale,
+                             self.file_path)
+            await loop.run_in_executor(None, _loop_clear, stale)
         if _mounted(self.mountpoint):
             # Left by a tapdisk that died: its connection is dead, take the place.
             self.log.warning("%s: lazily unmounting a stale mount", self.mountpoint)
@@ -737,11 +754,13 @@ class BlockDevice:
     async def stop(self, force: bool = False) -> None:
         """Withdraw the device: unlink, detach the loop device, unmount, remove the dir.
 
-        Waits for in-flight FUSE requests. Raises Busy (and changes nothing) when the
-        device is mounted or otherwise held exclusively, or (after unlinking and marking
-        the loop device to detach on its last close) when a process still has it open
-        after BUSY_TIMEOUT; calling ``stop`` again later finishes the job. With ``force``
-        the FUSE connection is aborted instead: remaining users get I/O errors.
+        Waits for in-flight FUSE requests. Raises Busy, changing nothing, when the device
+        is mounted or otherwise held exclusively, or when I/O waits for a paused VBD.
+        Raises Busy after unlinking and marking the loop device to detach on its last
+        close when, after BUSY_TIMEOUT, a process still has it open or its I/O has not
+        finished; the FUSE file is still served then, and calling ``stop`` again later
+        finishes the job. With ``force`` nothing is refused: the FUSE connection is
+        aborted instead, and remaining users of the loop device get I/O errors.
         Stopping a stopped device does nothing.
         """
         if not self._started:
@@ -753,19 +772,33 @@ class BlockDevice:
     async def _teardown(self, force: bool) -> None:
         loop = asyncio.get_running_loop()
         device = self.loop_device
+        session = self._session
         if device is not None:
-            if not force and await loop.run_in_executor(None, _loop_claimed, device):
-                raise Busy(f"{self.path} ({device}) is in use (mounted or claimed)")
+            if not force:
+                if await loop.run_in_executor(None, _loop_claimed, device):
+                    raise Busy(f"{self.path} ({device}) is in use (mounted or claimed)")
+                if session is not None and session.inflight and not self._vbd_running():
+                    raise Busy(f"{self.path}: I/O is waiting for the paused VBD")
             self._unlink()
-            await loop.run_in_executor(None, _loop_clear, device)
+            if self._clearing is None or self._clearing.done():
+                self._clearing = loop.run_in_executor(None, _loop_clear, device)
+            # Clearing waits for the loop device's I/O in flight, served by us; that I/O
+            # may wait for a paused VBD.
+            done, _ = await asyncio.wait([self._clearing], timeout=self.BUSY_TIMEOUT)
+            if not done:
+                if not force:
+                    raise Busy(f"{device}: I/O in flight does not finish; the device "
+                               "detaches when it does")
+                self._abort("I/O in flight does not finish")
+                await asyncio.wait([self._clearing])
+            self._clearing.result()
             if not await self._released(device):
                 if not force:
                     raise Busy(f"{device} is still open; it detaches when its last user "
                                "closes it")
-                self.log.warning("%s still open: aborting its FUSE connection", device)
+                self._abort(f"{device} is still open")
             self.loop_device = None
         self._unlink()
-        session = self._session
         if self._mounted:
             if session is not None and not force:
                 await session.wait_idle()
@@ -776,6 +809,15 @@ class BlockDevice:
             self._session = None
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(self.mountpoint)
+
+    def _vbd_running(self) -> bool:
+        return self.vbd.state is VBDState.RUNNING
+
+    def _abort(self, why: str) -> None:
+        """Abort the FUSE connection: every request, waiting or future, fails (ENOTCONN)."""
+        if self._session is not None and self._session.fd >= 0:
+            self.log.warning("%s: %s, aborting the FUSE connection", self.path, why)
+            self._session.close()
 
     def _unlink(self) -> None:
         if self._linked:
