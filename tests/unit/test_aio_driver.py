@@ -281,3 +281,33 @@ def test_file_truncated_under_the_image_reads_fail_with_eio(tmp_path: Path, dire
             await image.close()
 
     run(body())
+
+
+def test_buffered_reads_complete_eagerly_direct_reads_later(tmp_path: Path) -> None:
+    """Run as the NBD server runs requests (util/eager.py): a buffered (page-cache)
+    read finishes inside ``start``; an O_DIRECT read finishes when the loop reaps it."""
+    from blktap.util import eager
+
+    content = os.urandom(65536)
+    path = make_file(tmp_path, content)
+
+    async def body() -> None:
+        for direct in (False, True):
+            image = await open_aio(path, OpenOptions(direct=direct))
+            try:
+                buf = bytearray(4096)
+                done: list[tuple[Any, BaseException | None]] = []
+                eager.start(image.read(8192, memoryview(buf)),
+                            lambda res, exc, done=done: done.append((res, exc)))
+                if direct:
+                    assert done == []
+                    for _ in range(1000):
+                        await asyncio.sleep(0.001)
+                        if done:
+                            break
+                assert done == [(None, None)]
+                assert buf == content[8192 : 8192 + 4096]
+            finally:
+                await image.close()
+
+    run(body())
