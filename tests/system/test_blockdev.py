@@ -17,6 +17,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -405,3 +406,80 @@ def test_many_requests_in_flight_keep_data_intact(make_device: MakeDevice) -> No
     sh("fio", "--name=mixed", f"--filename={dev.path}", "--ioengine=libaio", "--direct=1",
        "--rw=randrw", "--bsrange=512-256k", "--iodepth=32", "--offset=32M", "--size=16M",
        "--runtime=1", "--time_based", "--output-format=terse", timeout=60)
+
+
+def test_stop_with_io_waiting_for_a_paused_vbd(make_device: MakeDevice,
+                                               server: ServerThread, base: str) -> None:
+    dev = make_device()
+    dev.bd.BUSY_TIMEOUT = 0.3
+    server.run(dev.vbd.pause())
+    reader = subprocess.Popen(["dd", f"if={dev.path}", "of=/dev/null", "bs=4096", "count=1",
+                               "iflag=direct", "status=none"], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 5
+        while dev.bd.inflight == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert dev.bd.inflight > 0, "the read reached the paused VBD"
+        with pytest.raises(Busy):
+            server.run(dev.bd.stop())
+        assert os.path.islink(dev.path), "a refused stop changes nothing"
+        started = time.monotonic()
+        server.run(dev.bd.stop(force=True))
+        assert time.monotonic() - started < 5
+        assert reader.wait(10) != 0, "the waiting read failed when the connection was aborted"
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+        reader.wait(10)
+        if reader.stderr is not None:
+            reader.stderr.close()
+        server.run(dev.vbd.resume())
+    assert _mounts_under(base) == []
+    deadline = time.monotonic() + 5
+    while _loops_on(base) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _loops_on(base) == []
+
+
+CRASHING_SERVER = """
+import asyncio, sys
+from blktap.block.driver import OpenOptions
+from blktap.frontends.blockdev import BlockDevice
+from blktap.vbd import VBD, ImageSpec
+
+async def main(image, run_dir, dev_dir):
+    vbd = VBD(0)
+    await vbd.open(ImageSpec("aio", image), OpenOptions())
+    path = await BlockDevice(vbd, 0, run_dir=run_dir, dev_dir=dev_dir).start()
+    print(path, flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def test_start_recovers_from_a_killed_tapdisk(make_device: MakeDevice, base: str) -> None:
+    image = os.path.join(base, "crash.raw")
+    with open(image, "wb") as f:
+        f.truncate(SIZE)
+    run_dir, dev_dir = os.path.join(base, "run"), os.path.join(base, "dev")
+    crashing = subprocess.Popen([sys.executable, "-c", CRASHING_SERVER, image, run_dir, dev_dir],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert crashing.stdout is not None
+        path = crashing.stdout.readline().strip()
+        assert path == os.path.join(dev_dir, "tapdev0")
+        old_loop = os.readlink(path)
+    finally:
+        crashing.kill()
+        crashing.wait(10)
+        if crashing.stdout is not None:
+            crashing.stdout.close()
+    # A dead server: the mount and the loop device stay behind, I/O fails.
+    assert _mounts_under(run_dir) and _loops_on(base) == [old_loop]
+    assert dd_write(path, 0, b"q" * 4096).returncode != 0
+    dev = make_device(minor=0)
+    assert _loops_on(base) == [dev.loop_device]
+    assert len(_mounts_under(run_dir)) == 1
+    assert dd_write(dev.path, 0, b"r" * 4096).returncode == 0
+    assert image_bytes(dev, 0, 4096) == b"r" * 4096

@@ -674,6 +674,11 @@ class BlockDevice:
         self._started = False
         self.log = logging.LoggerAdapter(log, {"minor": minor})
 
+    @property
+    def inflight(self) -> int:
+        """FUSE requests received and not answered yet."""
+        return self._session.inflight if self._session is not None else 0
+
     @staticmethod
     def available() -> tuple[bool, str]:
         """Whether this host can make the device: ``(True, "")`` or ``(False, reason)``."""
