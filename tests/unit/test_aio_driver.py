@@ -297,8 +297,12 @@ def test_buffered_reads_complete_eagerly_direct_reads_later(tmp_path: Path) -> N
             try:
                 buf = bytearray(4096)
                 done: list[tuple[Any, BaseException | None]] = []
-                eager.start(image.read(8192, memoryview(buf)),
-                            lambda res, exc, done=done: done.append((res, exc)))
+
+                def on_done(res: Any, exc: BaseException | None,
+                            done: list[tuple[Any, BaseException | None]] = done) -> None:
+                    done.append((res, exc))
+
+                eager.start(image.read(8192, memoryview(buf)), on_done)
                 if direct:
                     assert done == []
                     for _ in range(1000):
