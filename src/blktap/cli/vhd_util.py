@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -533,6 +534,30 @@ def _top_parser() -> _Parser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _setup_logging(cmd: str) -> None:
+    """Library warnings (e.g. "trailing footer invalid, using the backup") go to standard
+    error prefixed with the command (console use only: in-process callers keep their own
+    logging configuration)."""
+    root = logging.getLogger("blktap")
+    if not any(getattr(h, "_vhd_util", False) for h in root.handlers):
+        handler = _StderrHandler()
+        handler._vhd_util = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        root.propagate = False
+    for h in root.handlers:
+        if getattr(h, "_vhd_util", False):
+            h.setFormatter(logging.Formatter(f"{PROG} {cmd}: warning: %(message)s"))
+    root.setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -547,6 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = COMMANDS.get(cmd)
     if run is None:
         top.error(f"unknown command {cmd!r}")
+    if argv is None:
+        _setup_logging(cmd)
     try:
         return run(rest)
     except SystemExit as exc:

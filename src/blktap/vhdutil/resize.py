@@ -81,7 +81,7 @@ def resize(
         footer = dataclasses.replace(
             image.footer,
             current_size=new_size,
-            original_size=image.footer.original_size,
+            original_size=new_size,
             geometry=chs_geometry(new_size),
         )
         if image.header is None:
