@@ -585,3 +585,31 @@ def test_proto_module_imports_no_io() -> None:
             names.add(node.module.split(".")[0])
     assert not names & {"socket", "os", "asyncio", "select", "selectors", "io", "subprocess",
                         "threading", "mmap"}
+
+
+def test_payload_can_be_received_in_place() -> None:
+    codec = negotiate(structured=False)
+    assert codec.payload_buffer() is None
+    assert codec.feed(req(CMD_WRITE, 4, 512, 10) + b"abc") == []
+    rest = codec.payload_buffer()
+    assert rest is not None and len(rest) == 7
+    rest[:4] = b"defg"
+    assert codec.payload_received(4) == []
+    rest = codec.payload_buffer()
+    assert rest is not None and len(rest) == 3
+    rest[:] = b"hij"
+    [ev] = codec.payload_received(3)
+    assert isinstance(ev, Request) and ev.data is not None
+    assert (ev.command, ev.cookie, ev.offset, bytes(ev.data)) == (
+        Command.WRITE, 4, 512, b"abcdefghij")
+    assert codec.payload_buffer() is None
+    assert codec.feed(req(CMD_FLUSH, 5)) == [Request(Command.FLUSH, 0, 5, 0, 0)]
+
+
+def test_feed_does_not_keep_views_of_the_input() -> None:
+    codec = negotiate(structured=False)
+    buf = bytearray(req(CMD_READ, 1, 0, 512) + req(CMD_FLUSH, 2)[:10])
+    assert codec.feed(memoryview(buf)) == [Request(Command.READ, 0, 1, 0, 512)]
+    tail = req(CMD_FLUSH, 2)
+    buf[:] = bytes(len(buf))  # the caller reuses its buffer
+    assert codec.feed(memoryview(bytearray(tail[10:]))) == [Request(Command.FLUSH, 0, 2, 0, 0)]

@@ -1,9 +1,9 @@
 """The NBD export of one VBD: an asyncio server on a Unix socket (optionally TCP).
 
 Each connection runs the sans-IO codec (:mod:`blktap.proto.nbd`) under an
-``asyncio.Protocol``. Requests are parsed many per ``data_received`` and each is run with
+``asyncio.BufferedProtocol``. Requests are parsed many per read and each is run with
 :func:`blktap.util.eager.start` (no Task per request); replies go out of order, as soon as
-their request completes, and the replies completed during one ``data_received`` (or one
+their request completes, and the replies completed during one read (or one
 loop turn) leave in a single ``writelines`` (one ``writev``). READ data is never copied:
 the reply is ``[header, buffer]`` with the buffer the VBD read into.
 
@@ -228,8 +228,19 @@ class NbdServer:
         return Statistics(*totals)
 
 
-class _Connection(asyncio.Protocol):
-    """One client. All callbacks run in the event loop; none lets an exception escape."""
+RECV_BUFFER = 256 * 1024
+"""Size of each connection's receive buffer (requests are parsed from it in place)."""
+DIRECT_PAYLOAD_MIN = 64 * 1024
+"""A WRITE payload with at least this much still to come is received straight into its
+own buffer, without going through the receive buffer."""
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client. All callbacks run in the event loop; none lets an exception escape.
+
+    A BufferedProtocol: the event loop receives into our buffers, so a large WRITE payload
+    lands directly in the page-aligned buffer the driver writes from.
+    """
 
     def __init__(self, server: NbdServer) -> None:
         self.server = server
@@ -257,6 +268,8 @@ class _Connection(asyncio.Protocol):
         self._max_inflight = server.max_inflight
         self._max_bytes = server.max_inflight_bytes
         self._fast_zero = False
+        self._rbuf = memoryview(bytearray(RECV_BUFFER))
+        self._into_payload = False
         # Counters (same order as Statistics' fields).
         self.requests = 0
         self.reads = 0
@@ -328,12 +341,25 @@ class _Connection(asyncio.Protocol):
         self.shutdown(None)
         return True
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        codec = self.codec
+        if codec is not None:
+            rest = codec.payload_buffer()
+            if rest is not None and len(rest) >= DIRECT_PAYLOAD_MIN:
+                self._into_payload = True
+                return rest
+        self._into_payload = False
+        return self._rbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
         codec = self.codec
         if codec is None or self._draining or self._lost:
             return
         try:
-            events = codec.feed(data)
+            if self._into_payload:
+                events = codec.payload_received(nbytes)
+            else:
+                events = codec.feed(self._rbuf[:nbytes])
         except ProtocolError as exc:
             self.protocol_errors += 1
             self.log.warning("minor %d: NBD client %s broke the protocol: %s",

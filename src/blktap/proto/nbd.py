@@ -274,6 +274,7 @@ _TRANSITIONS: dict[str, tuple[frozenset[State], State]] = {
 }
 
 _COMMANDS: dict[int, Command] = {c.value: c for c in Command}
+Buffer = bytes | bytearray | memoryview
 # Plain ints: ``~`` of an IntFlag would drop the bits the enum does not know.
 _KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.FIXED_NEWSTYLE) | int(ClientFlag.NO_ZEROES)
 
@@ -331,10 +332,11 @@ class ServerCodec:
             NBD_MAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
         )
 
-    def feed(self, data: bytes) -> list[Event]:
+    def feed(self, data: Buffer) -> list[Event]:
         """Consume bytes from the client; return the events they complete, in order.
 
-        Incomplete input is kept for the next call. Raises ProtocolError (remote=True) when
+        ``data`` may be a view of a buffer the caller reuses: nothing refers to it after
+        the call returns. Incomplete input is kept (copied) for the next call. Raises ProtocolError (remote=True) when
         the client broke the protocol; the events of that call are lost and the
         connection must be dropped (after sending :attr:`output`).
         """
@@ -568,7 +570,7 @@ class ServerCodec:
                           self.transmission_flags)
 
     # -------------------------------------------------------------- transmission
-    def _feed_transmission(self, data: bytes) -> list[Event]:
+    def _feed_transmission(self, data: Buffer) -> list[Event]:
         events: list[Event] = []
         pos = 0
         end = len(data)
@@ -580,7 +582,7 @@ class ServerCodec:
             pos = self._fill_payload(data, 0, events)
         if self._partial and pos < end:
             need = _REQ_SIZE - len(self._partial)
-            head = self._partial + data[pos : pos + need]
+            head = self._partial + bytes(data[pos : pos + need])
             pos += len(head) - len(self._partial)
             if len(head) < _REQ_SIZE:
                 self._partial = head
@@ -593,7 +595,7 @@ class ServerCodec:
             if self.state is not State.TRANSMISSION:
                 return events  # DISC: ignore whatever follows
             if end - pos < _REQ_SIZE:
-                self._partial = data[pos:]
+                self._partial = bytes(data[pos:])
                 break
             magic, flags, cmd, cookie, offset, length = unpack(data, pos)
             pos += _REQ_SIZE
@@ -610,7 +612,8 @@ class ServerCodec:
             pos = self._request(data, pos - _REQ_SIZE, data, pos, events)
         return events
 
-    def _request(self, hbuf: bytes, hpos: int, data: bytes, pos: int, events: list[Event]) -> int:
+    def _request(self, hbuf: Buffer, hpos: int, data: Buffer, pos: int,
+                 events: list[Event]) -> int:
         """Handle the header at ``hbuf[hpos:]``; its payload (if any) starts at ``data[pos]``.
 
         Returns the position in ``data`` after what was consumed.
@@ -663,7 +666,7 @@ class ServerCodec:
         events.append(Request(command, flags, cookie, offset, length))
         return pos
 
-    def _fill_payload(self, data: bytes, pos: int, events: list[Event]) -> int:
+    def _fill_payload(self, data: Buffer, pos: int, events: list[Event]) -> int:
         payload = self._payload
         assert payload is not None and self._payload_header is not None
         filled = self._payload_filled
@@ -679,6 +682,30 @@ class ServerCodec:
         self._payload_header = None
         events.append(Request(Command.WRITE, flags, cookie, offset, length, payload))
         return pos + take
+
+    def payload_buffer(self) -> memoryview | None:
+        """Where the rest of the WRITE payload being received goes, or None.
+
+        A server may receive straight into it (no copy), then call
+        :meth:`payload_received` with the number of bytes it stored there.
+        """
+        if self._payload is None or self.state is not State.TRANSMISSION:
+            return None
+        return self._payload[self._payload_filled :]
+
+    def payload_received(self, length: int) -> list[Event]:
+        """``length`` bytes were stored at the start of :meth:`payload_buffer`; returns
+        the WRITE request when its payload is complete."""
+        payload = self._payload
+        assert payload is not None and self._payload_header is not None
+        assert 0 <= length <= len(payload) - self._payload_filled
+        self._payload_filled += length
+        if self._payload_filled < len(payload):
+            return []
+        flags, cookie, offset, size = self._payload_header
+        self._payload = None
+        self._payload_header = None
+        return [Request(Command.WRITE, flags, cookie, offset, size, payload)]
 
     @property
     def payload_pending(self) -> int:
