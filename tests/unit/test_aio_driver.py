@@ -232,6 +232,21 @@ def test_coarser_alignment_uses_rmw_and_a_buffered_tail(tmp_path: Path) -> None:
             for i in range(32):
                 model[i * 512 : i * 512 + 512] = bytes([i]) * 512
             assert await read(image, 0, size) == model
+            # Zeroing one sector while another sector of its block is written: the
+            # zeroing starts as the write's read-modify-write has read the block.
+            async def zero_soon(base: int, unmap: bool) -> None:
+                await read(image, 15 * 4096, 4096)  # an O_DIRECT read in the same batch
+                await image.write_zeroes(base, 512, unmap)
+
+            for block in range(8):
+                base = block * 4096
+                await asyncio.gather(
+                    image.write(base + 512, memoryview(b"w" * 512)),
+                    zero_soon(base, bool(block & 1)),
+                )
+                model[base : base + 512] = bytes(512)
+                model[base + 512 : base + 1024] = b"w" * 512
+            assert await read(image, 0, size) == model
         finally:
             await image.close()
         assert os.path.getsize(path) == size

@@ -366,13 +366,24 @@ class AioImage:
             modes.insert(0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
         if self.is_block_device and (offset | length) & self._amask:
             modes = []  # the device takes only whole logical blocks
-        for mode in modes:
+        if modes:
+            # In read-modify-write mode a concurrent write to the rest of a shared block
+            # must not write back what this call zeroes.
+            lo = offset & ~self._amask
+            hi = (offset + length + self._amask) & ~self._amask
+            if self._rmw:
+                await self._lock_range(lo, hi)
             try:
-                await self._fallocate(mode, offset, length)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, *_UNSUPPORTED):
-                    raise
+                for mode in modes:
+                    try:
+                        await self._fallocate(mode, offset, length)
+                        return
+                    except OSError as exc:
+                        if exc.errno not in (errno.EINVAL, *_UNSUPPORTED):
+                            raise
+            finally:
+                if self._rmw:
+                    self._unlock_range(lo, hi)
         zeros = _zeros()
         pos = offset
         end = offset + length
@@ -395,7 +406,15 @@ class AioImage:
                         None, fcntl.ioctl, self._fd, BLKDISCARD, rng
                     )
             else:
-                fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                lo = offset & ~self._amask
+                hi = (offset + length + self._amask) & ~self._amask
+                if self._rmw:  # see write_zeroes
+                    await self._lock_range(lo, hi)
+                try:
+                    fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                finally:
+                    if self._rmw:
+                        self._unlock_range(lo, hi)
         except OSError as exc:
             if exc.errno not in _UNSUPPORTED:
                 raise
