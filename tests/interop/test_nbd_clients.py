@@ -537,3 +537,29 @@ def test_stop_closes_idle_clients_and_removes_socket(workdir: str) -> None:
 def test_socket_mode_is_0600(serve: Callable[..., ServedImage]) -> None:
     s = serve(direct=False)
     assert os.stat(s.socket).st_mode & 0o777 == 0o600
+
+
+def test_optional_tcp_listener(serve: Callable[..., ServedImage]) -> None:
+    s = serve(direct=False, tcp=("127.0.0.1", 0))
+    port = s.server.tcp_port
+    assert port
+    [export] = json.loads(run("nbdinfo", "--json", f"nbd://127.0.0.1:{port}"))["exports"]
+    assert export["export-size"] == SIZE
+
+
+def test_block_status_of_empty_range_is_einval(serve: Callable[..., ServedImage]) -> None:
+    s = serve(direct=False)
+    res = libnbd(f"""
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.set_strict_mode(0)
+h.connect_uri({s.uri!r})
+try:
+    h.block_status(0, 0, lambda *a: 0)
+    out = 0
+except nbd.Error as e:
+    out = e.errnum
+h.shutdown()
+print(json.dumps(out))
+""")
+    assert res == 22

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from blktap.block.chain import StatusExtent
-from blktap.errors import BlktapError, ProtocolError, errno_of
+from blktap.errors import BlktapError, InvalidArgument, ProtocolError, errno_of
 from blktap.proto.nbd import (
     Aborted,
     Command,
@@ -228,6 +228,8 @@ class NbdServer:
         return Statistics(*totals)
 
 
+WRITE_BUFFER_HIGH = 8 * 1024 * 1024
+"""Replies buffered in the transport beyond this pause reading new requests."""
 RECV_BUFFER = 256 * 1024
 """Size of each connection's receive buffer (requests are parsed from it in place)."""
 DIRECT_PAYLOAD_MIN = 64 * 1024
@@ -302,6 +304,8 @@ class _Connection(asyncio.BufferedProtocol):
         export = ExportInfo(size=vbd.size, read_only=vbd.read_only,
                             description=f"blktap VBD minor {vbd.minor}")
         self.codec = ServerCodec(export, self._get_buf)
+        # Room for a few large READ replies before the transport asks us to pause.
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         transport.write(self.codec.greeting())
         self._timer = self._loop.call_later(server.handshake_timeout, self._handshake_expired)
         self.log.debug("minor %d: NBD client %s connected", vbd.minor, self.peer)
@@ -443,6 +447,10 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             self._inflight += 1
             if command is Command.BLOCK_STATUS:
+                if not req.length:
+                    bad = InvalidArgument("block status of an empty range")
+                    eager_start(_fail(bad), lambda _r, exc: self._finish_simple(req, exc))
+                    return
                 query = min(req.length, STATUS_QUERY_MAX)
                 eager_start(vbd.block_status(req.offset, query),
                             lambda result, exc: self._finish_status(req, result, exc))
