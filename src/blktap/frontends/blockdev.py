@@ -269,6 +269,7 @@ class _FuseSession:
                  open_flags: int) -> None:
         self.fd = fd
         self.ended = False
+        self.stopping = False
         self.inflight = 0
         self.initialized = False
         self._vbd = vbd
@@ -353,8 +354,10 @@ class _FuseSession:
             except OSError as exc:
                 if exc.errno == errno.ENOENT:  # the request was interrupted meanwhile
                     continue
-                if exc.errno != errno.ENODEV:  # ENODEV: unmounted, connection over
+                if exc.errno != errno.ENODEV:
                     self._log.error("reading /dev/fuse: %s", exc)
+                elif not self.stopping:  # ENODEV: unmounted, the connection is over
+                    self._log.warning("FUSE connection ended: unmounted from outside?")
                 self.ended = True
                 self.stop_reading()
                 return
@@ -394,10 +397,12 @@ class _FuseSession:
 
     def _send_exc(self, unique: int, exc: BaseException, what: str) -> None:
         err = errno_of(exc)
-        if not isinstance(exc, BlktapError | OSError):
-            self._log.error("%s failed", what, exc_info=exc)
-        else:
+        if isinstance(exc, BlktapError):  # refused at the VBD's entry, or its state
             self._log.debug("%s failed: %s", what, exc)
+        elif isinstance(exc, OSError):  # the image's storage failed
+            self._log.warning("%s failed: %s", what, exc)
+        else:
+            self._log.error("%s failed", what, exc_info=exc)
         self._send_errno(unique, err)
 
     # --------------------------------------------------------------- data path
@@ -805,8 +810,14 @@ class BlockDevice:
             self.loop_device = None
         self._unlink()
         if self._mounted:
-            if session is not None and not force:
-                await session.wait_idle()
+            if session is not None:
+                session.stopping = True
+                if not force:
+                    try:
+                        await asyncio.wait_for(session.wait_idle(), self.BUSY_TIMEOUT)
+                    except TimeoutError:
+                        raise Busy(f"{self.mountpoint}: FUSE requests in flight do not "
+                                   "finish") from None
             await loop.run_in_executor(None, self._unmount, force)
             self._mounted = False
         if session is not None:
