@@ -108,8 +108,22 @@ def same_image(a: str, b: str) -> bool:
 
 
 def find_all(rundir: RunDir, image: str) -> list[TapEntry]:
-    """The VBDs that have ``image`` open (see :func:`same_image`)."""
-    return [e for e in list_entries(rundir) if e.image is not None and same_image(e.image, image)]
+    """The VBDs that have ``image`` open (see :func:`same_image`).
+
+    Asks each tapdisk for its LIST only (no PID round trip first: a tapdisk that answers
+    LIST is alive); tapdisks that do not answer are skipped.
+    """
+    found = []
+    for pid in rundir.socket_pids():
+        try:
+            vbds = client.list_vbds(rundir, pid)
+        except BlktapError as exc:
+            log.debug("find: skipping ctl%d: %s", pid, exc)
+            continue
+        for vbd in vbds:
+            if vbd.image is not None and same_image(vbd.image, image):
+                found.append(_entry_for(pid, vbd))
+    return found
 
 
 def find(rundir: RunDir, image: str) -> TapEntry | None:
