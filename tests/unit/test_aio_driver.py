@@ -330,3 +330,27 @@ def test_buffered_reads_complete_eagerly_direct_reads_later(tmp_path: Path) -> N
                 await image.close()
 
     run(body())
+
+
+def test_o_direct_refused_falls_back_to_buffered_and_logs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """sysfs refuses O_DIRECT at open (EINVAL), as tmpfs did before Linux 6.6."""
+    path = "/sys/kernel/uevent_seqnum"
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} is not there: sysfs is not mounted")
+
+    async def body() -> None:
+        for _ in range(2):
+            image = await open_aio(path, OpenOptions(read_only=True, direct=True))
+            try:
+                assert isinstance(image, AioImage)
+                assert not image.direct
+                assert not fcntl.fcntl(image._fd, fcntl.F_GETFL) & os.O_DIRECT
+            finally:
+                await image.close()
+
+    with caplog.at_level("WARNING", logger="blktap.block.drivers.aio"):
+        run(body())
+    refused = [r for r in caplog.records if "O_DIRECT is not available" in r.getMessage()]
+    assert len(refused) <= 1
