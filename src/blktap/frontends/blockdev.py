@@ -716,6 +716,8 @@ class BlockDevice:
                 await self._teardown(force=True)
             except Exception:
                 self.log.exception("cleaning up after a failed start")
+            else:
+                self._started = False
             raise
         self.log.info("block device %s -> %s (%s, direct I/O %s)", self.path,
                       self.loop_device, "read-only" if self.vbd.read_only else "read-write",
