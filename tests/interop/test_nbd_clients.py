@@ -353,7 +353,7 @@ print(json.dumps(out))
 # ------------------------------------------------------------------------ fio
 def fio(uri: str, *args: str) -> dict[str, Any]:
     out = run("fio", "--output-format=json", "--name=nbd", "--ioengine=nbd", f"--uri={uri}",
-              "--bs=4k", *args, timeout=60)
+              "--bs=4k", "--verify_state_save=0", *args, timeout=60)
     result: dict[str, Any] = json.loads(out[out.index("{"):])
     for job in result["jobs"]:
         assert job["error"] == 0, job
