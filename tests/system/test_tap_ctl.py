@@ -498,3 +498,41 @@ def test_tapdisk_binary_from_environment(clean_run_dir: str, tmp_path: Path) -> 
     assert (tmp_path / "used").exists()
     subprocess.run(["kill", proc.stdout.strip()], check=True)
     assert_clean(clean_run_dir)
+
+
+# ---------------------------------------------------------------------- block device
+
+
+def _blockdev_available() -> tuple[bool, str]:
+    from blktap.frontends.blockdev import BlockDevice
+
+    return BlockDevice.available()
+
+
+@pytest.mark.skipif(not _blockdev_available()[0],
+                    reason=f"no FUSE+loop block device here: {_blockdev_available()[1]}")
+def test_create_prints_the_block_device(
+    clean_run_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BLKTAP_BLOCKDEV", "on")
+    img = image(tmp_path, size="16M")
+    device = ok("create", "-a", f"aio:{img}").strip()
+    dev_dir = os.environ["BLKTAP_DEV_DIR"]
+    assert device == f"{dev_dir}/tapdev0"
+    assert os.path.realpath(device).startswith("/dev/loop")
+    pattern = tmp_path / "pattern"
+    pattern.write_bytes(b"\x5a" * 4096)
+    subprocess.run(["dd", f"if={pattern}", f"of={device}", "bs=4096", "count=1", "seek=3",
+                    "conv=notrunc,fsync", "status=none"], check=True, timeout=30)
+    with open(img, "rb") as f:
+        f.seek(3 * 4096)
+        assert f.read(4096) == b"\x5a" * 4096
+    (entry,) = parse_list(ok("list"))
+    doc = json.loads(ok("list", "--json"))
+    assert doc[0]["block_device"] == device
+    ok("destroy", "-p", entry["pid"], "-m", entry["minor"])
+    assert not os.path.lexists(device)
+    fuse = os.path.join(clean_run_dir, "fuse")
+    if os.path.isdir(fuse) and not os.listdir(fuse):
+        os.rmdir(fuse)  # the blockdev frontend's mount point directory
+    assert_clean(clean_run_dir)
