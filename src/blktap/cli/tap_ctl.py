@@ -678,9 +678,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    try:
+        return _dispatch(args)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
 
+
+def _dispatch(args: list[str]) -> int:
     if not args:
         sys.stderr.write(_top_help())
         return errno.EINVAL
@@ -713,7 +721,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(errno_of(exc), str(exc))
     except KeyboardInterrupt:
         return _fail(errno.EINTR)
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
