@@ -563,3 +563,29 @@ h.shutdown()
 print(json.dumps(out))
 """)
     assert res == 22
+
+
+def test_thousands_of_pipelined_requests_with_a_small_window(
+        serve: Callable[..., ServedImage]) -> None:
+    s = serve(direct=False, max_inflight=4)
+    c = RawClient(s.socket)
+    try:
+        c.handshake()
+        count = 3000
+        # Paused, the VBD holds the first requests; the rest wait in the server's backlog
+        # and, once resumed, complete without waiting.
+        s.call(s.vbd.pause())
+        c.sock.sendall(b"".join(request(0, i, (i % 100) * 512, 512) for i in range(count)))
+        time.sleep(0.3)
+        assert s.run(lambda: s.vbd.inflight) == 0  # waiting for the resume, not admitted
+        s.call(s.vbd.resume())
+        seen = set()
+        for _ in range(count):
+            magic, error, cookie = struct.unpack(">IIQ", c.recv_exact(16))
+            assert (magic, error) == (SIMPLE_MAGIC, 0)
+            c.recv_exact(512)
+            seen.add(cookie)
+        assert seen == set(range(count))
+    finally:
+        c.close()
+    assert s.run(s.server.statistics).reads == count

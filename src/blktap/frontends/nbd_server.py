@@ -272,6 +272,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._fast_zero = False
         self._rbuf = memoryview(bytearray(RECV_BUFFER))
         self._into_payload = False
+        self._pumping = False
         # Counters (same order as Statistics' fields).
         self.requests = 0
         self.reads = 0
@@ -573,10 +574,17 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _replied(self) -> None:
         """After a request completed: dispatch waiting requests, flush, maybe close."""
+        if self._pumping:
+            return  # a request dispatched by the loop below completed at once
         backlog = self._backlog
-        while (backlog and self._inflight < self._max_inflight
-               and (self._inflight_bytes < self._max_bytes or not self._inflight)):
-            self._dispatch(backlog.popleft())
+        if backlog:
+            self._pumping = True
+            try:
+                while (backlog and self._inflight < self._max_inflight
+                       and (self._inflight_bytes < self._max_bytes or not self._inflight)):
+                    self._dispatch(backlog.popleft())
+            finally:
+                self._pumping = False
         if not self._batching:
             if self._draining and not self._inflight and not backlog:
                 self._flush()
