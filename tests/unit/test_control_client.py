@@ -23,6 +23,7 @@ from blktap.control.errors import NoSuchTapdisk, TapdiskError, TimedOut
 from blktap.control.options import OpenOptions
 from blktap.control.rundir import RunDir
 from blktap.errors import InvalidArgument, ProtocolError
+from blktap.proto import control as ctl
 from tests.helpers import message, short_tempdir
 
 FAKE_PID = 4000000  # above pid_max's default: no real process has it
@@ -264,3 +265,17 @@ def test_bad_arguments_fail_before_connecting(rundir: RunDir) -> None:
         client.open(rundir, FAKE_PID, 0, "aio:/" + "x" * 300)
     with pytest.raises(InvalidArgument):
         client.open(rundir, FAKE_PID, 0, "aio:/a", OpenOptions(key=b"k" * 200))
+
+
+def test_salvage_reply_after_a_failed_send() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(message(1, 2, struct.pack("<i", errno.EINVAL)))
+        b.close()
+        reader = ctl.ReplyReader(ctl.MessageType.OPEN)
+        reply = client._salvage_reply(a, reader)
+    assert reply is not None and reply.errno == errno.EINVAL
+    c, d = socket.socketpair()
+    with c, d:
+        d.close()
+        assert client._salvage_reply(c, ctl.ReplyReader(ctl.MessageType.OPEN)) is None

@@ -40,6 +40,7 @@ __all__ = [
     "open",
     "pause",
     "stats",
+    "stats_text",
     "transact",
     "unpause",
 ]
@@ -91,13 +92,20 @@ def transact(
             raise NoSuchTapdisk(f"no tapdisk with pid {pid} ({reason} {path})") from None
         log.debug("tapdisk %d: sending %s", pid, what)
         sock.settimeout(remaining())
-        sock.sendall(data)
-        while True:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError) as send_error:
+            # tapdisk may reject a request early (ERROR, then close) while the rest of it
+            # (a log path, a key) is still being sent: prefer its answer to EPIPE.
+            reply = _salvage_reply(sock, reader)
+            if reply is None:
+                raise send_error
+        else:
+            reply = None
+        while reply is None:
             sock.settimeout(remaining())
             chunk = sock.recv(_RECV_SIZE)
             reply = reader.feed(chunk) if chunk else reader.eof()
-            if reply is not None:
-                break
     except TimeoutError:
         raise TimedOut(f"tapdisk {pid} did not answer {what} within {timeout:g} s") from None
     except ProtocolError as exc:
@@ -121,6 +129,18 @@ def transact(
         )
     log.debug("tapdisk %d: %s done", pid, what)
     return reply
+
+
+def _salvage_reply(sock: socket.socket, reader: ctl.ReplyReader) -> ctl.Reply | None:
+    """Whatever complete reply is already readable after a failed send, else ``None``."""
+    try:
+        sock.settimeout(1.0)
+        while (chunk := sock.recv(_RECV_SIZE)) != b"":
+            if (reply := reader.feed(chunk)) is not None:
+                return reply
+    except (OSError, ProtocolError):
+        return None
+    return reader.reply
 
 
 def _connect(sock: socket.socket, path: str, remaining: Callable[[], float | None]) -> None:
@@ -226,17 +246,24 @@ def list_vbds(rundir: RunDir, pid: int, *, timeout: float = LIST_TIMEOUT) -> lis
     return sorted(out, key=lambda v: v.minor)
 
 
-def stats(rundir: RunDir, pid: int, minor: int, *, timeout: float = STATS_TIMEOUT) -> Any:
-    """The statistics of VBD ``minor`` (STATS) as parsed JSON; ``minor`` 0xFFFF gives a
-    list for every VBD. Raises :class:`~blktap.errors.ProtocolError` if it is not JSON."""
+def stats_text(rundir: RunDir, pid: int, minor: int, *, timeout: float = STATS_TIMEOUT) -> str:
+    """The statistics of VBD ``minor`` (STATS) as the JSON text tapdisk sent; ``minor``
+    0xFFFF asks for every VBD."""
     if minor != ctl.NO_MINOR:
         check_minor(minor)
     reply = transact(rundir, pid, _simple(ctl.MessageType.STATS, minor), timeout=timeout)
+    return reply.data.decode("utf-8", "replace")
+
+
+def stats(rundir: RunDir, pid: int, minor: int, *, timeout: float = STATS_TIMEOUT) -> Any:
+    """:func:`stats_text` parsed: a dict, or a list for minor 0xFFFF. Raises
+    :class:`~blktap.errors.ProtocolError` (EPROTO) if tapdisk did not send JSON."""
+    text = stats_text(rundir, pid, minor, timeout=timeout)
     try:
-        return json.loads(reply.data)
+        return json.loads(text)
     except ValueError as exc:
-        text = f"tapdisk {pid}: STATS is not JSON: {exc}"
-        raise ProtocolError(text, errno=errno.EPROTO) from None
+        message = f"tapdisk {pid}: STATS is not JSON: {exc}"
+        raise ProtocolError(message, errno=errno.EPROTO) from None
 
 
 def disk_info(rundir: RunDir, pid: int, minor: int) -> ImageInfo:
