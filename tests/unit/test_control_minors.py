@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from blktap.control import minors
-from blktap.control.errors import MinorBusy
+from blktap.control.errors import ControlError, MinorBusy
 from blktap.control.rundir import RunDir
 from blktap.errors import InvalidArgument, NotFound
 from tests.helpers import short_tempdir
@@ -138,3 +138,14 @@ def test_allocate_skips_a_marker_made_without_the_lock(rundir: RunDir) -> None:
     rundir.ensure()
     (rundir.minors_dir / "tapdisk-0").touch()
     assert minors.allocate(rundir) == 1
+
+
+def test_allocate_when_every_minor_is_taken(rundir: RunDir) -> None:
+    rundir.ensure()
+    for minor in range(16384):
+        if minor != 16383:
+            (rundir.minors_dir / f"tapdisk-{minor}").touch()
+    assert minors.allocate(rundir) == 16383
+    with pytest.raises(ControlError) as info:
+        minors.allocate(rundir)
+    assert info.value.errno == errno.ENOSPC
