@@ -97,6 +97,10 @@ class Control:
         """VBD ``minor``'s statistics (parsed JSON); minor 0xFFFF: a list of all."""
         return client.stats(self.rundir, pid, minor)
 
+    def stats_text(self, pid: int, minor: int) -> str:
+        """VBD ``minor``'s statistics as the JSON text tapdisk sent."""
+        return client.stats_text(self.rundir, pid, minor)
+
     # composites
     def create(
         self, image: str, options: OpenOptions | None = None, *, find_existing: bool = True

@@ -11,6 +11,7 @@ destroy = close → detach → free (``tap_ctl_destroy``), stopping at the first
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,11 +66,11 @@ def _opened_read_write(rundir: RunDir, pid: int, minor: int) -> bool:
     return isinstance(doc, dict) and doc.get("read_only") is False
 
 
-def _undo(what: str, action: object, *args: object, **kwargs: object) -> None:
+def _undo(what: str, action: Callable[..., object], *args: object) -> None:
+    # Undo steps must not mask the error being handled; their own failures are logged.
     try:
-        assert callable(action)
-        action(*args, **kwargs)
-    except BlktapError as exc:
+        action(*args)
+    except Exception as exc:
         log.warning("undoing create: %s failed: %s", what, exc)
 
 
@@ -85,8 +86,10 @@ def create(
 ) -> Created:
     """Make a VBD serving ``image`` (``"type:/path"``) in a new tapdisk.
 
-    With ``find_existing`` (the default), an image already open by another VBD is refused
-    with :class:`~blktap.errors.Busy` (EBUSY) unless both opens are read-only. Other errors
+    With ``find_existing`` (the default), an image that another VBD has open (same type,
+    same file) is refused with :class:`~blktap.errors.Busy` (EBUSY) when this open is
+    read-write, or when the other VBD's STATS say ``"read_only": false``; read-only opens
+    may share an image. The check and the open are not atomic. Other errors
     are those of the failing step (e.g. ENOENT from OPEN for a missing image). On any
     failure, including KeyboardInterrupt, every earlier step has been undone: no marker,
     tapdisk or socket of this call remains.
@@ -105,14 +108,14 @@ def create(
     try:
         client.attach(rundir, pid, minor)
     except BaseException:
-        spawn.terminate(rundir, pid)
+        _undo(f"terminate tapdisk {pid}", spawn.terminate, rundir, pid)
         _undo(f"free minor {minor}", minors.free, rundir, minor)
         raise
     try:
         info = client.open(rundir, pid, minor, image, opts)
     except BaseException:
         _undo(f"detach minor {minor}", client.detach, rundir, pid, minor)
-        _retire(rundir, pid)
+        _undo(f"retire tapdisk {pid}", _retire, rundir, pid)
         _undo(f"free minor {minor}", minors.free, rundir, minor)
         raise
     log.info("created minor %d on tapdisk %d for %s", minor, pid, image)

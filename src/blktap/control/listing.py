@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from blktap.control import client
-from blktap.control.errors import ControlError
 from blktap.control.minors import list_minors
 from blktap.control.rundir import RunDir
 from blktap.errors import BlktapError
@@ -156,7 +155,7 @@ def details(rundir: RunDir, entry: TapEntry) -> VbdDetails:
             doc: Any = client.stats(rundir, entry.pid, entry.minor)
             images = doc.get("images", []) if isinstance(doc, dict) else []
             chain = tuple(str(i.get("name", "")) for i in images if isinstance(i, dict))
-        except (BlktapError, ControlError) as exc:
+        except BlktapError as exc:
             log.debug("tapdisk %d minor %d: no chain: %s", entry.pid, entry.minor, exc)
     return VbdDetails(
         entry,
