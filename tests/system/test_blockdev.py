@@ -538,3 +538,34 @@ def test_buffered_loop_device_and_buffered_image(make_device: MakeDevice) -> Non
     sh("mkfs.ext4", "-q", "-F", dev.path, timeout=60)
     sh("sync")
     assert sh("e2fsck", "-f", "-n", dev.image, check=False).returncode == 0
+
+
+def test_two_devices_at_once_and_one_mib_requests(make_device: MakeDevice) -> None:
+    first, second = make_device(minor=3), make_device(minor=12)
+    assert first.path.endswith("tapdev3") and second.path.endswith("tapdev12")
+    assert first.loop_device != second.loop_device
+    a, b = pattern(11, 8 * MiB), pattern(12, 8 * MiB)
+    writers = [subprocess.Popen(["dd", f"of={dev.path}", "bs=1M", "oflag=direct",
+                                 "iflag=fullblock",
+                                 "conv=notrunc,fsync", "status=none"], stdin=subprocess.PIPE)
+               for dev in (first, second)]
+    try:
+        for writer, data in zip(writers, (a, b), strict=True):
+            assert writer.stdin is not None
+            writer.stdin.write(data)
+            writer.stdin.close()
+        assert [w.wait(30) for w in writers] == [0, 0]
+    finally:
+        for writer in writers:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait()
+    assert image_bytes(first, 0, len(a)) == a and image_bytes(second, 0, len(b)) == b
+    assert dd_read(first.path, 0, 4 * MiB, MiB) == a[: 4 * MiB]
+    # max_write/max_pages were negotiated: without them the kernel would split every
+    # request into 128 KiB pieces (32 pages); the loop queue itself allows about 1 MiB.
+    for dev in (first, second):
+        stats = dev.bd.statistics()
+        assert stats.largest_write > MiB // 2, stats
+        assert stats.writes >= 8
+    assert first.bd.statistics().largest_read > MiB // 2

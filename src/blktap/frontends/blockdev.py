@@ -31,6 +31,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from blktap.errors import BlktapError, Busy, InvalidArgument, ProtocolError, errno_of
@@ -271,6 +272,7 @@ class _FuseSession:
         self.ended = False
         self.stopping = False
         self.inflight = 0
+        self.stats = [0, 0, 0, 0]  # reads, largest read, writes, largest write
         self.initialized = False
         self._vbd = vbd
         self._size = vbd.size
@@ -423,6 +425,9 @@ class _FuseSession:
             return
         buf = self._pool.get(end - offset)
         self.inflight += 1
+        stats = self.stats
+        stats[0] += 1
+        stats[1] = max(stats[1], end - offset)
 
         def done(_result: object, exc: BaseException | None) -> None:
             if exc is None:
@@ -446,6 +451,9 @@ class _FuseSession:
             self._send_errno(unique, errno.EBADF)
             return
         data = self._data
+        stats = self.stats
+        stats[2] += 1
+        stats[3] = max(stats[3], size)
         # [still running, buffer lent to the request]
         state = [True, False]
         self.inflight += 1
@@ -645,6 +653,19 @@ def _opname(opcode: int) -> str:
 
 
 # ------------------------------------------------------------------ the frontend
+@dataclass(frozen=True, slots=True)
+class BlockDeviceStatistics:
+    loop_device: str | None
+    direct_io: bool
+    inflight: int
+    """FUSE requests received and not answered yet."""
+    reads: int
+    writes: int
+    largest_read: int
+    """Bytes in the largest READ the kernel sent (shows the negotiated limit at work)."""
+    largest_write: int
+
+
 class BlockDevice:
     """The kernel block device of one VBD: FUSE file + loop device + published link.
 
@@ -678,6 +699,15 @@ class BlockDevice:
         self._linked = False
         self._started = False
         self.log = logging.LoggerAdapter(log, {"minor": minor})
+
+    def statistics(self) -> BlockDeviceStatistics:
+        """Counters of the FUSE data requests served since ``start``."""
+        session = self._session
+        if session is None:
+            return BlockDeviceStatistics(self.loop_device, self.direct_io, 0, 0, 0, 0, 0)
+        reads, largest_read, writes, largest_write = session.stats
+        return BlockDeviceStatistics(self.loop_device, self.direct_io, session.inflight,
+                                     reads, writes, largest_read, largest_write)
 
     @property
     def inflight(self) -> int:
