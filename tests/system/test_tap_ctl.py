@@ -536,3 +536,27 @@ def test_create_prints_the_block_device(
     if os.path.isdir(fuse) and not os.listdir(fuse):
         os.rmdir(fuse)  # the blockdev frontend's mount point directory
     assert_clean(clean_run_dir)
+
+
+def test_sigterm_during_create_leaves_nothing(clean_run_dir: str, tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    slow = tmp_path / "slow-tapdisk"
+    slow.write_text(f"#!/bin/sh\ntouch {started}\nsleep 2\nexec {TAPDISK} \"$@\"\n")
+    slow.chmod(0o755)
+    env = dict(os.environ, BLKTAP_TAPDISK=str(slow))
+    proc = subprocess.Popen([TAP_CTL, "create", "-a", f"aio:{image(tmp_path)}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert started.exists()
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 4, err  # EINTR
+    assert out == b""
+    assert_clean(clean_run_dir)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -681,11 +682,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved = (list(root.handlers), root.level)
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    # SIGTERM/SIGHUP interrupt like Ctrl-C, so that a half-done create is undone.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return _dispatch(args)
     finally:
+        for sig, handler_ in previous.items():
+            signal.signal(sig, handler_)
         root.handlers[:], level = saved
         root.setLevel(level)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _dispatch(args: list[str]) -> int:
