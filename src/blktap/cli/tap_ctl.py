@@ -315,9 +315,10 @@ def _build_create() -> _Parser:
         open the image on it; print the device path (see `allocate`). If a step fails,
         the earlier ones are undone: no tapdisk, minor or socket is left behind.
 
-        An image that another VBD has open is refused with EBUSY (16) unless both
-        opens are read-only (-R). The VBD is exported over NBD on the Unix socket
-        <run-dir>/nbd<pid>.<minor>; use `list` to find the pid.
+        An image that another VBD has open is refused with EBUSY (16) unless this open
+        is read-only (-R) and the other VBD does not report itself read-write. The VBD
+        is exported over NBD on the Unix socket <run-dir>/nbd<pid>.<minor>; use `list`
+        to find the pid.
         """,
         """
 examples:
@@ -562,8 +563,8 @@ def _build_install() -> _Parser:
         --target /usr/sbin/tapdisk2 for them, and --run-dir /var/run/blktap-control,
         since they expect the control socket path under /var/run.
 
-        Without installing anything, exporting TAPDISK=<path of this tapdisk> in the
-        toolstack's environment has the same effect.
+        Without installing anything, exporting TAPDISK=<path of this tapdisk>
+        (TAPDISK2 for older blktap2) in the toolstack's environment has the same effect.
         """.replace("{tapdisk}", _safe_binary()),
     )
     where = p.add_mutually_exclusive_group()
