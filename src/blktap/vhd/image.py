@@ -554,37 +554,54 @@ class VhdFile:
 
     def reserve_block(self) -> int:
         """Place a new block at the end of the data area and zero-fill its bitmap and data
-        synchronously, followed by the footer (so the file always ends with a valid
-        footer; blktap's tapdisk leaves the footer overwritten until close).
+        synchronously (blktap's first step of an allocating write).
+
+        The footer is first written at the new end of the file, then the zeros: a process
+        killed at any instant (even within the zero-fill, which a fatal signal may cut
+        short) leaves a file that ends with a valid footer and whose BAT does not yet
+        reference the new space. (blktap's tapdisk leaves the footer overwritten until
+        close and relies on the backup copy at offset 0.)
 
         Returns the block's BAT entry (sector offset). The BAT is not updated: the caller
         writes the data and :meth:`write_bat_entry`, then :meth:`write_bitmap`. Raises
-        NoSpace when the block would lie past 2^32 sectors; OSError (e.g. ENOSPC) leaves
-        the image as it was apart from zeroed bytes past its data.
+        NoSpace when the block would lie past 2^32 sectors; on OSError (e.g. ENOSPC) the
+        file is cut back to where it was and the image is unchanged.
         """
         self._require_writable()
         h = self.header
         assert h is not None
         bm_size = h.bitmap_size
-        start = self.data_end
+        old_end = self.data_end
+        start = old_end
         # Put the bitmap just below a 4 KiB boundary so the data starts on one.
         start += (-(start + bm_size)) % DATA_ALIGN
         span = bm_size + h.block_size
-        if (start + span) // SECTOR_SIZE > 0xFFFFFFFF:
+        new_end = start + span
+        if new_end // SECTOR_SIZE > 0xFFFFFFFF:
             raise NoSpace(f"{self.path}: no room for another block below 2^32 sectors")
-        zero_len = start + span - self.data_end
-        buffers: list[bytes | bytearray | memoryview] = []
-        left = zero_len
-        while left:
-            n = min(left, len(_ZEROS))
-            buffers.append(memoryview(_ZEROS)[:n])
-            left -= n
-        buffers.append(self.footer.encode())
-        pwrite_all(self.fd, buffers, self.data_end)
-        self.data_end = start + span
-        self.file_size = max(self.file_size, self.data_end + FOOTER_SIZE)
+        try:
+            pwrite_all(self.fd, [self.footer.encode()], new_end)
+            pos = old_end
+            while pos < new_end:
+                n = min(new_end - pos, len(_ZEROS))
+                pwrite_all(self.fd, [memoryview(_ZEROS)[:n]], pos)
+                pos += n
+        except OSError:
+            self._cut_back(old_end)
+            raise
+        self.data_end = new_end
+        self.file_size = max(self.file_size, new_end + FOOTER_SIZE)
         self.dirty = True
         return start // SECTOR_SIZE
+
+    def _cut_back(self, end: int) -> None:
+        """After a failed reservation: footer back at ``end``, file cut after it."""
+        try:
+            pwrite_all(self.fd, [self.footer.encode()], end)
+            os.ftruncate(self.fd, end + FOOTER_SIZE)
+            self.file_size = end + FOOTER_SIZE
+        except OSError as exc:
+            log.error("%s: cannot restore the footer after a failed allocation: %s", self.path, exc)
 
     def write_bat_entry(self, block: int, entry: int) -> None:
         """Set BAT[block] = entry in memory and on disk (the one sector that holds it)."""
@@ -612,7 +629,11 @@ class VhdFile:
         if is_full:
             self.full_blocks.add(block)
             self.bitmaps.pop(block, None)
-            if self.batmap is not None and not test_block(self.batmap, block):
+            if (
+                self.batmap is not None
+                and not test_block(self.batmap, block)
+                and self._batmap_bit_in_header_page(block)
+            ):
                 self._write_batmap_bit(block, True)
         else:
             self.full_blocks.discard(block)
@@ -630,15 +651,36 @@ class VhdFile:
         cur = self.bitmaps.get(block)
         return bytearray(cur) if cur is not None else bytearray(h.bitmap_size)
 
+    def _batmap_bit_in_header_page(self, block: int) -> bool:
+        """True when ``block``'s batmap bit lies in the same 4 KiB page as the batmap
+        header, so that one ``pwritev`` updates both atomically even against SIGKILL
+        (which can cut a write short between pages). Only such bits are *set* (setting
+        is an optimisation); bits are always cleared when a block stops being full."""
+        head = self.batmap_header
+        assert head is not None and self.header is not None
+        header_off = batmap_header_offset(self.header)
+        if head.batmap_offset != header_off + BATMAP_HEADER_SIZE:
+            return False
+        byte = head.batmap_offset + (block >> 3)
+        return byte // DATA_ALIGN == header_off // DATA_ALIGN
+
     def _write_batmap_bit(self, block: int, value: bool) -> None:
+        """Update one batmap bit and the header checksum. In blktap's layout the map
+        directly follows its header, so both go out in one ``pwritev`` (a killed process
+        never leaves a checksum that does not match the map)."""
         head = self.batmap_header
         bits = self.batmap
         assert head is not None and bits is not None and self.header is not None
         set_block(bits, block, value)
+        head = head.with_map_checksum(bits)
+        self.batmap_header = head
+        header_off = batmap_header_offset(self.header)
         sector = (block >> 3) // SECTOR_SIZE * SECTOR_SIZE
-        pwrite_all(self.fd, [bits[sector : sector + SECTOR_SIZE]], head.batmap_offset + sector)
-        self.batmap_header = head = head.with_map_checksum(bits)
-        pwrite_all(self.fd, [head.encode()], batmap_header_offset(self.header))
+        if head.batmap_offset == header_off + BATMAP_HEADER_SIZE:
+            pwrite_all(self.fd, [head.encode(), bits[: sector + SECTOR_SIZE]], header_off)
+        else:
+            pwrite_all(self.fd, [bits[sector : sector + SECTOR_SIZE]], head.batmap_offset + sector)
+            pwrite_all(self.fd, [head.encode()], header_off)
 
     def write_footer(self) -> None:
         """Write the footer at the end of the data (and the backup copy at offset 0 when
