@@ -96,6 +96,20 @@ def _umount(target: str, flags: int) -> None:
         raise OSError(err, f"umount {target}: {os.strerror(err)}", target)
 
 
+_PR_SET_IO_FLUSHER = 57
+
+
+def _become_io_flusher() -> bool:
+    """PR_SET_IO_FLUSHER for the calling thread: its memory allocations never wait for
+    I/O, which could be writeback through this very server (the FUSE-on-loop deadlock).
+    """
+    if _libc.prctl(ctypes.c_int(_PR_SET_IO_FLUSHER), ctypes.c_ulong(1), ctypes.c_ulong(0),
+                   ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        log.debug("PR_SET_IO_FLUSHER: %s", os.strerror(ctypes.get_errno()))
+        return False
+    return True
+
+
 def _mounted(target: str) -> bool:
     """Whether ``target`` is a mount point, from /proc/self/mountinfo (no I/O on it)."""
     want = os.path.realpath(target)
@@ -776,6 +790,8 @@ class BlockDevice:
         # Mounting queues INIT and returns; nothing here waits for the server.
         _mount("blktap", self.mountpoint, "fuse.blktap", _MS_NOSUID | _MS_NODEV, options)
         self._mounted = True
+        # This thread runs the event loop that serves the FUSE requests.
+        _become_io_flusher()
         self._session.start_reading()
         attach = loop.run_in_executor(None, _loop_attach, self.file_path,
                                       self.vbd.read_only, self._want_direct)
