@@ -563,9 +563,10 @@ def test_two_devices_at_once_and_one_mib_requests(make_device: MakeDevice) -> No
     assert image_bytes(first, 0, len(a)) == a and image_bytes(second, 0, len(b)) == b
     assert dd_read(first.path, 0, 4 * MiB, MiB) == a[: 4 * MiB]
     # max_write/max_pages were negotiated: without them the kernel would split every
-    # request into 128 KiB pieces (32 pages); the loop queue itself allows about 1 MiB.
+    # request into 128 KiB pieces (32 pages). The loop queue allows 512 KiB (128 segments)
+    # to about 1 MiB, depending on how contiguous the pages are.
     for dev in (first, second):
         stats = dev.bd.statistics()
-        assert stats.largest_write > MiB // 2, stats
+        assert stats.largest_write >= MiB // 2, stats
         assert stats.writes >= 8
-    assert first.bd.statistics().largest_read > MiB // 2
+    assert first.bd.statistics().largest_read >= MiB // 2
