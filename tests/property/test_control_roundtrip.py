@@ -65,6 +65,7 @@ def messages(draw: st.DrawFn) -> ctl.Message:
 
 
 @given(messages())
+@settings(deadline=None)
 def test_message_round_trip(msg: ctl.Message) -> None:
     raw = ctl.encode(msg)
     assert len(raw) == ctl.MESSAGE_SIZE
@@ -73,6 +74,7 @@ def test_message_round_trip(msg: ctl.Message) -> None:
 
 
 @given(messages())
+@settings(deadline=None)
 def test_header_layout(msg: ctl.Message) -> None:
     raw = ctl.encode(msg)
     assert struct.unpack_from("<HH", raw) == (int(msg.type), msg.cookie)
@@ -80,7 +82,7 @@ def test_header_layout(msg: ctl.Message) -> None:
 
 
 @given(st.binary(min_size=544, max_size=544))
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 def test_arbitrary_bytes_decode_or_protocol_error(data: bytes) -> None:
     try:
         msg = ctl.decode(data)
@@ -91,7 +93,7 @@ def test_arbitrary_bytes_decode_or_protocol_error(data: bytes) -> None:
 
 
 @given(st.integers(1, 30), u16, st.binary(min_size=536, max_size=536))
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 def test_valid_types_with_random_union(code: int, cookie: int, union: bytes) -> None:
     data = struct.pack("<HH4x", code, cookie) + union
     try:
@@ -104,6 +106,7 @@ def test_valid_types_with_random_union(code: int, cookie: int, union: bytes) -> 
 
 
 @given(st.binary(max_size=2000))
+@settings(deadline=None)
 def test_readers_raise_only_protocol_error(data: bytes) -> None:
     reader = ctl.RequestReader()
     try:
@@ -130,6 +133,7 @@ def test_readers_raise_only_protocol_error(data: bytes) -> None:
     st.one_of(st.none(), st.binary(min_size=1, max_size=128)),
     st.integers(1, 50),
 )
+@settings(deadline=None)
 def test_request_framing_round_trip(
     base: ctl.Params, log_path: str | None, key: bytes | None, chunk: int
 ) -> None:
@@ -156,6 +160,7 @@ def test_request_framing_round_trip(
     st.lists(st.tuples(st.integers(0, 16383), st.integers(0, 0x3FF), wire_text), max_size=20),
     st.integers(1, 700),
 )
+@settings(deadline=None)
 def test_list_stream_round_trip(entries: list[tuple[int, int, str]], chunk: int) -> None:
     raw = ctl.encode_list_replies(0xFFFF, entries)
     reader = ctl.ReplyReader(T.LIST)
@@ -168,6 +173,7 @@ def test_list_stream_round_trip(entries: list[tuple[int, int, str]], chunk: int)
 
 
 @given(st.binary(max_size=5000), st.integers(1, 900))
+@settings(deadline=None)
 def test_stats_round_trip(body: bytes, chunk: int) -> None:
     raw = ctl.encode_stats_reply(7, body)
     reader = ctl.ReplyReader(T.STATS)
