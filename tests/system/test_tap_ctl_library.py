@@ -52,6 +52,7 @@ def test_create_destroy(ctl: Control, tmp_path: Path) -> None:
     assert ctl.find(f"aio:{img}.other") is None
     assert ctl.find(f"vhd:{img}") is None
     assert ctl.pid(vbd.pid) == vbd.pid
+    assert ctl.disk_info(vbd.pid, vbd.minor) == vbd.info
     stats = ctl.stats(vbd.pid, vbd.minor)
     assert stats["name"] == f"aio:{img}" and stats["images"][0]["name"] == img
     assert isinstance(ctl.stats(vbd.pid, 0xFFFF), list)

@@ -97,6 +97,10 @@ class Control:
         """VBD ``minor``'s statistics (parsed JSON); minor 0xFFFF: a list of all."""
         return client.stats(self.rundir, pid, minor)
 
+    def disk_info(self, pid: int, minor: int) -> ImageInfo:
+        """The size of the image open on VBD ``minor`` (DISK_INFO)."""
+        return client.disk_info(self.rundir, pid, minor)
+
     def stats_text(self, pid: int, minor: int) -> str:
         """VBD ``minor``'s statistics as the JSON text tapdisk sent."""
         return client.stats_text(self.rundir, pid, minor)
