@@ -13,11 +13,12 @@ and feed bytes into :class:`RequestReader` / :class:`ReplyReader`.
 
 Strings.  The C code stores ``char[256]`` fields NUL-terminated. Decoding takes the bytes
 up to the first NUL and rejects a field with no NUL at all (the C tapdisk answers EINVAL to
-such a path). Bytes are decoded as UTF-8 with ``surrogateescape``, the way Python decodes
-file names (``os.fsdecode``): every byte string decodes, and encoding the result gives the
-same bytes back, so a path that is not valid UTF-8 still names the same file. Encoding
-rejects a string whose encoded form does not leave room for the NUL (256 bytes or more) or
-that contains a NUL.
+such a path); only the unused ``response.message`` of ERROR is read leniently. Bytes are
+decoded as UTF-8 with ``surrogateescape``, the way Python decodes file names
+(``os.fsdecode``): every byte string decodes, and encoding the result gives the same bytes
+back, so a path that is not valid UTF-8 still names the same file. Encoding rejects a
+string whose encoded form does not leave room for the NUL (256 bytes or more) or that
+contains a NUL.
 
 Errors.  Malformed input raises :class:`MessageError` (a
 :class:`~blktap.errors.ProtocolError`, errno EINVAL unless stated); a caller passing
