@@ -19,7 +19,7 @@ import logging
 import os
 import posixpath
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from blktap.errors import ImageFormatError, NoSpace
 from blktap.proto.vhd import bitmap as bm
@@ -683,16 +683,62 @@ class VhdFile:
             pwrite_all(self.fd, [head.encode()], header_off)
 
     def write_footer(self) -> None:
-        """Write the footer at the end of the data (and the backup copy at offset 0 when
-        it had to be recovered from there)."""
+        """Write the footer at the end of the data, and again at the file's real end if
+        the file is longer (so the last 512 bytes are always the current footer); for
+        sparse disks also the backup copy at offset 0 when it differs or had to be used.
+        """
         self._require_writable()
-        if self.header is None:
-            pwrite_all(self.fd, [self.footer.encode()], self.footer.current_size)
-            return
-        pwrite_all(self.fd, [self.footer.encode()], self.data_end)
-        if self.footer_repaired:
-            pwrite_all(self.fd, [self.footer.encode()], 0)
-            self.footer_repaired = False
+        raw = self.footer.encode()
+        end = self.footer.current_size if self.header is None else self.data_end
+        pwrite_all(self.fd, [raw], end)
+        size = os.fstat(self.fd).st_size
+        if size > end + FOOTER_SIZE:
+            pwrite_all(self.fd, [raw], size - FOOTER_SIZE)
+        self.file_size = max(size, end + FOOTER_SIZE)
+        if self.header is not None and (
+            self.footer_repaired or pread_exact(self.fd, FOOTER_SIZE, 0) != raw
+        ):
+            pwrite_all(self.fd, [raw], 0)
+        self.footer_repaired = False
+
+    def set_footer(self, footer: Footer) -> None:
+        """Replace the footer (checksum recomputed) and write it everywhere it lives."""
+        self._require_writable()
+        self.footer = footer.with_checksum()
+        self.write_footer()
+        self.dirty = True
+
+    def set_hidden(self, hidden: int) -> None:
+        """blktap's ``hidden`` flag (footer byte 85), as ``vhd-util set -f hidden``."""
+        self.set_footer(replace(self.footer, hidden=hidden))
+
+    def set_marker(self, marker: int) -> None:
+        """blktap's batmap ``marker`` flag, as ``vhd-util set -f marker``.
+
+        Raises ImageFormatError when the image has no (valid) batmap."""
+        self._require_writable()
+        head = self.batmap_header
+        if head is None or self.header is None:
+            raise ImageFormatError(
+                "image has no batmap",
+                path=self.path,
+                structure="batmap header",
+                field="marker",
+            )
+        self.batmap_header = head = replace(head, marker=marker)
+        pwrite_all(self.fd, [head.encode()], batmap_header_offset(self.header))
+        self.dirty = True
+
+    def repair(self) -> bool:
+        """Restore a damaged trailing footer from the backup copy (``vhd-util repair``).
+
+        Returns True when something was rewritten."""
+        self._require_writable()
+        if not self.footer_repaired:
+            return False
+        self.write_footer()
+        self.sync()
+        return True
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

@@ -205,8 +205,9 @@ class VhdImage:
             base = vf.data_offset_of(block)
             first = within // SECTOR_SIZE
             count = n // SECTOR_SIZE
+            bits = vf.bitmaps.get(block)
             if base is not None and (
-                block in vf.full_blocks or bm.all_set(vf.bitmaps[block], first, count)
+                block in vf.full_blocks or (bits is not None and bm.all_set(bits, first, count))
             ):
                 foff = base + within
                 doff = voff - offset
