@@ -79,7 +79,7 @@ def test_many_requests_in_one_iteration_go_in_one_batch(
     content = data_file[1]
 
     async def body() -> None:
-        ctx = AioContext.for_loop()
+        ctx = AioContext(asyncio.get_running_loop(), submit_batch=10**9)  # no early submits
         try:
             bufs = [aligned(4096) for _ in range(64)]
             futs = []
@@ -95,7 +95,29 @@ def test_many_requests_in_one_iteration_go_in_one_batch(
                 assert bytes(buf) == content[i * 8192 : i * 8192 + 4096]
             assert ctx.inflight == 0
         finally:
-            ctx.release()
+            ctx.close()
+
+    run(body())
+
+
+def test_an_idle_device_gets_requests_early_in_growing_batches(direct_fd: int) -> None:
+    async def body() -> None:
+        ctx = AioContext(asyncio.get_running_loop())
+        try:
+            buf = aligned(4096)
+            a, keep = addr(buf)
+            futs = []
+            seen = []
+            for i in range(42):
+                futs.append(ctx.pread(direct_fd, a, 4096, i * 4096, keep))
+                seen.append(ctx.inflight)
+            # Submitted at 4, 8, 16 and 32 requests; the last 10 wait for the iteration.
+            assert sorted(set(seen)) == [0, 4, 8, 16, 32]
+            assert seen[3] == 4 and seen[7] == 8 and seen[15] == 16 and seen[31] == 32
+            assert ctx.queued == 10
+            assert await asyncio.gather(*futs) == [4096] * 42
+        finally:
+            ctx.close()
 
     run(body())
 
@@ -113,7 +135,7 @@ def test_more_requests_than_the_context_holds_wait_their_turn(
             for i, buf in enumerate(bufs):
                 a, keep = addr(buf)
                 futs.append(ctx.pread(direct_fd, a, 4096, (i % 256) * 4096, keep))
-            assert ctx.queued == 100
+            assert ctx.queued + ctx.inflight == 100 and ctx.inflight <= 4
             assert await asyncio.gather(*futs) == [4096] * 100
             for i, buf in enumerate(bufs):
                 off = (i % 256) * 4096

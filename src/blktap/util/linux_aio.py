@@ -65,6 +65,7 @@ _EVENT = struct.Struct("<QQqq")
 EVENT_SIZE = _EVENT.size
 
 DEFAULT_DEPTH = 256
+DEFAULT_SUBMIT_BATCH = 4
 
 
 class AioUnavailable(OSError):
@@ -83,11 +84,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 
 
-def _raise_errno(what: str) -> None:
-    err = ctypes.get_errno()
-    raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
 class AioContext:
     """One kernel AIO context plus its eventfd, driven by an asyncio loop.
 
@@ -98,8 +94,19 @@ class AioContext:
 
     _by_loop: ClassVar[dict[asyncio.AbstractEventLoop, AioContext]] = {}
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, depth: int = DEFAULT_DEPTH) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        depth: int = DEFAULT_DEPTH,
+        submit_batch: int = DEFAULT_SUBMIT_BATCH,
+    ) -> None:
         """Create a context for ``depth`` in-flight requests, watched by ``loop``.
+
+        Requests go to the kernel at the end of the loop iteration that queued them, or
+        earlier, as soon as at least ``submit_batch`` of them wait and they are at least
+        as many as those already in the kernel: after a burst of completions the device
+        starts on the first new requests while the rest are still being prepared
+        (batches of 4, 4, 8, 16, ...), and a busy device gets whole-iteration batches.
 
         Raises AioUnavailable (an OSError) when the kernel refuses (ENOSYS, EAGAIN when
         fs.aio-max-nr is exhausted). Nothing is left open after a failure.
@@ -109,6 +116,7 @@ class AioContext:
         )
         self._loop = loop
         self.depth = depth
+        self.submit_batch = submit_batch
         self._refs = 0
         self._closed = False
 
@@ -148,7 +156,12 @@ class AioContext:
         self._inflight = 0
         self._flush_scheduled = False
         self._retry_handle: asyncio.TimerHandle | None = None
-        loop.add_reader(self._efd, self._on_eventfd)
+        try:
+            loop.add_reader(self._efd, self._on_eventfd)
+        except BaseException:
+            os.close(self._efd)
+            _syscall(self._nr_destroy, self._ctx_arg)
+            raise
 
     # ------------------------------------------------------------- sharing
     @classmethod
@@ -219,7 +232,11 @@ class AioContext:
             self._futs[slot] = fut
             self._keep[slot] = keep
             pending.append(slot)
-            if not self._flush_scheduled:
+            if len(pending) >= self.submit_batch and len(pending) >= self._inflight:
+                # The device has little to do: start it on these now rather than at the
+                # end of the iteration (batches grow as the device gets busier).
+                self._flush()
+            elif not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
         else:
