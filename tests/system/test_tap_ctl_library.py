@@ -6,11 +6,12 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from blktap.control import Control, OpenOptions, RunDir, TapEntry, minors, spawn
+from blktap.control import Control, Created, OpenOptions, RunDir, TapEntry, minors, spawn
 from blktap.control.errors import SpawnError, TapdiskError
 from blktap.errors import BlktapError, Busy, InvalidArgument
 
@@ -33,6 +34,7 @@ def assert_clean(ctl: Control) -> None:
     names = set(os.listdir(rd.root)) - {"tapdisk", "dev"}
     assert names == set()
     assert minors.list_minors(rd) == []
+    assert not rd.minors_dir.exists() or list(rd.minors_dir.iterdir()) == []
 
 
 @pytest.fixture
@@ -181,4 +183,23 @@ def test_device_path_prefers_the_block_device(ctl: Control) -> None:
     assert ctl.device_path(minor) == str(ctl.rundir.tapdev(minor))
     ctl.rundir.tapdev(minor).unlink()
     ctl.free(minor)
+    assert_clean(ctl)
+
+
+def test_concurrent_writers_of_one_image_get_one_vbd(ctl: Control, tmp_path: Path) -> None:
+    img = image(tmp_path)
+
+    def attempt(_: int) -> object:
+        try:
+            return Control().create(f"aio:{img}")
+        except Busy as exc:
+            return exc
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(attempt, range(4)))
+    made = [r for r in results if isinstance(r, Created)]
+    refused = [r for r in results if isinstance(r, Busy)]
+    assert len(made) == 1 and len(refused) == 3
+    assert len(ctl.list()) == 1
+    ctl.destroy(made[0].pid, made[0].minor)
     assert_clean(ctl)

@@ -10,8 +10,12 @@ destroy = close → detach → free (``tap_ctl_destroy``), stopping at the first
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +93,8 @@ def create(
     With ``find_existing`` (the default), an image that another VBD has open (same type,
     same file) is refused with :class:`~blktap.errors.Busy` (EBUSY) when this open is
     read-write, or when the other VBD's STATS say ``"read_only": false``; read-only opens
-    may share an image. The check and the open are not atomic. Other errors
+    may share an image. Concurrent creates of one image are serialized, so that only one
+    of several read-write creates can succeed. Other errors
     are those of the failing step (e.g. ENOENT from OPEN for a missing image). On any
     failure, including KeyboardInterrupt, every earlier step has been undone: no marker,
     tapdisk or socket of this call remains.
@@ -97,8 +102,14 @@ def create(
     opts = options or OpenOptions()
     split_image(image)
     opts.request(0, image)  # reject what cannot be encoded before touching anything
-    if find_existing:
+    if not find_existing:
+        return _create(rundir, image, opts)
+    with _image_lock(rundir, image):
         _refuse_shared_write(rundir, image, opts)
+        return _create(rundir, image, opts)
+
+
+def _create(rundir: RunDir, image: str, opts: OpenOptions) -> Created:
     minor = minors.allocate(rundir)
     try:
         pid = spawn.spawn(rundir)
@@ -120,6 +131,35 @@ def create(
         raise
     log.info("created minor %d on tapdisk %d for %s", minor, pid, image)
     return Created(pid=pid, minor=minor, device=device_path(rundir, minor), info=info)
+
+
+@contextmanager
+def _image_lock(rundir: RunDir, image: str) -> Iterator[None]:
+    """Serialize creates of one image (same type and file) so that the sharing check and
+    the open are atomic with respect to each other. The lock file
+    ``tapdisk/.image-<hash>.lock`` exists only while held."""
+    kind, path = split_image(image)
+    key = hashlib.sha256(f"{kind}:{os.path.realpath(path)}".encode()).hexdigest()[:32]
+    rundir.ensure()
+    lock = rundir.minors_dir / f".image-{key}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # The holder before us unlinks the file as it lets go; lock the current one.
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.unlink(lock)
+        os.close(fd)
 
 
 def destroy(rundir: RunDir, pid: int, minor: int, *, timeout: float | None = None) -> None:
