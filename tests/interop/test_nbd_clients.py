@@ -589,3 +589,25 @@ def test_thousands_of_pipelined_requests_with_a_small_window(
     finally:
         c.close()
     assert s.run(s.server.statistics).reads == count
+
+
+def test_large_reads_to_a_slow_reader_are_not_corrupted(
+        workdir: str, serve: Callable[..., ServedImage]) -> None:
+    mib = 1 << 20
+    image = make_image(workdir, data={i * mib: bytes([i + 1]) * mib for i in range(48)})
+    s = serve(image, direct=False)
+    c = RawClient(s.socket)
+    try:
+        c.handshake()
+        order = [(i * 7) % 48 for i in range(48)] * 3
+        c.sock.sendall(b"".join(request(0, n, blk * mib, mib) for n, blk in enumerate(order)))
+        time.sleep(0.5)  # let the server fill its socket and transport buffers
+        for _ in order:
+            magic, error, cookie = struct.unpack(">IIQ", c.recv_exact(16))
+            assert (magic, error) == (SIMPLE_MAGIC, 0)
+            data = c.recv_exact(mib)
+            expected = order[cookie] + 1
+            assert data.count(expected) == mib, f"reply {cookie} corrupted"
+            time.sleep(0.005)
+    finally:
+        c.close()

@@ -54,7 +54,6 @@ from blktap.proto.nbd import (
     Negotiated,
     Request,
     ServerCodec,
-    State,
 )
 from blktap.util.buffers import BufferPool
 from blktap.util.eager import start as eager_start
@@ -230,6 +229,11 @@ class NbdServer:
 
 WRITE_BUFFER_HIGH = 8 * 1024 * 1024
 """Replies buffered in the transport beyond this pause reading new requests."""
+FLUSH_BYTES = 1024 * 1024
+"""Replies of READ data piled up while serving one batch are handed to the transport
+past this many bytes (so that the transport's flow control applies within a batch)."""
+FREE_BUFFER_BYTES = 16 * 1024 * 1024
+"""Each connection keeps up to this many bytes of idle buffers for reuse."""
 RECV_BUFFER = 256 * 1024
 """Size of each connection's receive buffer (requests are parsed from it in place)."""
 DIRECT_PAYLOAD_MIN = 64 * 1024
@@ -256,8 +260,14 @@ class _Connection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._out: list[bytes | memoryview] = []
-        self._held: list[memoryview] = []  # sent READ buffers, reused once the socket drained
+        # READ buffers handed to the transport: (stream position of the end of their
+        # batch, buffers). The transport may still read them until that many bytes of the
+        # stream have left (get_write_buffer_size() counts the bytes not yet sent).
+        self._sending: list[memoryview] = []  # in self._out, not yet handed over
+        self._held: deque[tuple[int, list[memoryview]]] = deque()
+        self._queued = 0  # bytes handed to the transport so far
         self._free: dict[int, list[memoryview]] = {}  # pool buffers kept by exact length
+        self._free_bytes = 0
         self._batching = False
         self._flush_scheduled = False
         self._inflight = 0
@@ -273,6 +283,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._rbuf = memoryview(bytearray(RECV_BUFFER))
         self._into_payload = False
         self._pumping = False
+        self._out_bytes = 0  # READ data in self._out
         # Counters (same order as Statistics' fields).
         self.requests = 0
         self.reads = 0
@@ -307,7 +318,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.codec = ServerCodec(export, self._get_buf)
         # Room for a few large READ replies before the transport asks us to pause.
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
-        transport.write(self.codec.greeting())
+        greeting = self.codec.greeting()
+        transport.write(greeting)
+        self._queued = len(greeting)
         self._timer = self._loop.call_later(server.handshake_timeout, self._handshake_expired)
         self.log.debug("minor %d: NBD client %s connected", vbd.minor, self.peer)
 
@@ -320,13 +333,18 @@ class _Connection(asyncio.BufferedProtocol):
         self._backlog.clear()
         # Nothing more will be sent: every buffer goes back to the shared pool.
         put = self.pool.put
-        for buf in self._held:
-            put(buf)
+        for _mark, bufs in self._held:
+            for buf in bufs:
+                put(buf)
         self._held.clear()
+        for buf in self._sending:
+            put(buf)
+        self._sending.clear()
         for bufs in self._free.values():
             for buf in bufs:
                 put(buf)
         self._free.clear()
+        self._free_bytes = 0
         self.server._forget(self)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -339,6 +357,15 @@ class _Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        self._flush()  # releases the READ buffers that have been sent
+        if self._backlog and not self._lost:
+            self._batching = True
+            try:
+                self._pump()
+            finally:
+                self._batching = False
+            self._flush()
+            self._maybe_close()
         self._update_reading()
 
     def eof_received(self) -> bool | None:
@@ -380,19 +407,18 @@ class _Connection(asyncio.BufferedProtocol):
                 backlog = self._backlog
                 for ev in events:
                     if type(ev) is Request:
-                        if (backlog or self._inflight >= self._max_inflight
-                                or self._inflight_bytes >= self._max_bytes):
-                            backlog.append(ev)
-                        else:
-                            self._dispatch(ev)
+                        backlog.append(ev)
                     elif type(ev) is Negotiated:
                         self._negotiated(ev)
                     elif type(ev) is Aborted:
                         self.shutdown(None)
+                if backlog:
+                    self._pump()
             finally:
                 self._batching = False
             self._flush()
-            self._update_reading()
+            if not self._maybe_close():
+                self._update_reading()
         except Exception:
             self.log.exception("minor %d: NBD connection %s failed", self.vbd.minor, self.peer)
             self.abort()
@@ -489,8 +515,9 @@ class _Connection(asyncio.BufferedProtocol):
             if exc is None:
                 self.bytes_read += req.length
                 self._out.extend(codec.reply_read(req.cookie, req.offset, buf))
+                self._out_bytes += req.length
                 if len(buf):
-                    self._held.append(buf)
+                    self._sending.append(buf)
             else:
                 self._out.append(self._error_reply(req, exc, read=True))
                 if len(buf):
@@ -572,23 +599,34 @@ class _Connection(asyncio.BufferedProtocol):
         self.log.exception("minor %d: NBD reply to %s failed", self.vbd.minor, self.peer)
         self.abort()
 
-    def _replied(self) -> None:
-        """After a request completed: dispatch waiting requests, flush, maybe close."""
+    def _pump(self) -> None:
+        """Dispatch waiting requests while the limits allow (never re-entered).
+
+        Replies of requests that complete at once pile up in ``_out``; past FLUSH_BYTES
+        they are handed to the transport, and once its buffer is full (pause_writing)
+        the remaining requests wait for resume_writing.
+        """
         if self._pumping:
             return  # a request dispatched by the loop below completed at once
         backlog = self._backlog
-        if backlog:
-            self._pumping = True
-            try:
-                while (backlog and self._inflight < self._max_inflight
-                       and (self._inflight_bytes < self._max_bytes or not self._inflight)):
-                    self._dispatch(backlog.popleft())
-            finally:
-                self._pumping = False
-        if not self._batching:
-            if self._draining and not self._inflight and not backlog:
-                self._flush()
-                self._close_now()
+        self._pumping = True
+        try:
+            while (backlog and not self._writing_paused
+                   and self._inflight < self._max_inflight
+                   and (self._inflight_bytes < self._max_bytes or not self._inflight)):
+                self._dispatch(backlog.popleft())
+                if self._out_bytes >= FLUSH_BYTES:
+                    self._flush()
+        finally:
+            self._pumping = False
+
+    def _replied(self) -> None:
+        """After a request completed: dispatch waiting requests, flush, maybe close."""
+        backlog = self._backlog
+        if backlog and not self._pumping:
+            self._pump()
+        if not self._batching and not self._pumping:
+            if self._maybe_close():
                 return
             if not self._flush_scheduled:
                 self._flush_scheduled = True
@@ -609,36 +647,45 @@ class _Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or self._lost:
             return
-        held = self._held
-        if held and not transport.get_write_buffer_size():
-            # Everything written before has left: those READ buffers are free again.
-            put = self._put_buf
-            for buf in held:
-                put(buf)
-            held.clear()
         out = self._out
         if out:
             self._out = []
+            self._out_bytes = 0
             transport.writelines(out)
+            self._queued += sum(map(len, out))
+            if self._sending:
+                self._held.append((self._queued, self._sending))
+                self._sending = []
+        held = self._held
+        if held:
+            sent = self._queued - transport.get_write_buffer_size()
+            put = self._put_buf
+            while held and held[0][0] <= sent:
+                for buf in held.popleft()[1]:
+                    put(buf)
 
     # ----------------------------------------------------------------- buffers
     def _get_buf(self, length: int) -> memoryview:
         """A page-aligned buffer of ``length`` bytes: a recycled one or one from the pool."""
         bufs = self._free.get(length)
         if bufs:
+            self._free_bytes -= length
             return bufs.pop()
         return self.pool.get(length)
 
     def _put_buf(self, buf: memoryview) -> None:
-        # Kept per connection by exact length (cheaper than the pool's size classes);
-        # beyond what the connection can have in flight, back to the pool.
-        bufs = self._free.get(len(buf))
-        if bufs is None:
-            self._free[len(buf)] = [buf]
-        elif len(bufs) < self._max_inflight:
-            bufs.append(buf)
-        else:
+        # Kept per connection by exact length (cheaper than the pool's size classes), up
+        # to FREE_BUFFER_BYTES; the rest goes back to the shared pool.
+        length = len(buf)
+        if self._free_bytes + length > FREE_BUFFER_BYTES:
             self.pool.put(buf)
+            return
+        self._free_bytes += length
+        bufs = self._free.get(length)
+        if bufs is None:
+            self._free[length] = [buf]
+        else:
+            bufs.append(buf)
 
     # ------------------------------------------------------------- flow control
     def _update_reading(self) -> None:
@@ -664,12 +711,16 @@ class _Connection(asyncio.BufferedProtocol):
             self.log.debug("minor %d: closing NBD client %s: %s", self.vbd.minor,
                            self.peer, reason)
         self._draining = True
-        if self.codec is None or self.codec.state is not State.TRANSMISSION:
-            self._backlog.clear()
         self._update_reading()
-        if not self._inflight and not self._backlog:
+        self._maybe_close()
+
+    def _maybe_close(self) -> bool:
+        """Close when draining and every request is answered; True if it did."""
+        if self._draining and not self._inflight and not self._backlog and not self._lost:
             self._flush()
             self._close_now()
+            return True
+        return False
 
     def _close_now(self) -> None:
         if self.transport is not None and not self._lost:
