@@ -8,6 +8,7 @@ check each case against a plain ``bytearray`` model.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from blktap.block.driver import Image, OpenOptions, opener_for
+from blktap.vhd.create import create_dynamic, create_fixed
 
 ImageMaker = Callable[[Path, bytes], contextlib.AbstractContextManager[str]]
 """``make(tmp_dir, initial)``: a context giving the path of an image that reads as
@@ -107,6 +109,30 @@ def loop_maker(sector_size: int) -> ImageMaker:
     return make
 
 
+def vhd_maker(create: Callable[[str, int], None]) -> ImageMaker:
+    """A VHD made by ``create(path, size)``, then filled through the vhd driver."""
+
+    @contextlib.contextmanager
+    def make(tmp: Path, initial: bytes) -> Iterator[str]:
+        path = tmp / "image.vhd"
+        create(str(path), len(initial))
+
+        async def fill() -> None:
+            image = await opener_for("vhd")(str(path), OpenOptions(direct=False))
+            try:
+                await image.write(0, memoryview(initial))
+            finally:
+                await image.close()
+
+        try:
+            asyncio.run(fill())
+            yield str(path)
+        finally:
+            path.unlink(missing_ok=True)
+
+    return make
+
+
 CASES: list[DriverCase] = [
     DriverCase("ram", "ram", raw_file, persistent=False),
     DriverCase("aio-direct", "aio", raw_file),
@@ -115,6 +141,8 @@ CASES: list[DriverCase] = [
     DriverCase("aio-direct-loop", "aio", loop_maker(512), file_times=False),
     DriverCase("aio-direct-loop4k", "aio", loop_maker(4096), file_times=False),
     DriverCase("aio-buffered-loop", "aio", loop_maker(512), direct=False, file_times=False),
+    DriverCase("vhd-dynamic", "vhd", vhd_maker(create_dynamic), direct=False),
+    DriverCase("vhd-fixed", "vhd", vhd_maker(create_fixed), direct=False),
 ]
 """Every driver configuration the shared suites check. Add a driver here."""
 
