@@ -38,7 +38,7 @@ from blktap.errors import BlktapError, Busy, InvalidArgument, ProtocolError, err
 from blktap.proto import fuse
 from blktap.proto.fuse import Opcode
 from blktap.util import eager
-from blktap.util.buffers import BufferPool
+from blktap.util.buffers import aligned
 from blktap.vbd import VBD, VBDState
 
 log = logging.getLogger(__name__)
@@ -268,6 +268,52 @@ def _publish(target: str, link: str) -> None:
 
 
 # ------------------------------------------------------------------ FUSE session
+# The hot path's constants and struct methods, bound once.
+_READ = int(Opcode.READ)
+_WRITE = int(Opcode.WRITE)
+_IN_SIZE = fuse.IN_HEADER.size
+_OUT_SIZE = fuse.OUT_HEADER.size
+_READ_HEAD_SIZE = fuse.IN_HEADER.size + fuse.READ_IN.size
+_WRITE_HEAD_SIZE = fuse.WRITE_HEAD_SIZE
+_WRITE_REPLY_SIZE = fuse.WRITE_REPLY.size
+_unpack_prefix = fuse.IN_HEADER_PREFIX.unpack_from
+_unpack_read = fuse.READ_IN.unpack_from
+_unpack_write = fuse.WRITE_IN.unpack_from
+_pack_out = fuse.OUT_HEADER.pack
+_pack_write_reply = fuse.WRITE_REPLY.pack
+
+
+class _Buffers:
+    """Page-aligned buffers kept for reuse by exact length (requests repeat their sizes).
+
+    At most BUDGET bytes are kept, so memory stays bounded by what the peak concurrency
+    needed.
+    """
+
+    BUDGET = 64 << 20
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[memoryview]] = {}
+        self._kept = 0
+
+    def get(self, length: int) -> memoryview:
+        free = self._free.get(length)
+        if free:
+            self._kept -= length
+            return free.pop()
+        return aligned(length)
+
+    def put(self, buf: memoryview) -> None:
+        length = len(buf)
+        if self._kept + length > self.BUDGET:
+            return
+        free = self._free.get(length)
+        if free is None:
+            free = self._free[length] = []
+        free.append(buf)
+        self._kept += length
+
+
 Payload = bytes
 SyncOp = Callable[[int, memoryview], Payload]
 AsyncOp = Callable[[int, memoryview], Coroutine[Any, Any, Payload]]
@@ -293,9 +339,9 @@ class _FuseSession:
         self._read_only = vbd.read_only
         self._log = logger
         self._open_flags = open_flags
-        self._pool = BufferPool(keep=32)
+        self._buffers = _Buffers()
         self._head = memoryview(bytearray(fuse.WRITE_HEAD_SIZE))
-        self._data = self._pool.get(MAX_IO)
+        self._data = self._buffers.get(MAX_IO)
         self._iov = [self._head, self._data]
         self._idle: asyncio.Future[None] | None = None
         self._reading = False
@@ -380,18 +426,17 @@ class _FuseSession:
             self._dispatch(n)
 
     def _dispatch(self, n: int) -> None:
-        head = self._head
-        if n < fuse.IN_HEADER.size:
+        if n < _IN_SIZE:
             self._log.error("FUSE request of %d bytes ignored (shorter than a header)", n)
             return
-        length, opcode, unique, nodeid, *_ = fuse.IN_HEADER.unpack_from(head)
+        length, opcode, unique, nodeid = _unpack_prefix(self._head)
         if length != n:
             self._log.error("FUSE request %d: header says %d bytes, read %d", unique, length, n)
             self._send_errno(unique, errno.EIO)
             return
-        if opcode == Opcode.READ:
+        if opcode == _READ:
             self._read(unique, nodeid, n)
-        elif opcode == Opcode.WRITE:
+        elif opcode == _WRITE:
             self._write(unique, nodeid, n)
         else:
             self._other(opcode, unique, nodeid, n)
@@ -423,40 +468,43 @@ class _FuseSession:
 
     # --------------------------------------------------------------- data path
     def _read(self, unique: int, nodeid: int, n: int) -> None:
-        if n < fuse.IN_HEADER.size + fuse.READ_IN.size:
+        if n < _READ_HEAD_SIZE:
             self._send_errno(unique, errno.EINVAL)
             return
-        _fh, offset, size, _flags = fuse.READ_IN.unpack_from(self._head, fuse.IN_HEADER.size)
+        _fh, offset, size, _flags = _unpack_read(self._head, _IN_SIZE)
         if nodeid != FILE_ID:
             self._send_errno(unique, errno.EISDIR if nodeid == fuse.ROOT_ID else errno.ENOENT)
             return
         if size > MAX_IO:
             self._send_errno(unique, errno.EINVAL)
             return
-        end = min(offset + size, self._size)
-        if offset >= end:  # at or past the end of the file: a short (empty) read
-            self._send([fuse.reply_header(unique, 0)])
-            return
-        buf = self._pool.get(end - offset)
+        end = offset + size
+        if end > self._size:
+            end = self._size
+            if offset >= end:  # at or past the end of the file: a short (empty) read
+                self._send([_pack_out(_OUT_SIZE, 0, unique)])
+                return
+        length = end - offset
+        buf = self._buffers.get(length)
         self.inflight += 1
         stats = self.stats
         stats[0] += 1
-        stats[1] = max(stats[1], end - offset)
+        if length > stats[1]:
+            stats[1] = length
 
         def done(_result: object, exc: BaseException | None) -> None:
             if exc is None:
-                self._send([fuse.reply_header(unique, len(buf)), buf])
+                self._send([_pack_out(_OUT_SIZE + length, 0, unique), buf])
             else:
-                self._send_exc(unique, exc, f"read {offset}+{len(buf)}")
-            self._pool.put(buf)
+                self._send_exc(unique, exc, f"read {offset}+{length}")
+            self._buffers.put(buf)
             self._finished()
 
         eager.start(self._vbd.read(offset, buf), done)
 
     def _write(self, unique: int, nodeid: int, n: int) -> None:
-        _fh, offset, size, _wflags, _owner, _flags, _pad = fuse.WRITE_IN.unpack_from(
-            self._head, fuse.IN_HEADER.size)
-        if n != fuse.WRITE_HEAD_SIZE + size:
+        _fh, offset, size, _wflags, _owner, _flags, _pad = _unpack_write(self._head, _IN_SIZE)
+        if n != _WRITE_HEAD_SIZE + size:
             self._log.error("FUSE WRITE %d: %d data bytes announced, %d read", unique, size,
                             n - fuse.WRITE_HEAD_SIZE)
             self._send_errno(unique, errno.EINVAL)
@@ -467,19 +515,20 @@ class _FuseSession:
         data = self._data
         stats = self.stats
         stats[2] += 1
-        stats[3] = max(stats[3], size)
+        if size > stats[3]:
+            stats[3] = size
         # [still running, buffer lent to the request]
         state = [True, False]
         self.inflight += 1
 
         def done(_result: object, exc: BaseException | None) -> None:
             if exc is None:
-                self._send([fuse.reply(unique, fuse.encode_write_out(size))])
+                self._send([_pack_write_reply(_WRITE_REPLY_SIZE, 0, unique, size, 0)])
             else:
                 self._send_exc(unique, exc, f"write {offset}+{size}")
             state[0] = False
             if state[1]:
-                self._pool.put(data)
+                self._buffers.put(data)
             self._finished()
 
         eager.start(self._vbd.write(offset, data[:size]), done)
@@ -487,7 +536,7 @@ class _FuseSession:
             # The write waits (e.g. for the disk, or a paused VBD): it keeps this
             # buffer, the next request is read into another.
             state[1] = True
-            self._data = self._pool.get(MAX_IO)
+            self._data = self._buffers.get(MAX_IO)
             self._iov = [self._head, self._data]
 
     # ----------------------------------------------------------- other requests

@@ -158,7 +158,9 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 # ------------------------------------------------------------------------- layouts
 IN_HEADER = struct.Struct("=IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
+IN_HEADER_PREFIX = struct.Struct("=IIQQ")  # len opcode unique nodeid: what dispatch needs
 OUT_HEADER = struct.Struct("=IiQ")  # len error unique
+WRITE_REPLY = struct.Struct("=IiQII")  # a whole successful WRITE reply: header, write_out
 READ_IN = struct.Struct("=QQII")  # fh offset size read_flags (lock_owner flags pad follow)
 WRITE_IN = struct.Struct("=QQIIQII")  # fh offset size write_flags lock_owner flags pad
 WRITE_OUT = struct.Struct("=II")  # size pad
