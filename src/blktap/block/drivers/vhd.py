@@ -98,6 +98,9 @@ class VhdImage:
         zeros at the root), exact per sector from the in-memory BAT and bitmaps."""
         if not self._sparse:
             return [Extent(offset, length, Alloc.DATA)]
+        block, within = divmod(offset, self._bs)
+        if within + length <= self._bs and block in self.vhd.full_blocks:
+            return [Extent(offset, length, Alloc.DATA)]  # the common case, fast
         out: list[Extent] = []
         runs = self.vhd.sector_runs
         for block, within, voff, n in self._segments(offset, length):
@@ -154,7 +157,18 @@ class VhdImage:
         """Fill ``buf`` with this image's view of ``offset``: one ``preadv`` per run of
         contiguous file bytes; sectors this file does not hold (UNALLOCATED) read as
         zeros (the chain only asks for DATA ranges)."""
-        for foff, boff, n in self._file_runs(offset, len(buf)):
+        length = len(buf)
+        if self._sparse:
+            block, within = divmod(offset, self._bs)
+            entry = self.vhd.bat[block]
+            if within + length <= self._bs and block in self.vhd.full_blocks:
+                # The common case: inside one full block, one call, no coroutine.
+                foff = self.vhd.data_offset_of_entry(entry) + within
+                got = os.preadv(self._fd, [buf], foff)
+                if got < length:
+                    await self._preadv(buf[got:], foff + got)
+                return
+        for foff, boff, n in self._file_runs(offset, length):
             part = buf[boff : boff + n]
             if foff < 0:
                 for start in range(0, n, _ZERO_CHUNK):
