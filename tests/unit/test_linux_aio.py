@@ -265,3 +265,29 @@ def test_works_under_uvloop(direct_fd: int, data_file: tuple[str, bytes]) -> Non
             ctx.release()
 
     uvloop.run(body())
+
+
+def test_close_with_requests_in_flight_does_not_block_or_leak(direct_fd: int) -> None:
+    async def body() -> None:
+        before = open_fds()
+        ctx = AioContext(asyncio.get_running_loop())
+        bufs = [aligned(65536) for _ in range(200)]
+        futs = []
+        for i, buf in enumerate(bufs):
+            a, keep = addr(buf)
+            futs.append(ctx.pread(direct_fd, a, 65536, (i % 16) * 65536, keep))
+        await asyncio.sleep(0)  # submitted, most likely not completed yet
+        ctx.close()
+        for fut in futs:
+            assert fut.done()
+            if fut.exception() is None:
+                assert fut.result() == 65536
+            else:
+                assert isinstance(fut.exception(), Shutdown)
+        for _ in range(200):  # io_destroy may finish in its thread
+            if open_fds() == before:
+                break
+            await asyncio.sleep(0.01)
+        assert open_fds() == before
+
+    run(body())

@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import struct
+import threading
 from collections import deque
 from typing import Any, ClassVar
 
@@ -353,11 +354,15 @@ class AioContext:
 
     # -------------------------------------------------------------- closing
     def close(self) -> None:
-        """Tear down: waits (in io_destroy) for requests in the kernel, reaps them, and
-        fails every request never submitted with Shutdown (ESHUTDOWN). Idempotent."""
+        """Tear down the context. Idempotent; never blocks the loop.
+
+        Completed requests are reaped first (their futures get real results); every
+        other request fails with Shutdown (ESHUTDOWN). Requests still in the kernel (a
+        hung device) are left to ``io_destroy`` in a background thread, which keeps
+        their buffers alive until the kernel lets go of them.
+        """
         if self._closed:
             return
-        # Reap what has completed so their futures get real results.
         self.reap()
         self._closed = True
         if self._retry_handle is not None:
@@ -365,9 +370,14 @@ class AioContext:
             self._retry_handle = None
         with contextlib.suppress(RuntimeError):  # the loop is already closed
             self._loop.remove_reader(self._efd)
-        if _syscall(self._nr_destroy, self._ctx_arg) < 0:
-            log.error("io_destroy: %s", os.strerror(ctypes.get_errno()))
-        os.close(self._efd)
+        if self._inflight:
+            log.warning("closing the AIO context with %d requests in flight", self._inflight)
+            keep = list(self._keep)
+            threading.Thread(
+                target=self._destroy, args=(keep,), name="aio-destroy", daemon=True
+            ).start()
+        else:
+            self._destroy([])
         for slot, fut in enumerate(self._futs):
             self._futs[slot] = None
             self._keep[slot] = None
@@ -378,3 +388,10 @@ class AioContext:
             if not fut.done():
                 fut.set_exception(Shutdown("the AIO context was closed"))
         self._pending.clear()
+
+    def _destroy(self, keep: list[Any]) -> None:
+        # io_destroy waits for every request in the kernel; ``keep`` holds their buffers.
+        if _syscall(self._nr_destroy, self._ctx_arg) < 0:
+            log.error("io_destroy: %s", os.strerror(ctypes.get_errno()))
+        os.close(self._efd)
+        keep.clear()
