@@ -316,6 +316,7 @@ def test_stop_removes_everything_and_the_minor_can_start_again(
     server.run(dev.bd.stop())
     assert not os.path.lexists(dev.path)
     assert not os.path.exists(mountpoint)
+    assert not os.path.exists(os.path.dirname(mountpoint)), "the last device takes fuse/"
     assert _mounts_under(base) == []
     assert base not in sh("losetup", "-a").stdout
     assert loop_backing_file(loop_device) is None

@@ -830,8 +830,7 @@ class BlockDevice:
             # Left by a tapdisk that died: its connection is dead, take the place.
             self.log.warning("%s: lazily unmounting a stale mount", self.mountpoint)
             _umount(self.mountpoint, _MNT_DETACH)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(self.mountpoint, 0o700)
+        os.makedirs(self.mountpoint, mode=0o700, exist_ok=True)
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self._session = _FuseSession(fd, self.vbd, self.log, open_flags=self._open_flags)
         options = (f"fd={fd},rootmode={stat.S_IFDIR:o},user_id=0,group_id=0,allow_other,"
@@ -922,6 +921,8 @@ class BlockDevice:
             self._session = None
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(self.mountpoint)
+        with contextlib.suppress(OSError):  # the last device of this run directory
+            os.rmdir(os.path.dirname(self.mountpoint))
 
     def _vbd_running(self) -> bool:
         return self.vbd.state is VBDState.RUNNING
