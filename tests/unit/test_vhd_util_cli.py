@@ -195,6 +195,18 @@ def test_snapshot_skips_empty_parents(tmp_path: Path, capsys: pytest.CaptureFixt
         assert run(capsys, "check", "-n", name, "-p")[0] == 0
 
 
+def test_snapshot_metadata_prealloc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (base,) = fixture(tmp_path, "base.vhd")
+    snap = str(tmp_path / "snap.vhd")
+    assert run(capsys, "snapshot", "-n", snap, "-p", base, "-S", "512")[0] == 0
+    assert run(capsys, "query", "-n", snap, "-v", "-S", "-p")[1].splitlines() == [
+        "64", base, "512",  # the C tool's order: -v, -s, -p, -f, -m, -d, -S
+    ]
+    assert run(capsys, "check", "-n", snap, "-p")[0] == 0
+    with ChainReader.open(snap) as chain, ChainReader.open(base) as parent:
+        assert chain.read(0, chain.size) == parent.read(0, parent.size)
+
+
 def test_snapshot_depth_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _base, child = fixture(tmp_path, "base.vhd", "child.vhd")
     snap = str(tmp_path / "snap.vhd")

@@ -193,7 +193,7 @@ def _query(argv: Sequence[str]) -> int:
         if info.disk_type != DiskType.DIFFERENCING or info.parent is None:
             _out(f"{a.name} has no parent")
         else:
-            _out(info.parent)
+            _out(os.path.realpath(info.parent))  # as C vhd_find_parent: realpath
     if a.fields:
         _out(f"hidden: {info.hidden}")
     if a.marker:

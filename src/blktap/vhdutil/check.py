@@ -24,6 +24,7 @@ from blktap.proto.vhd.constants import BAT_UNUSED, DiskType
 from blktap.proto.vhd.header import parse_header
 from blktap.vhd.create import vhd_time
 from blktap.vhd.image import VhdFile, pread_exact, read_footer_of
+from blktap.vhdutil.progress import Progress
 
 __all__ = ["CheckOptions", "CheckReport", "FileStats", "check"]
 
@@ -112,13 +113,16 @@ def _bitmap_faults(image: VhdFile) -> list[str]:
         return []
     spb = h.sectors_per_block
     out: list[str] = []
+    bar = Progress(f"check {image.path}", len(image.bat))
     for i, entry in enumerate(image.bat):
+        bar.update(i)
         if entry == BAT_UNUSED or not test_block(image.batmap, i):
             continue
         raw = pread_exact(image.fd, h.bitmap_size, entry * 512)
         bits = bm.from_disk(raw, image.lsb_bitmaps)
         if not bm.all_set(bits, 0, spb):
             out.append(f"batmap shows block {i} full but its sector bitmap is not")
+    bar.finish()
     return out
 
 

@@ -78,6 +78,21 @@ class ChainReader:
     def size(self) -> int:
         return self.layers[0].size if self.layers else 0
 
+    def has_data(self, offset: int, length: int) -> bool:
+        """False when no image of the chain holds data in ``[offset, offset + length)``
+        (the range reads as zeros without reading anything); True when one may."""
+        for layer in self.layers:
+            if isinstance(layer, _Raw) or layer.header is None:
+                return offset < layer.size
+            bs = layer.block_size
+            first = offset // bs
+            last = min((offset + length - 1) // bs, len(layer.bat) - 1)
+            if any(layer.bat[b] != BAT_UNUSED for b in range(first, last + 1)):
+                return True
+            if layer.footer.disk_type != DiskType.DIFFERENCING:
+                return False
+        return False
+
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes of the virtual disk at ``offset`` (zeros past every image)."""
         out = bytearray(length)
