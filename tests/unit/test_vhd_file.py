@@ -75,3 +75,30 @@ def test_footer_goes_to_the_real_end_of_a_longer_file(tmp_path: Path) -> None:
     data = path.read_bytes()
     assert parse_footer(data[-512:]).hidden == 1
     assert check_file(str(path))[0].valid
+
+
+def test_creator_0_1_images_have_lsb_first_bitmaps(tmp_path: Path) -> None:
+    """An image written by "tap" creator 0.1 (no batmap, little-endian sector bitmaps)
+    reads the same as its modern twin."""
+    import dataclasses
+
+    from blktap.proto.vhd import bitmap as bm
+    from blktap.proto.vhd.bat import parse_bat
+    from blktap.proto.vhd.header import parse_header
+
+    path = tmp_path / "old.vhd"
+    shutil.copyfile(FIXTURES / "dyn-data.vhd", path)
+    raw = bytearray(path.read_bytes())
+    footer = dataclasses.replace(parse_footer(raw[-512:]), creator_version=0x00000001)
+    new = footer.with_checksum().encode()
+    raw[:512] = new
+    raw[-512:] = new
+    header = parse_header(raw[512:1536])
+    for entry in parse_bat(raw[header.table_offset :], header.max_bat_size):
+        if entry != 0xFFFFFFFF:
+            at = entry * 512
+            raw[at : at + 512] = bm.to_disk(bytearray(raw[at : at + 512]), lsb_first=True)
+    path.write_bytes(raw)
+    with VhdFile.open(str(path)) as vf:
+        assert vf.lsb_bitmaps and vf.batmap is None
+    assert run(chain_bytes(str(path))) == run(chain_bytes(str(FIXTURES / "dyn-data.vhd")))
