@@ -350,6 +350,7 @@ class VBD:
             "name": str(self.spec) if self.spec else "",
             "minor": self.minor,
             "state": self.state_bits,
+            "read_only": self.options.read_only,
             "secs": list(self.sectors),
             "errors": list(self.errors),
             "images": images,
