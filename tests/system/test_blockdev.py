@@ -571,3 +571,23 @@ def test_two_devices_at_once_and_one_mib_requests(make_device: MakeDevice) -> No
         assert stats.largest_write >= MiB // 2, stats
         assert stats.writes >= 8
     assert first.bd.statistics().largest_read >= MiB // 2
+
+
+def test_run_directory_behind_a_symlink(make_device: MakeDevice, server: ServerThread,
+                                        base: str) -> None:
+    """/var/run is often a link to /run: the kernel names the backing file resolved."""
+    dev = make_device()
+    server.run(dev.bd.stop())
+    real = os.path.join(base, "real-run")
+    os.mkdir(real)
+    link = os.path.join(base, "linked-run")
+    os.symlink(real, link)
+    bd = BlockDevice(dev.vbd, 5, run_dir=link, dev_dir=os.path.join(base, "dev"))
+    try:
+        path = server.run(bd.start())
+        assert loop_backing_file(os.readlink(path)) == os.path.join(real, "fuse", "5", "disk")
+        assert dd_write(path, 4096, b"s" * 4096).returncode == 0
+    finally:
+        server.run(bd.stop())
+    assert _mounts_under(real) == [] and _loops_on(base) == []
+    assert image_bytes(dev, 4096, 4096) == b"s" * 4096

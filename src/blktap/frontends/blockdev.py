@@ -32,7 +32,7 @@ import struct
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from blktap.errors import BlktapError, Busy, InvalidArgument, ProtocolError, errno_of
 from blktap.proto import fuse
@@ -42,8 +42,6 @@ from blktap.util.buffers import aligned
 from blktap.vbd import VBD, VBDState
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 FILE_NAME = "disk"
 FILE_ID = 2
@@ -111,8 +109,9 @@ def _become_io_flusher() -> bool:
 
 
 def _mounted(target: str) -> bool:
-    """Whether ``target`` is a mount point, from /proc/self/mountinfo (no I/O on it)."""
-    want = os.path.realpath(target)
+    """Whether ``target`` is a mount point, from /proc/self/mountinfo (no I/O on it: a
+    FUSE mount there may be served by a process that no longer answers)."""
+    want = os.path.join(os.path.realpath(os.path.dirname(target)), os.path.basename(target))
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as info:
         for line in info:
             fields = line.split(" ", 5)
@@ -747,7 +746,8 @@ class BlockDevice:
         cache in the FUSE file itself, even for buffered openers)."""
         self.vbd = vbd
         self.minor = minor
-        self.mountpoint = os.path.join(run_dir, "fuse", str(minor))
+        # Resolved, as the kernel shows the loop device's backing file.
+        self.mountpoint = os.path.join(os.path.realpath(run_dir), "fuse", str(minor))
         self.file_path = os.path.join(self.mountpoint, FILE_NAME)
         self.dev_dir = dev_dir
         self.path = os.path.join(dev_dir, f"tapdev{minor}")
@@ -758,6 +758,7 @@ class BlockDevice:
             fuse.OpenFlag.DIRECT_IO if fuse_direct_io else 0)
         self._session: _FuseSession | None = None
         self._clearing: asyncio.Future[None] | None = None
+        self._backing = self.file_path
         self._mounted = False
         self._linked = False
         self._started = False
@@ -852,6 +853,7 @@ class BlockDevice:
                 self.loop_device = attach.result()
             raise
         self.direct_io = loop_direct_io(self.loop_device)
+        self._backing = loop_backing_file(self.loop_device) or self.file_path
         os.makedirs(self.dev_dir, mode=0o755, exist_ok=True)
         _publish(self.loop_device, self.path)
         self._linked = True
@@ -943,7 +945,7 @@ class BlockDevice:
         """Wait up to BUSY_TIMEOUT for ``device`` to stop using our file."""
         deadline = time.monotonic() + self.BUSY_TIMEOUT
         while True:
-            if loop_backing_file(device) != self.file_path:
+            if loop_backing_file(device) != self._backing:
                 return True
             if time.monotonic() >= deadline:
                 return False
