@@ -229,6 +229,14 @@ def test_dd_patterns_reach_the_image_and_come_back(make_device: MakeDevice) -> N
     before = pattern(1, 3 * MiB)
     dev = make_device(fill=before)
     assert dd_read(dev.path, 0, 3 * MiB) == before
+    flushes = []
+    real_flush = dev.vbd.flush
+
+    async def counting_flush() -> None:
+        flushes.append(1)
+        await real_flush()
+
+    dev.vbd.flush = counting_flush  # type: ignore[method-assign]
 
     # Sector-sized, page-sized and 1 MiB writes at odd places, direct and buffered.
     writes = [(5 * MiB + 512, pattern(2, 512 * 7), 512, True),
@@ -243,6 +251,7 @@ def test_dd_patterns_reach_the_image_and_come_back(make_device: MakeDevice) -> N
         assert image_bytes(dev, offset, len(data)) == data, f"image at {offset}"
         assert dd_read(dev.path, offset - offset % 4096, len(data) + offset % 4096)[
             offset % 4096 :] == data
+    assert len(flushes) >= len(writes), "conv=fsync reached the VBD as FUSE FSYNC"
     assert image_bytes(dev, 0, 3 * MiB) == before
     assert image_bytes(dev, 4 * MiB, MiB) == bytes(MiB), "untouched range stays zero"
     # Past the end: the block layer refuses, nothing reaches the image.

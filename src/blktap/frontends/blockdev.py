@@ -367,6 +367,8 @@ class _FuseSession:
         for op in (Opcode.MKNOD, Opcode.MKDIR, Opcode.UNLINK, Opcode.RMDIR, Opcode.RENAME,
                    Opcode.RENAME2, Opcode.LINK, Opcode.SYMLINK, Opcode.CREATE, Opcode.TMPFILE):
             self._sync_ops[op] = self._no_namespace_change
+        # An async op decodes its arguments before it returns its coroutine: the request
+        # buffer is reused by the next read of /dev/fuse.
         self._async_ops: dict[int, AsyncOp] = {
             Opcode.FSYNC: self._fsync,
             Opcode.FALLOCATE: self._fallocate,
@@ -668,9 +670,13 @@ class _FuseSession:
     def _no_namespace_change(_nodeid: int, _body: memoryview) -> Payload:
         raise BlktapError("the filesystem holds exactly one file", errno=errno.EPERM)
 
-    async def _fsync(self, nodeid: int, _body: memoryview) -> Payload:
-        if nodeid == FILE_ID:
-            await self._vbd.flush()
+    def _fsync(self, nodeid: int, _body: memoryview) -> Coroutine[Any, Any, Payload]:
+        if nodeid != FILE_ID:
+            return _done_payload()
+        return self._flush()
+
+    async def _flush(self) -> Payload:
+        await self._vbd.flush()
         return b""
 
     def _fallocate(self, nodeid: int, body: memoryview) -> Coroutine[Any, Any, Payload]:
