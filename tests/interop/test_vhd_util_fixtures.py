@@ -290,3 +290,59 @@ def test_vhdimount_reads_filled_snapshot(
                    check=True, timeout=60)
     assert hashlib.sha256(out.read_bytes()).hexdigest() == want
     assert sha_driver(grand) == want
+
+
+# ------------------------------------------------------------- layout as the C tool's
+FOOTER_VOLATILE = set(range(24, 28)) | set(range(64, 84))  # timestamp, checksum, uuid
+
+
+def differing(a: bytes, b: bytes) -> set[int]:
+    assert len(a) == len(b)
+    return {i for i in range(len(a)) if a[i] != b[i]}
+
+
+def test_create_matches_the_c_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Our 64 MiB dynamic disk equals the C tool's dyn-empty.vhd but for the footers'
+    timestamp, uuid and checksum."""
+    path = str(tmp_path / "e.vhd")
+    assert vhd_util(capsys, "create", "-n", path, "-s", "64")[0] == 0
+    ours = Path(path).read_bytes()
+    theirs = (FIXTURES / "dyn-empty.vhd").read_bytes()
+    tail = len(theirs) - 512
+    allowed = FOOTER_VOLATILE | {tail + i for i in FOOTER_VOLATILE}
+    assert differing(ours, theirs) <= allowed
+
+
+def test_snapshot_matches_the_c_layout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Our snapshot of base.vhd has the C tool's metadata (child.vhd is the C tool's
+    snapshot of the same base): same header, locators and batmap placement; only the
+    footer's timestamp/uuid/checksum, the parent timestamp (the base's mtime) and the
+    header checksum differ. BAT and batmap contents differ (child.vhd holds data)."""
+    (base,) = copy(tmp_path, "base.vhd")
+    snap = str(tmp_path / "snap.vhd")
+    assert vhd_util(capsys, "snapshot", "-n", snap, "-p", base)[0] == 0
+    ours = Path(snap).read_bytes()[:4608]
+    theirs = (FIXTURES / "child.vhd").read_bytes()[:4608]
+    allowed = (
+        FOOTER_VOLATILE
+        | set(range(512 + 36, 512 + 40))  # header checksum
+        | set(range(512 + 56, 512 + 60))  # parent timestamp
+        | set(range(1536, 2048))  # BAT entries
+        | set(range(2048 + 24, 2048 + 28))  # batmap checksum
+        | set(range(2560, 3072))  # batmap bits
+    )
+    assert differing(ours, theirs) <= allowed
+
+
+def test_coalesce_output_matches_the_c_result(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Byte for byte the C tool's coalesced-base.vhd, except the padding after the BAT's
+    32 entries: blktap.vhd's write_bat_entry pads the BAT's last sector with 0xFF where
+    the C tool (and blktap.vhd's own create) leave zeros."""
+    base, child = copy(tmp_path, "base.vhd", "child.vhd")
+    assert vhd_util(capsys, "coalesce", "-n", child)[0] == 0
+    diff = differing(Path(base).read_bytes(), (FIXTURES / "coalesced-base.vhd").read_bytes())
+    assert diff <= set(range(1536 + 32 * 4, 2048))
