@@ -405,13 +405,28 @@ class _Connection(asyncio.BufferedProtocol):
                 if codec.output:
                     self._take_codec_output()
                 backlog = self._backlog
-                for ev in events:
-                    if type(ev) is Request:
-                        backlog.append(ev)
-                    elif type(ev) is Negotiated:
-                        self._negotiated(ev)
-                    elif type(ev) is Aborted:
-                        self.shutdown(None)
+                max_inflight = self._max_inflight
+                max_bytes = self._max_bytes
+                # Requests that complete at once must not pump the backlog from inside
+                # this loop (it would reorder and recurse): see _pump.
+                self._pumping = True
+                try:
+                    for ev in events:
+                        if type(ev) is Request:
+                            if (backlog or self._writing_paused
+                                    or self._inflight >= max_inflight
+                                    or self._inflight_bytes >= max_bytes):
+                                backlog.append(ev)
+                            else:
+                                self._dispatch(ev)
+                                if self._out_bytes >= FLUSH_BYTES:
+                                    self._flush()
+                        elif type(ev) is Negotiated:
+                            self._negotiated(ev)
+                        elif type(ev) is Aborted:
+                            self.shutdown(None)
+                finally:
+                    self._pumping = False
                 if backlog:
                     self._pump()
             finally:
@@ -450,13 +465,16 @@ class _Connection(asyncio.BufferedProtocol):
         if command is Command.READ:
             length = req.length
             if not length:
-                self._finish_read(req, _EMPTY, None, None)
+                assert self.codec is not None
+                self.reads += 1
+                self._out.append(self.codec.read_reply_header(req.cookie, req.offset, 0))
+                self._replied()
                 return
             buf = self._get_buf(length)
             self._inflight += 1
             self._inflight_bytes += length
             eager_start(vbd.read(req.offset, buf),
-                        lambda _r, exc: self._finish_read(req, buf, exc, True))
+                        lambda _r, exc: self._finish_read(req, buf, exc))
         elif command is Command.WRITE:
             data = req.data
             assert data is not None
@@ -500,28 +518,26 @@ class _Connection(asyncio.BufferedProtocol):
                 coro = vbd.cache(req.offset, req.length)
             eager_start(coro, lambda _r, exc: self._finish_simple(req, exc))
 
-    def _finish_read(self, req: Request, buf: memoryview, exc: BaseException | None,
-                     counted: bool | None) -> None:
+    def _finish_read(self, req: Request, buf: memoryview, exc: BaseException | None) -> None:
         try:
-            if counted:
-                self._inflight -= 1
-                self._inflight_bytes -= req.length
+            length = req.length
+            self._inflight -= 1
+            self._inflight_bytes -= length
             codec = self.codec
             if self._lost or codec is None:
-                if len(buf):
-                    self.pool.put(buf)
+                self.pool.put(buf)
                 return
             self.reads += 1
             if exc is None:
-                self.bytes_read += req.length
-                self._out.extend(codec.reply_read(req.cookie, req.offset, buf))
-                self._out_bytes += req.length
-                if len(buf):
-                    self._sending.append(buf)
+                self.bytes_read += length
+                out = self._out
+                out.append(codec.read_reply_header(req.cookie, req.offset, length))
+                out.append(buf)
+                self._out_bytes += length
+                self._sending.append(buf)
             else:
                 self._out.append(self._error_reply(req, exc, read=True))
-                if len(buf):
-                    self._put_buf(buf)
+                self._put_buf(buf)
             self._replied()
         except Exception:
             self._callback_failed()

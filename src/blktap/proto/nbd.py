@@ -203,6 +203,10 @@ _CHUNK_DATA = struct.Struct(">IHHQIQ")  # chunk header + OFFSET_DATA's offset
 _CHUNK_ERROR = struct.Struct(">IHHQIIH")  # chunk header + error + message length
 _CHUNK_STATUS = struct.Struct(">IHHQII")  # chunk header + metadata context id
 _ZEROES_124 = bytes(124)
+_CHUNK_NONE = CHUNK
+_SIMPLE = SIMPLE_REPLY
+_NONE: Final = 0  # ReplyType values as plain ints for the reply fast path
+_OFFSET_DATA: Final = 1
 
 _REQ_SIZE: Final = REQUEST.size
 _NONE_REPLY_LENGTH: Final = 0
@@ -336,9 +340,9 @@ class ServerCodec:
         """Consume bytes from the client; return the events they complete, in order.
 
         ``data`` may be a view of a buffer the caller reuses: nothing refers to it after
-        the call returns. Incomplete input is kept (copied) for the next call. Raises ProtocolError (remote=True) when
-        the client broke the protocol; the events of that call are lost and the
-        connection must be dropped (after sending :attr:`output`).
+        the call returns. Incomplete input is kept (copied) for the next call. Raises
+        ProtocolError (remote=True) when the client broke the protocol; the events of that
+        call are lost and the connection must be dropped (after sending :attr:`output`).
         """
         if self.state is State.TRANSMISSION:
             return self._feed_transmission(data)
@@ -715,14 +719,18 @@ class ServerCodec:
     # ------------------------------------------------------------------- replies
     def reply_read(self, cookie: int, offset: int, data: memoryview) -> list[bytes | memoryview]:
         """Buffers to send for a successful READ: a header and ``data`` itself (not copied)."""
+        head = self.read_reply_header(cookie, offset, len(data))
+        return [head, data] if len(data) else [head]
+
+    def read_reply_header(self, cookie: int, offset: int, length: int) -> bytes:
+        """The bytes that precede ``length`` bytes of READ data in a successful reply (for a
+        zero-length read with structured replies, the whole reply)."""
         if self.structured:
-            if not len(data):
-                return [CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.NONE,
-                                   cookie, 0)]
-            return [_CHUNK_DATA.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
-                                     ReplyType.OFFSET_DATA, cookie, 8 + len(data), offset),
-                    data]
-        return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie), data]
+            if not length:
+                return _CHUNK_NONE.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, _NONE, cookie, 0)
+            return _CHUNK_DATA.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, _OFFSET_DATA,
+                                    cookie, 8 + length, offset)
+        return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
 
     @staticmethod
     def reply_ok(cookie: int) -> bytes:
