@@ -234,6 +234,14 @@ def test_snapshot_missing_parent(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert not os.path.exists(tmp_path / "s.vhd")
 
 
+def test_coalesce_progress_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fixture(tmp_path, "base.vhd")
+    (child,) = fixture(tmp_path, "child.vhd")
+    rc, out, err = run(capsys, "coalesce", "-n", child, "-p")
+    assert (rc, out) == (0, "")
+    assert f"coalesce {child} [" in err and err.endswith("100%\n")
+
+
 # ------------------------------------------------------------------------------ scan
 def test_scan_lines_and_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base, child, grand = fixture(tmp_path, "base.vhd", "child.vhd", "grandchild.vhd")

@@ -166,7 +166,7 @@ def _query(argv: Sequence[str]) -> int:
         "  -a  the number of allocated blocks\n"
         "  -u  the hidden flag, as a bare number",
     )
-    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
     for flag, dest, text in (
         ("-v", "size", "virtual size (MiB)"),
         ("-s", "physize", "physical size (bytes)"),
@@ -218,7 +218,7 @@ def _read(argv: Sequence[str]) -> int:
         "raw to standard output.",
         "example:\n  vhd-util read -n disk.vhd -p\n  vhd-util read -n disk.vhd -b 0 -c 16",
     )
-    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
     p.add_argument("-p", dest="headers", action="store_true",
                    help="print the footer, header, parent locators and batmap header")
     p.add_argument("-t", dest="translate", type=int, metavar="SEC",
@@ -280,7 +280,7 @@ def _set(argv: Sequence[str]) -> int:
         "rewritten) or 'marker' (the batmap header's marker byte).",
         "example:\n  vhd-util set -n base.vhd -f hidden -v 1",
     )
-    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
     p.add_argument("-f", dest="field", required=True, choices=("hidden", "marker"),
                    metavar="FIELD", help="hidden or marker")
     p.add_argument("-v", dest="value", required=True, type=int, metavar="N",
@@ -304,7 +304,7 @@ def _repair(argv: Sequence[str]) -> int:
         "used even when the trailing footer is valid. A null uuid is replaced.",
         "Damage to other structures (header, BAT) is reported, not repaired.",
     )
-    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
     p.add_argument("-b", dest="backup", action="store_true", help="use the backup footer")
     a = p.parse_args(argv)
     from blktap.vhdutil.repair import repair
@@ -324,7 +324,7 @@ def _resize(argv: Sequence[str]) -> int:
         "JOURNAL' restores the image. The journal is removed on success.",
         "Shrinking is refused.\n\nexample:\n  vhd-util resize -n disk.vhd -s 20480 -j disk.journal",
     )
-    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
     p.add_argument("-s", dest="size", type=int, required=True, metavar="MB",
                    help="new virtual size in MiB")
     g = p.add_mutually_exclusive_group(required=True)
@@ -346,7 +346,7 @@ def _fill(argv: Sequence[str]) -> int:
         "unwritten sectors become explicit zeros, a differencing disk's are copied from\n"
         "its parents. Shows a progress bar when standard error is a terminal.",
     )
-    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
     a = p.parse_args(argv)
     from blktap.vhdutil.fill import fill
 
@@ -363,7 +363,7 @@ def _coalesce(argv: Sequence[str]) -> int:
         "The data is copied in the kernel (copy_file_range), a block at a time.\n"
         "An interrupted coalesce leaves a valid parent; run it again to finish.",
     )
-    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
     p.add_argument("-s", dest="sparse", action="store_true",
                    help="sparse: do not allocate parent blocks for all-zero child data")
     p.add_argument("-p", dest="progress", action="store_true",
@@ -383,7 +383,7 @@ def _modify(argv: Sequence[str]) -> int:
         "Change NAME's metadata: its parent (-p, a raw one with -m), its physical size\n"
         "(-s, in bytes: the trailing footer moves to SIZE-512), or drop every block (-z).",
     )
-    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
     p.add_argument("-p", dest="parent", metavar="PARENT", help="new parent")
     p.add_argument("-m", dest="raw", action="store_true", help="the new parent is raw")
     p.add_argument("-s", dest="size", type=int, metavar="BYTES", help="new physical size")
@@ -455,7 +455,7 @@ def _check(argv: Sequence[str]) -> int:
         "Prints \"NAME is valid\" and exits 0 (a valid fixed disk prints nothing), or\n"
         "prints the fault(s), the first being the C tool's verdict, and exits 22.",
     )
-    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
     p.add_argument("-i", dest="ignore_primary", action="store_true",
                    help="accept a never-written primary footer (use the backup)")
     p.add_argument("-I", dest="ignore_uuid", action="store_true",
@@ -496,7 +496,7 @@ def _revert(argv: Sequence[str]) -> int:
         "journal are written back and the file is cut to its old size; the journal is\n"
         "then removed. A journal that was never completed means NAME was not touched.",
     )
-    p.add_argument("-n", dest="name", required=True, metavar="NAME")
+    p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
     p.add_argument("-j", dest="journal", required=True, metavar="JOURNAL")
     a = p.parse_args(argv)
     from blktap.vhdutil.journal import revert
