@@ -24,6 +24,7 @@ import time
 
 from blktap.block.driver import OpenOptions, opener_for
 from blktap.util.buffers import aligned
+from blktap.util.linux_aio import AioContext
 
 BS = 4096
 CPU: list[tuple[float, float]] = []  # (user, system) CPU microseconds per request, per run
@@ -48,8 +49,14 @@ def ensure_file(path: str, size: int) -> None:
         os.fsync(f.fileno())
 
 
-async def driver_run(path: str, depth: int, seconds: float) -> float:
-    image = await opener_for("aio")(path, OpenOptions(read_only=True, direct=True))
+async def driver_run(path: str, depth: int, seconds: float, submit_batch: int | None) -> float:
+    ctx = AioContext.for_loop()  # the context the driver will share
+    if submit_batch is not None:
+        ctx.submit_batch = submit_batch
+    try:
+        image = await opener_for("aio")(path, OpenOptions(read_only=True, direct=True))
+    finally:
+        ctx.release()
     blocks = image.info.size // BS
     stop = False
     count = 0
@@ -102,6 +109,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--uvloop", action="store_true")
     ap.add_argument("--no-fio", action="store_true")
+    ap.add_argument("--submit-batch", type=int, default=None,
+                    help="AioContext.submit_batch (default: the library's; 1000000000 "
+                         "submits only at the end of each loop iteration)")
     args = ap.parse_args()
     ensure_file(args.file, parse_size(args.size))
     if args.uvloop:
@@ -110,7 +120,9 @@ def main() -> None:
         uvloop.install()
     results: dict[str, list[float]] = {"driver": [], "fio": []}
     for _ in range(args.runs):
-        results["driver"].append(asyncio.run(driver_run(args.file, args.depth, args.seconds)))
+        results["driver"].append(asyncio.run(
+            driver_run(args.file, args.depth, args.seconds, args.submit_batch)
+        ))
         if not args.no_fio and shutil.which("fio"):
             results["fio"].append(fio_run(args.file, args.depth, args.seconds))
     loop_name = "uvloop" if args.uvloop else "asyncio"
