@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +91,12 @@ def loop_device(backing: str, sector_size: int = 512) -> Iterator[str]:
     cmd = ["losetup", "-f", "--show"]
     if sector_size != 512:
         cmd += ["--sector-size", str(sector_size)]
-    res = subprocess.run([*cmd, backing], capture_output=True, text=True, timeout=30)
-    if res.returncode != 0:
+    for _ in range(5):  # another process may grab the same free device: retry
+        res = subprocess.run([*cmd, backing], capture_output=True, text=True, timeout=30)
+        if res.returncode == 0:
+            break
+        time.sleep(0.1)
+    else:
         pytest.skip(f"losetup failed: {res.stderr.strip()}")
     dev = res.stdout.strip()
     try:
