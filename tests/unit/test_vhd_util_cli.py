@@ -111,7 +111,7 @@ def test_create_dynamic_and_query(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert rc == 0
     assert out.splitlines() == [
         "100", "3584", f"{name} has no parent", "hidden: 0", "marker: 0", "chain depth: 1",
-        "100", "0",
+        "0", "100",
     ]
 
 
@@ -149,6 +149,24 @@ def test_query_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert out == f"{base} has no parent\n"
 
 
+def test_query_unresolved_parent_and_backup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (child,) = fixture(tmp_path, "child.vhd")  # its parent is not there
+    rc, out, _ = run(capsys, "query", "-n", child, "-p", "-u")
+    assert (rc, out) == (0, "./base.vhd\n")
+    (dyn,) = fixture(tmp_path, "dyn-data.vhd")
+    assert run(capsys, "set", "-n", dyn, "-f", "hidden", "-v", "1")[0] == 0
+    with open(dyn, "r+b") as f:  # the backup copy says hidden 0 (checksum kept valid)
+        raw = bytearray(f.read(512))
+        raw[85] = 0
+        raw[64:68] = (int.from_bytes(raw[64:68], "big") + 1).to_bytes(4, "big")
+        f.seek(0)
+        f.write(raw)
+    assert run(capsys, "query", "-n", dyn, "-f")[1] == "hidden: 1\n"
+    assert run(capsys, "query", "-n", dyn, "-f", "-b")[1] == "hidden: 0\n"
+
+
 def test_query_missing_parent_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (child,) = fixture(tmp_path, "child.vhd")
     rc, _out, err = run(capsys, "query", "-n", child, "-p")
@@ -163,8 +181,8 @@ def test_set_hidden_and_marker(tmp_path: Path, capsys: pytest.CaptureFixture[str
     (name,) = fixture(tmp_path, "dyn-data.vhd")
     assert run(capsys, "set", "-n", name, "-f", "hidden", "-v", "1")[0] == 0
     assert run(capsys, "set", "-n", name, "-f", "marker", "-v", "1")[0] == 0
-    _rc, out, _ = run(capsys, "query", "-n", name, "-f", "-m", "-u")
-    assert out.splitlines() == ["hidden: 1", "marker: 1", "1"]
+    _rc, out, _ = run(capsys, "query", "-n", name, "-f", "-m")
+    assert out.splitlines() == ["hidden: 1", "marker: 1"]
     assert run(capsys, "check", "-n", name)[0] == 0
     assert run(capsys, "scan", "-M", name)[1] == (
         "vhd=dyn-data.vhd capacity=67108864 size=10506752 hidden=1 marker=1 parent=none\n"

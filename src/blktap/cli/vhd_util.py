@@ -162,29 +162,29 @@ def _query(argv: Sequence[str]) -> int:
         "  -f  \"hidden: N\"\n"
         "  -m  \"marker: N\"\n"
         "  -d  \"chain depth: N\" (1 for an image without parent)\n"
-        "  -S  the largest size in MiB 'resize -f' can reach\n"
         "  -a  the number of allocated blocks\n"
-        "  -u  the hidden flag, as a bare number",
+        "  -S  the largest size in MiB 'resize -f' can reach",
     )
     p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
     for flag, dest, text in (
-        ("-v", "size", "virtual size (MiB)"),
-        ("-s", "physize", "physical size (bytes)"),
-        ("-p", "parent", "parent"),
-        ("-f", "fields", "fields (hidden)"),
-        ("-m", "marker", "batmap marker"),
-        ("-d", "depth", "chain depth"),
-        ("-S", "fastresize", "maximum size for 'resize -f' (MiB)"),
-        ("-a", "allocated", "allocated block count"),
-        ("-u", "hidden", "hidden flag (bare number)"),
+        ("-v", "size", "print the virtual size (MiB)"),
+        ("-s", "physize", "print the physical size (bytes)"),
+        ("-p", "parent", "print the parent"),
+        ("-f", "fields", "print the fields (hidden)"),
+        ("-m", "marker", "print the batmap marker"),
+        ("-d", "depth", "print the chain depth"),
+        ("-a", "allocated", "print the allocated block count"),
+        ("-S", "fastresize", "print the maximum size for 'resize -f' (MiB)"),
+        ("-u", "unresolved", "do not resolve the parent path (print it as stored)"),
+        ("-b", "backup", "do not trust the footer: use the backup copy at offset 0"),
     ):
-        p.add_argument(flag, dest=dest, action="store_true", help=f"print the {text}")
+        p.add_argument(flag, dest=dest, action="store_true", help=text)
     a = p.parse_args(argv)
     from blktap.proto.vhd.constants import DiskType
     from blktap.vhdutil.create import chain_depth
     from blktap.vhdutil.query import query
 
-    info = query(a.name, resolve_parent=a.parent)
+    info = query(a.name, resolve_parent=a.parent and not a.unresolved, use_backup=a.backup)
     if a.size:
         _out(str(info.virtual_size_mb))
     if a.physize:
@@ -192,6 +192,8 @@ def _query(argv: Sequence[str]) -> int:
     if a.parent:
         if info.disk_type != DiskType.DIFFERENCING or info.parent is None:
             _out(f"{a.name} has no parent")
+        elif a.unresolved:
+            _out(info.parent)
         else:
             _out(os.path.realpath(info.parent))  # as C vhd_find_parent: realpath
     if a.fields:
@@ -200,12 +202,10 @@ def _query(argv: Sequence[str]) -> int:
         _out(f"marker: {info.marker or 0}")
     if a.depth:
         _out(f"chain depth: {chain_depth(a.name)}")
-    if a.fastresize:
-        _out(str(info.max_size_mb))
     if a.allocated:
         _out(str(info.allocated_blocks))
-    if a.hidden:
-        _out(str(info.hidden))
+    if a.fastresize:
+        _out(str(info.max_size_mb))
     return 0
 
 

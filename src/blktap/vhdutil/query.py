@@ -2,16 +2,18 @@
 
 Each function opens the image read-only and returns a value; the CLI prints them in the
 C tool's formats (``-v`` MiB, ``-s`` bytes, ``-p`` path or "<name> has no parent",
-``-f`` "hidden: N", ``-m`` "marker: N", ``-d`` "chain depth: N", ``-S`` MiB).
+``-f`` "hidden: N", ``-m`` "marker: N", ``-d`` "chain depth: N", ``-a`` a count,
+``-S`` MiB; ``-u`` leaves the parent path unresolved, ``-b`` reads the backup footer).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blktap.errors import InvalidArgument
-from blktap.proto.vhd.constants import BAT_UNUSED, FOOTER_SIZE, DiskType
-from blktap.vhd.image import VhdFile
+from blktap.errors import ImageFormatError, InvalidArgument
+from blktap.proto.vhd.constants import BAT_UNUSED, FOOTER_COOKIE, FOOTER_SIZE, DiskType, Platform
+from blktap.proto.vhd.footer import parse_footer
+from blktap.vhd.image import VhdFile, pread_exact
 from blktap.vhdutil.common import MB, footer_position
 from blktap.vhdutil.create import chain_depth
 
@@ -27,7 +29,7 @@ class QueryInfo:
     """Bytes: end of the data plus the trailing footer (C ``vhd_get_phys_size``)."""
     disk_type: int
     parent: str | None
-    """Resolved path of the parent, None when the image has none."""
+    """Path of the parent (resolved, or as stored; see :func:`query`), None if none."""
     hidden: int
     marker: int | None
     """The batmap's marker, None when the image has no batmap."""
@@ -46,12 +48,32 @@ class QueryInfo:
         return self.max_bat_size * self.block_size // MB
 
 
-def query(path: str, *, resolve_parent: bool = True) -> QueryInfo:
+def query(path: str, *, resolve_parent: bool = True, use_backup: bool = False) -> QueryInfo:
     """Open ``path`` read-only and gather :class:`QueryInfo`.
 
+    Without ``resolve_parent`` the parent is the path its preferred locator stores
+    (MACX, else W2RU, else W2KU), not searched for. With ``use_backup`` the footer facts
+    come from the backup copy at offset 0 (sparse disks).
+
     Raises ImageFormatError for a malformed image (or, with ``resolve_parent``, a
-    differencing disk whose parent cannot be found), OSError."""
+    differencing disk whose parent cannot be found; with ``use_backup``, an invalid
+    backup footer), OSError."""
     with VhdFile.open(path, resolve_parent=resolve_parent) as image:
+        footer = image.footer
+        if use_backup and image.header is not None:
+            backup = parse_footer(pread_exact(image.fd, FOOTER_SIZE, 0), path)
+            if backup.cookie != FOOTER_COOKIE or not backup.checksum_ok():
+                raise ImageFormatError(
+                    "backup footer is not valid", path=path, structure="backup footer"
+                )
+            footer = backup
+        parent = image.parent.path if image.parent is not None else None
+        if not resolve_parent and footer.disk_type == DiskType.DIFFERENCING:
+            stored = dict(image.locator_paths())
+            for code in (Platform.MACX, Platform.W2RU, Platform.W2KU):
+                if code in stored:
+                    parent = stored[code]
+                    break
         h = image.header
         if h is None:
             max_bat = 0
@@ -63,11 +85,11 @@ def query(path: str, *, resolve_parent: bool = True) -> QueryInfo:
             allocated = sum(1 for e in image.bat if e != BAT_UNUSED)
         return QueryInfo(
             path=path,
-            virtual_size=image.size,
+            virtual_size=footer.current_size,
             physical_size=footer_position(image) + FOOTER_SIZE,
-            disk_type=image.footer.disk_type,
-            parent=image.parent.path if image.parent is not None else None,
-            hidden=image.footer.hidden,
+            disk_type=footer.disk_type,
+            parent=parent,
+            hidden=footer.hidden,
             marker=image.batmap_header.marker if image.batmap_header is not None else None,
             max_bat_size=max_bat,
             block_size=block_size,
