@@ -42,8 +42,16 @@ def patch(path: str, offset: int, data: bytes) -> None:
 
 
 def check(capsys: pytest.CaptureFixture[str], path: str, *flags: str) -> tuple[int, list[str]]:
+    """(exit status, the lines before the metadata dump that follows a fault)."""
     rc = main(["check", "-n", path, *flags])
-    return rc, capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()
+    if rc:
+        # As the C tool: the fault, then "<file> appears invalid; dumping metadata".
+        cut = next(i for i, line in enumerate(lines) if "appears invalid" in line)
+        assert lines[cut].endswith("appears invalid; dumping metadata")
+        assert "VHD Footer Summary:" in lines[cut:]
+        lines = lines[:cut]
+    return rc, lines
 
 
 def sha(path: str) -> str:
@@ -158,29 +166,57 @@ def test_check_parents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         f"{grand} is valid", f"{tmp_path}/child.vhd is valid", f"{tmp_path}/base.vhd is valid",
     ])
     patch(base, -512 + 64, b"\0\0\0\0")
-    rc, lines = check(capsys, grand, "-p")
+    rc = main(["check", "-n", grand, "-p"])
+    lines = capsys.readouterr().out.splitlines()
     assert rc == 22
-    assert lines[-1] == "primary footer invalid: invalid checksum"
+    assert lines[:3] == [
+        f"{grand} is valid", f"{tmp_path}/child.vhd is valid",
+        "primary footer invalid: invalid checksum",
+    ]
+    assert lines[-1] == "error checking parents: -22"
     assert check(capsys, grand)[0] == 0  # without -p the parents' own faults are not seen
 
 
-def test_check_bitmaps_against_batmap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_data_where_bitmap_is_clear(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (path,) = copy(tmp_path, "dyn-data.vhd")
-    # Block 1 is full (batmap bit set); clear one bit of its sector bitmap.
-    patch(path, 2104832, b"\x7f")
+    # Block 0 holds sectors 0-7 (data at 4096); put bytes in sectors 8 and 10.
+    patch(path, 4096 + 8 * 512 + 100, b"x")
+    patch(path, 4096 + 10 * 512, b"y")
     assert check(capsys, path)[0] == 0
-    assert check(capsys, path, "-b") == (
-        22, ["batmap shows block 1 full but its sector bitmap is not"]
-    )
+    assert check(capsys, path, "-b") == (22, [
+        "sector 0x8 of block 0x0 has data where bitmap is clear",
+        "sector 0xa of block 0x0 has data where bitmap is clear",
+    ])
+    assert main(["check", "-n", path, "-b", "-B"]) == 22  # -B precludes -b
+    assert "precludes" in capsys.readouterr().err
 
 
-def test_check_stats(capsys: pytest.CaptureFixture[str]) -> None:
-    path = str(FIXTURES / "dyn-data.vhd")
-    rc, lines = check(capsys, path, "-s")
-    assert rc == 0
-    assert lines[1] == (
-        f"{path}: blocks: 32, allocated: 5 (15.6%), full: 1, data: 2102784 bytes"
-    )
+def test_check_stats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """-s prints statistics instead of "is valid", root first."""
+    assert check(capsys, str(FIXTURES / "dyn-data.vhd"), "-s") == (0, [
+        "dyn-data.vhd: secs allocated: 0x5000 secs written: 0x100b (20.05%)",
+    ])
+    grand = copy(tmp_path, "base.vhd", "child.vhd", "grandchild.vhd")[2]
+    assert check(capsys, grand, "-s", "-p") == (0, [
+        "base.vhd: secs allocated: 0x5000 secs written: 0x4800 (90.00%)",
+        "child.vhd: secs allocated: 0x3000 secs written: 0x1081 (34.38%) "
+        "secs not in parent: 0x1000 (96.95%) secs not in ancestors: 0x1000 (96.95%)",
+        "grandchild.vhd: secs allocated: 0x2000 secs written: 0x10 (0.20%) "
+        "secs not in parent: 0x7 (43.75%) secs not in ancestors: 0x0 (0.00%)",
+    ])
+
+
+def test_null_uuid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (path,) = copy(tmp_path, "dyn-empty.vhd")
+    f = parse_footer(Path(path).read_bytes()[:512])
+    f = dataclasses.replace(f, uuid=bytes(16)).with_checksum()
+    patch(path, 0, f.encode())
+    patch(path, -512, f.encode())
+    assert check(capsys, path) == (22, ["primary footer invalid: invalid (NULL) uuid"])
+    assert main(["repair", "-n", path]) == 0  # a new uuid, as the C tool
+    assert check(capsys, path)[0] == 0
 
 
 def test_future_timestamp(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -453,7 +453,11 @@ def _check(argv: Sequence[str]) -> int:
         "locators, batmap, and the BAT (no block overlaps the metadata, another block,\n"
         "or runs past the end of the file).\n\n"
         "Prints \"NAME is valid\" and exits 0 (a valid fixed disk prints nothing), or\n"
-        "prints the fault(s), the first being the C tool's verdict, and exits 22.",
+        "prints the fault (the C tool's words), \"NAME appears invalid; dumping\n"
+        "metadata\" and the headers, and exits 22.",
+        "statistics (-s), per image of the chain, root first:\n"
+        "  NAME: secs allocated: 0xN secs written: 0xN (P%)"
+        " [secs not in parent: 0xN (P%) secs not in ancestors: 0xN (P%)]",
     )
     p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
     p.add_argument("-i", dest="ignore_primary", action="store_true",
@@ -463,12 +467,15 @@ def _check(argv: Sequence[str]) -> int:
     p.add_argument("-t", dest="ignore_time", action="store_true",
                    help="ignore timestamps in the future")
     p.add_argument("-B", dest="ignore_overlap", action="store_true",
-                   help="ignore blocks that overlap each other")
+                   help="do not check the BAT for overlapping blocks (precludes -s, -b)")
     p.add_argument("-p", dest="parents", action="store_true", help="check the parents too")
     p.add_argument("-b", dest="bitmaps", action="store_true",
-                   help="check the sector bitmaps of blocks the batmap calls full")
-    p.add_argument("-s", dest="stats", action="store_true", help="print block statistics")
+                   help="check bitmaps: no sector whose bitmap bit is clear may hold data")
+    p.add_argument("-s", dest="stats", action="store_true",
+                   help="print sector statistics (instead of \"is valid\")")
     a = p.parse_args(argv)
+    if a.ignore_overlap and (a.stats or a.bitmaps):
+        p.error("-B precludes -s and -b")
     from blktap.vhdutil.check import CheckOptions, check
 
     report = check(
@@ -480,10 +487,10 @@ def _check(argv: Sequence[str]) -> int:
         ),
         ignore_parent_uuid=a.ignore_uuid,
         check_parents=a.parents,
-        check_bitmaps=a.bitmaps,
+        check_data=a.bitmaps,
         stats=a.stats,
     )
-    for line in report.lines():
+    for line in report.lines:
         _out(line)
     return 0 if report.valid else errno.EINVAL
 
