@@ -245,6 +245,19 @@ def test_snapshot_raw_parent(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert chain.read(0, chain.size) == f.read()
 
 
+def test_snapshot_skips_empty_disks_down_to_a_raw_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (raw,) = fixture(tmp_path, "raw-parent.img")
+    a = str(tmp_path / "a.vhd")
+    b = str(tmp_path / "b.vhd")
+    assert run(capsys, "snapshot", "-n", a, "-p", raw, "-m")[0] == 0
+    # a is empty: b links to the raw image itself (and no depth limit applies to it).
+    assert run(capsys, "snapshot", "-n", b, "-p", a, "-l", "1")[0] == 0
+    assert run(capsys, "query", "-n", b, "-p", "-d")[1].splitlines() == [raw, "chain depth: 2"]
+    assert run(capsys, "check", "-n", b)[0] == 0
+
+
 def test_snapshot_missing_parent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, _ = run(capsys, "snapshot", "-n", str(tmp_path / "s.vhd"), "-p",
                    str(tmp_path / "nope.vhd"))

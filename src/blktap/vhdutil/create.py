@@ -102,13 +102,14 @@ def chain_depth(path: str) -> int:
     return depth
 
 
-def resolve_snapshot_parent(parent: str, *, exact: bool) -> str:
-    """The parent a snapshot links to: ``parent`` with ``exact``; otherwise the first
-    non-empty image going down from ``parent`` through empty differencing disks (as
-    vhd-util does without ``-e``)."""
+def resolve_snapshot_parent(parent: str, *, exact: bool) -> tuple[str, bool]:
+    """The parent a snapshot links to, and whether it is raw: ``parent`` with ``exact``;
+    otherwise the first non-empty image going down from ``parent`` through empty
+    differencing disks, which may be a raw image at the root (as vhd-util does without
+    ``-e``)."""
     current = parent
     if exact:
-        return current
+        return current, False
     while True:
         with VhdFile.open(current) as image:
             if (
@@ -116,9 +117,9 @@ def resolve_snapshot_parent(parent: str, *, exact: bool) -> str:
                 or image.parent is None
                 or not is_empty(image)
             ):
-                return current
+                return current, False
             if image.parent.raw:
-                return current
+                return image.parent.path, True
             current = image.parent.path
 
 
@@ -134,29 +135,34 @@ def snapshot(
     """Create ``path``, a differencing VHD over ``parent`` (see :func:`resolve_snapshot_parent`).
 
     ``raw_parent``: ``parent`` is a raw image. ``depth_limit``: refuse (DepthExceeded,
-    ENOSPC) when the new chain would hold more images. ``prealloc``: BAT sized for that
-    many bytes. Returns the path of the parent actually linked.
+    ENOSPC) when the new chain would hold more images (not checked over a raw parent, as
+    the C tool). ``prealloc``: BAT sized for that many bytes. The new disk has the size
+    of ``parent`` even when it links further down a chain of empty disks of other sizes.
+    Returns the path of the parent actually linked.
 
     Raises FileNotFoundError (no parent), ImageFormatError (parent malformed),
     DepthExceeded, FileExistsError, OSError; nothing is left behind on failure.
     """
     if not os.path.exists(parent):
         raise FileNotFoundError(errno.ENOENT, "parent not found", parent)
-    target = parent if raw_parent else resolve_snapshot_parent(parent, exact=exact)
-    if depth_limit is not None and depth_limit > 0:
-        depth = 1 if raw_parent else chain_depth(target)
+    if raw_parent:
+        target, raw = parent, True
+    else:
+        target, raw = resolve_snapshot_parent(parent, exact=exact)
+    if depth_limit is not None and depth_limit > 0 and not raw:
+        depth = chain_depth(target)
         if depth + 1 > depth_limit:
             raise DepthExceeded(
                 f"snapshot depth exceeded: current depth: {depth}, limit: {depth_limit}"
             )
     if raw_parent:
-        psize = -(-os.stat(target).st_size // 512) * 512
+        psize = -(-os.stat(parent).st_size // 512) * 512
     else:
-        with VhdFile.open(target, resolve_parent=False) as p:
+        with VhdFile.open(parent, resolve_parent=False) as p:
             psize = p.size
-    size = prealloc if prealloc is not None and prealloc > psize else None
-    _lib_snapshot(path, target, raw_parent=raw_parent, size=size)
-    if size is not None:
+    lib_size = max(psize, prealloc or 0)
+    _lib_snapshot(path, target, raw_parent=raw, size=lib_size)
+    if lib_size != psize:
         try:
             _shrink_to(path, psize)
         except BaseException:
