@@ -48,6 +48,9 @@ class ServedImage:
         self.socket = os.path.join(directory, "nbd0.0")
         self.uri = f"nbd+unix:///?socket={self.socket}"
         self.loop = uvloop.new_event_loop()
+        # Anything that reaches the loop's exception handler is a bug in the server.
+        self.loop_errors: list[dict[str, Any]] = []
+        self.loop.set_exception_handler(lambda _loop, ctx: self.loop_errors.append(ctx))
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.vbd = VBD(0)
@@ -118,6 +121,7 @@ def serve(workdir: str) -> Iterator[Callable[..., ServedImage]]:
             s.close()
         for s in served:
             assert not os.path.exists(s.socket), "stop() must remove the socket"
+            assert not s.loop_errors, s.loop_errors
 
 
 def run(*argv: str, timeout: float = 60.0, input: bytes | None = None) -> str:
@@ -611,3 +615,25 @@ def test_large_reads_to_a_slow_reader_are_not_corrupted(
             time.sleep(0.005)
     finally:
         c.close()
+
+
+def test_stop_with_a_request_stuck_in_a_paused_vbd(
+        serve: Callable[..., ServedImage], caplog: pytest.LogCaptureFixture) -> None:
+    s = serve(direct=False)
+    c = RawClient(s.socket)
+    try:
+        c.handshake()
+        s.call(s.vbd.pause())
+        c.sock.sendall(request(0, 1, 0, 4096))
+        time.sleep(0.2)
+        start = time.monotonic()
+        s.call(s.server.stop(timeout=0.5))
+        assert time.monotonic() - start < 3
+        assert c.closed_by_server()
+        # The request completes later, into a closed connection: dropped quietly.
+        s.call(s.vbd.resume())
+        time.sleep(0.2)
+    finally:
+        c.close()
+    assert not [r for r in caplog.records
+                if r.name.startswith("blktap.frontends") and r.levelname == "ERROR"]
