@@ -102,3 +102,17 @@ def test_creator_0_1_images_have_lsb_first_bitmaps(tmp_path: Path) -> None:
     with VhdFile.open(str(path)) as vf:
         assert vf.lsb_bitmaps and vf.batmap is None
     assert run(chain_bytes(str(path))) == run(chain_bytes(str(FIXTURES / "dyn-data.vhd")))
+
+
+def test_relative_parent_resolves_against_the_childs_real_directory(tmp_path: Path) -> None:
+    """As libvhd: a child reached through a symlink elsewhere still finds its parent."""
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in ("base.vhd", "child.vhd"):
+        shutil.copyfile(FIXTURES / name, store / name)
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "vm.vhd").symlink_to(store / "child.vhd")
+    with VhdFile.open(str(links / "vm.vhd")) as vf:
+        assert vf.parent is not None and vf.parent.path == str((store / "base.vhd").resolve())
+    assert run(chain_bytes(str(links / "vm.vhd"))) == run(chain_bytes(str(FIXTURES / "child.vhd")))

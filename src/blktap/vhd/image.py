@@ -354,10 +354,10 @@ class VhdFile:
     def _load_batmap(self, blocks: int) -> None:
         h = self.header
         assert h is not None
-        if not has_batmap(self.footer):
-            return
         off = batmap_header_offset(h)
         raw = pread_exact(self.fd, BATMAP_HEADER_SIZE, off)
+        if not has_batmap(self.footer, raw):
+            return
         if len(raw) < BATMAP_HEADER_SIZE:
             log.warning("%s: batmap header missing; ignoring the batmap", self.path)
             return
@@ -440,7 +440,8 @@ class VhdFile:
     def _resolve_parent(self) -> ParentLink:
         h = self.header
         assert h is not None
-        me = os.path.abspath(self.path)
+        # As libvhd: relative locators resolve against the child's real directory.
+        me = os.path.realpath(self.path)
         tried: list[str] = []
         for code, stored in self.locator_paths():
             location = resolve_parent_path(me, stored)
@@ -476,7 +477,7 @@ class VhdFile:
                         "parent_uuid",
                         h.parent_uuid.hex(),
                     )
-            return ParentLink(path=location, raw=raw, locator=code)
+            return ParentLink(path=os.path.realpath(location), raw=raw, locator=code)
         if not tried:
             raise _fail(
                 self.path,

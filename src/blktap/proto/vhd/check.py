@@ -19,6 +19,7 @@ from blktap.proto.vhd.bat import parse_bat
 from blktap.proto.vhd.batmap import parse_batmap_header, test_block
 from blktap.proto.vhd.constants import (
     BAT_UNUSED,
+    BATMAP_COOKIE,
     BATMAP_HEADER_SIZE,
     FOOTER_SIZE,
     HEADER_SIZE,
@@ -151,7 +152,9 @@ def check_vhd(
         eof += 1
     bat_raw = read(header.table_offset, header.max_bat_size * 4)
     bat = parse_bat(bat_raw, header.max_bat_size)
-    batmap_ok = has_batmap(footer)
+    batmap_ok = has_batmap(
+        footer, read(batmap_header_offset(header), BATMAP_HEADER_SIZE)
+    )
     eoh = end_of_headers(footer, header, read if batmap_ok else None)
     faults.extend(_bat_faults(footer, header, list(bat), eoh, eof, options.ignore_bat_overlap))
     if batmap_ok:
@@ -161,9 +164,15 @@ def check_vhd(
     return CheckResult(name, faults, footer.disk_type)
 
 
-def has_batmap(footer: Footer) -> bool:
-    """blktap keeps a batmap in images it created with creator version 1.2 or later."""
-    return footer.is_tap and footer.creator_version >= 0x00010002
+def has_batmap(footer: Footer, batmap_header: bytes | None = None) -> bool:
+    """Whether blktap keeps a batmap in this image: always for "tap" creator 1.2 and
+    later, never for 0.1; for 1.1 only when a batmap header is there (``batmap_header``:
+    the 512 bytes after the BAT, as libvhd decides)."""
+    if not footer.is_tap or footer.creator_version <= 0x00000001:
+        return False
+    if footer.creator_version >= 0x00010002:
+        return True
+    return batmap_header is not None and batmap_header[:8] == BATMAP_COOKIE
 
 
 def batmap_header_offset(header: DynamicHeader) -> int:
