@@ -359,7 +359,8 @@ def _coalesce(argv: Sequence[str]) -> int:
     p = _parser(
         "coalesce",
         "Merge NAME, a differencing disk, into its parent: every sector NAME holds is\n"
-        "written to the parent, which then reads as NAME did. NAME itself is unchanged.",
+        "written to the parent, which then reads as NAME did. NAME itself is unchanged.\n"
+        "Prints \"Coalesced N sectors\" (as the current C tool).",
         "The data is copied in the kernel (copy_file_range), a block at a time.\n"
         "An interrupted coalesce leaves a valid parent; run it again to finish.",
     )
@@ -371,7 +372,8 @@ def _coalesce(argv: Sequence[str]) -> int:
     a = p.parse_args(argv)
     from blktap.vhdutil.coalesce import coalesce
 
-    coalesce(a.name, sparse=a.sparse, progress=_progress(a.progress))
+    result = coalesce(a.name, sparse=a.sparse, progress=_progress(a.progress))
+    _out(f"Coalesced {result.bytes_copied // 512} sectors")
     return 0
 
 

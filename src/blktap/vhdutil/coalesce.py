@@ -99,7 +99,9 @@ def coalesce(
     """
     with VhdFile.open(child_path) as child:
         if child.footer.disk_type != DiskType.DIFFERENCING or child.parent is None:
-            raise InvalidArgument(f"{child_path} is not a differencing disk; nothing to coalesce")
+            raise InvalidArgument(
+                f"{child_path}: coalescing of non-differencing disks is not supported"
+            )
         link = child.parent
         if link.raw:
             fd = os.open(link.path, os.O_RDWR | os.O_CLOEXEC)
