@@ -200,7 +200,11 @@ class AioImage:
 
     # ----------------------------------------------------------------- reads
     async def read(self, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` from ``offset``. Raises OSError; ``buf`` is undefined on failure."""
+        """Fill ``buf`` from ``offset``. Raises OSError (EIO for a short read).
+
+        On failure ``buf`` is undefined. In direct mode the kernel may still be filling
+        ``buf`` after a cancellation: a cancelled caller must not reuse it at once.
+        """
         aio = self._aio
         n = len(buf)
         if aio is None:
@@ -224,11 +228,11 @@ class AioImage:
             _pread_full(self._tail(), buf, offset)
             return
         bounce = self._pool.get(hi - lo)
-        try:
-            await self._direct_io(False, bounce, lo, 0)
-            buf[:] = bounce[offset - lo : offset - lo + n]
-        finally:
-            self._pool.put(bounce)
+        await self._direct_io(False, bounce, lo, 0)
+        buf[:] = bounce[offset - lo : offset - lo + n]
+        # Only a bounce buffer no longer in the kernel's hands goes back to the pool (after
+        # an error or a cancellation it may still be in flight: it is simply dropped).
+        self._pool.put(bounce)
 
     async def _direct_io(self, write: bool, buf: memoryview, offset: int, rw_flags: int) -> None:
         """Whole-buffer O_DIRECT I/O; ``buf`` must be aligned."""
@@ -248,8 +252,9 @@ class AioImage:
     ) -> None:
         """Continue a request the kernel completed short (``done`` of ``n`` bytes)."""
         assert self._aio is not None
+        res = done
         while done < n:
-            if done == 0 or done & self._amask:
+            if res == 0 or done & self._amask:  # end of file, or cannot continue aligned
                 what = "write" if write else "read"
                 raise OSError(
                     errno.EIO, f"{self.path}: short {what} ({done} of {n} bytes at {offset})"
@@ -260,9 +265,6 @@ class AioImage:
                 )
             else:
                 res = await self._aio.pread(self._fd, addr + done, n - done, offset + done, keep)
-            if res == 0:
-                done = 0
-                continue
             done += res
 
     # ---------------------------------------------------------------- writes
@@ -273,7 +275,8 @@ class AioImage:
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; with ``fua`` durable (RWF_DSYNC) on return.
 
-        Raises ReadOnly, OSError; on failure the range's contents are undefined.
+        Raises ReadOnly, OSError; on failure (or cancellation) the range's contents are
+        undefined and bytes outside it are untouched.
         """
         if self.read_only:
             self._check_writable()
@@ -300,36 +303,39 @@ class AioImage:
 
     async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
         n = len(data)
-        lo = offset & ~self._amask
         hi = (offset + n + self._amask) & ~self._amask
         if not self._rmw and hi > self._tail_start:
             _pwrite_full(self._tail(), data, offset, os.RWF_DSYNC if fua else 0)
             return
         if not self._rmw:  # aligned range, unaligned memory: copy to an aligned buffer
             bounce = self._pool.get(n)
-            try:
-                bounce[:] = data
-                await self._direct_io(True, bounce, offset, RWF_DSYNC if fua else 0)
-            finally:
-                self._pool.put(bounce)
+            bounce[:] = data
+            await self._direct_io(True, bounce, offset, RWF_DSYNC if fua else 0)
+            self._pool.put(bounce)  # not after a failure: see _read_bounce
             return
-        # Read-modify-write of whole blocks, excluding any overlapping write meanwhile.
+        # Shielded: a cancelled caller must not release the range while its block write
+        # may still be in flight (a later read-modify-write would race with it).
+        await asyncio.shield(self._write_rmw(offset, data, fua))
+
+    async def _write_rmw(self, offset: int, data: memoryview, fua: bool) -> None:
+        """Read-modify-write whole blocks, excluding any overlapping write meanwhile."""
+        n = len(data)
+        lo = offset & ~self._amask
+        hi = (offset + n + self._amask) & ~self._amask
         await self._lock_range(lo, hi)
         try:
             if hi > self._tail_start:
                 _pwrite_full(self._tail(), data, offset, os.RWF_DSYNC if fua else 0)
                 return
             bounce = self._pool.get(hi - lo)
-            try:
-                block = self._amask + 1
-                if lo < offset:
-                    await self._direct_io(False, bounce[:block], lo, 0)
-                if offset + n < hi and (hi - block > lo or lo == offset):
-                    await self._direct_io(False, bounce[hi - lo - block :], hi - block, 0)
-                bounce[offset - lo : offset - lo + n] = data
-                await self._direct_io(True, bounce, lo, RWF_DSYNC if fua else 0)
-            finally:
-                self._pool.put(bounce)
+            block = self._amask + 1
+            if lo < offset:
+                await self._direct_io(False, bounce[:block], lo, 0)
+            if offset + n < hi and (hi - block > lo or lo == offset):
+                await self._direct_io(False, bounce[hi - lo - block :], hi - block, 0)
+            bounce[offset - lo : offset - lo + n] = data
+            await self._direct_io(True, bounce, lo, RWF_DSYNC if fua else 0)
+            self._pool.put(bounce)  # not after a failure: see _read_bounce
         finally:
             self._unlock_range(lo, hi)
 
