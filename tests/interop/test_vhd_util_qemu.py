@@ -143,7 +143,7 @@ def test_fill_keeps_contents(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert ours(path) == before
 
 
-@pytest.mark.parametrize("fixture", ["dyn-data.vhd", "qemu-dyn.vhd"])
+@pytest.mark.parametrize("fixture", ["dyn-data.vhd", "base.vhd"])
 def test_resize_with_journal_moves_blocks(
     fixture: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -154,11 +154,7 @@ def test_resize_with_journal_moves_blocks(
     vhd_util(capsys, "resize", "-n", path, "-s", "200", "-j", journal)
     assert not Path(journal).exists()
     assert_valid(capsys, path)
-    if fixture.startswith("qemu"):
-        # Creator "qemu": qemu takes the size from the CHS geometry (rounded down).
-        assert qemu_info(path)["virtual-size"] == 825 * 16 * 31 * 512
-    else:
-        assert qemu_info(path)["virtual-size"] == 200 * MB
+    assert qemu_info(path)["virtual-size"] == 200 * MB
     assert f"({200 * MB} bytes)" in vhdiinfo(path)
     after = qemu_raw(path, tmp_path)
     assert after[: len(before)] == before
@@ -203,14 +199,30 @@ def test_resize_fixed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert not any(data[16 * MB :])  # the old footer's bytes read as zeros now
 
 
-def test_resize_refuses_shrink(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resize_shrinks_dynamic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(tmp_path / "d.vhd")
     shutil.copyfile(FIXTURES / "dyn-data.vhd", path)
-    before = Path(path).read_bytes()
-    assert main(["resize", "-n", path, "-s", "32", "-j", str(tmp_path / "j")]) == 22
-    assert "shrinking" in capsys.readouterr().err
-    assert Path(path).read_bytes() == before
+    before = qemu_raw(path, tmp_path)
+    vhd_util(capsys, "resize", "-n", path, "-s", "32", "-j", str(tmp_path / "j"))
     assert not (tmp_path / "j").exists()
+    assert_valid(capsys, path)
+    assert vhd_util(capsys, "query", "-n", path, "-v", "-a") == "32\n4\n"  # block 31 dropped
+    assert qemu_raw(path, tmp_path) == before[: 32 * MB]
+    assert "(33554432 bytes)" in vhdiinfo(path)
+
+
+def test_resize_refuses_qemu_images_and_fixed_shrink(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, size in (("qemu-dyn.vhd", "128"), ("fixed.vhd", "8")):
+        path = str(tmp_path / name)
+        shutil.copyfile(FIXTURES / name, path)
+        before = Path(path).read_bytes()
+        assert main(["resize", "-n", path, "-s", size, "-j", str(tmp_path / "j")]) == 22
+        err = capsys.readouterr().err
+        assert "not created by xen" in err or "shrinking the fixed disk" in err
+        assert Path(path).read_bytes() == before
+        assert not (tmp_path / "j").exists()
 
 
 def test_coalesce_result_read_by_qemu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -130,17 +130,36 @@ def test_revert_after_a_completed_resize(
     assert Path(path).read_bytes() == (FIXTURES / "child.vhd").read_bytes()
 
 
-def test_revert_after_an_interrupted_resize(
+def test_failed_resize_is_undone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """An error half-way (blocks already moved): the journal restores the image before
+    the error is reported, as the C tool does; the journal is gone."""
     (path,) = copy(tmp_path, "dyn-data.vhd")
     journal = str(tmp_path / "j")
 
-    def crash(*_: object) -> bytes:
-        raise OSError(5, "simulated crash while writing the new BAT")
+    def fail(*_: object) -> bytes:
+        raise OSError(5, "simulated I/O error while writing the new BAT")
 
-    monkeypatch.setattr(rmod, "encode_bat", crash)
+    monkeypatch.setattr(rmod, "encode_bat", fail)
     assert main(["resize", "-n", path, "-s", "2048", "-j", journal]) == 5
+    assert "simulated" in capsys.readouterr().err
+    assert not os.path.exists(journal)
+    assert Path(path).read_bytes() == (FIXTURES / "dyn-data.vhd").read_bytes()
+
+
+def test_revert_after_an_interrupted_resize(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process dies half-way: the journal stays, revert restores the image."""
+    (path,) = copy(tmp_path, "dyn-data.vhd")
+    journal = str(tmp_path / "j")
+
+    def die(*_: object) -> bytes:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rmod, "encode_bat", die)
+    assert main(["resize", "-n", path, "-s", "2048", "-j", journal]) == 4  # EINTR
     capsys.readouterr()
     assert os.path.exists(journal)
     assert os.path.getsize(path) > os.path.getsize(FIXTURES / "dyn-data.vhd")  # blocks moved

@@ -317,12 +317,15 @@ def _repair(argv: Sequence[str]) -> int:
 def _resize(argv: Sequence[str]) -> int:
     p = _parser(
         "resize",
-        "Grow NAME to SIZE MiB. With -f only the footers change, which works while SIZE\n"
-        "fits the metadata ('query -S'). Otherwise the BAT grows in place: blocks in its\n"
-        "way are moved to the end of the file, and every byte rewritten in place is saved\n"
-        "to JOURNAL first; if the resize is interrupted, 'vhd-util revert -n NAME -j\n"
-        "JOURNAL' restores the image. The journal is removed on success.",
-        "Shrinking is refused.\n\nexample:\n  vhd-util resize -n disk.vhd -s 20480 -j disk.journal",
+        "Resize NAME to SIZE MiB. With -f only the footers change, which works while SIZE\n"
+        "fits the metadata ('query -S'; the size is rounded up to whole blocks). With -j\n"
+        "the BAT grows in place as needed: blocks in its way are moved to the end of the\n"
+        "file, and every byte rewritten in place is saved to JOURNAL first. A failed\n"
+        "resize is undone from the journal; if the process dies, 'vhd-util revert -n\n"
+        "NAME -j JOURNAL' restores the image. The journal is removed when done.",
+        "Only images created by blktap (creator \"tap\") are resized, as with the C tool.\n"
+        "Shrinking (with -j) drops a dynamic disk's blocks past the new end; fixed disks\n"
+        "only grow.\n\nexample:\n  vhd-util resize -n disk.vhd -s 20480 -j disk.journal",
     )
     p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
     p.add_argument("-s", dest="size", type=int, required=True, metavar="MB",

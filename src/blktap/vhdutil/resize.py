@@ -1,4 +1,4 @@
-"""``vhd-util resize -n NAME -s MB (-j JOURNAL | -f)``: grow a VHD.
+"""``vhd-util resize -n NAME -s MB (-j JOURNAL | -f)``: change a VHD's size.
 
 * Fixed disks: the file grows (zeros, sparse) and the footer moves to the new end.
 * Sparse disks within the BAT's capacity (``query -S``; see ``create -S``): only the
@@ -9,7 +9,10 @@
   so ``vhd-util revert -n NAME -j JOURNAL`` undoes an interrupted resize; the journal is
   removed when the resize completes.
 
-Shrinking is refused (EINVAL), as data past the new end would be lost.
+Shrinking (journaled) drops a dynamic disk's blocks past the new end; fixed disks are
+not shrunk. As the C tool, only images created by blktap ("tap") are resized, a failed
+journaled resize is undone from its journal before the error is reported, and ``-f``
+rounds the size up to whole blocks.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from blktap.vhdutil.common import (
     footer_position,
     write_footers,
 )
-from blktap.vhdutil.journal import remove_journal, write_journal
+from blktap.vhdutil.journal import JournalExists, remove_journal, revert, write_journal
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,64 +61,136 @@ def _validate(image: VhdFile, new_size: int) -> None:
         raise InvalidArgument(f"invalid size {new_size}: not a positive multiple of 512")
     if new_size > MAX_VHD_SIZE:
         raise InvalidArgument(f"invalid size {new_size}: exceeds the VHD limit of 2040 GiB")
-    if new_size < image.size:
-        raise InvalidArgument(
-            f"shrinking {image.path} from {image.size} to {new_size} bytes is not supported"
-        )
+    if not image.footer.is_tap:
+        # As the C tool: other creators (e.g. qemu, which sizes from CHS) are refused.
+        raise InvalidArgument(f"{image.path} not created by xen; resize not supported")
 
 
 def resize(
     path: str, new_size: int, *, journal: str | None = None, fast: bool = False
 ) -> ResizeResult:
-    """Grow ``path`` to ``new_size`` bytes (see the module docstring).
+    """Resize ``path`` to ``new_size`` bytes (see the module docstring).
 
-    ``fast`` allows only growth within the BAT's capacity. Without ``fast`` a journal is
-    required when the BAT must grow. Raises InvalidArgument (shrink, bad size, fast
-    resize beyond capacity, missing journal), JournalExists, ImageFormatError, OSError.
+    ``fast`` (no journal): grow within the BAT's capacity only; the size is rounded up
+    to whole blocks, as the C tool does. With ``journal``: grow anything (the BAT grows
+    in place), or shrink a dynamic disk (blocks past the new end are dropped). If the
+    journaled resize fails, the image is restored from the journal before the error is
+    raised; if the process dies, ``revert`` restores it.
+
+    Raises InvalidArgument (bad size, not a "tap" image, fast resize beyond capacity or
+    shrinking, shrinking a fixed disk), JournalExists, ImageFormatError, OSError.
     """
-    if journal is None and not fast:
-        raise InvalidArgument("resize needs a journal (-j) or fast mode (-f)")
+    if (journal is None) == (not fast):
+        raise InvalidArgument("resize needs exactly one of a journal (-j) or fast mode (-f)")
+    failed: BaseException | None = None
     with VhdFile.open(path, writable=True, resolve_parent=False) as image:
         _validate(image, new_size)
-        old = image.size
-        footer = dataclasses.replace(
-            image.footer,
-            current_size=new_size,
-            original_size=new_size,
-            geometry=chs_geometry(new_size),
-        )
-        if image.header is None:
-            if journal is not None:
-                write_journal(journal, image.fd, [(old, FOOTER_SIZE)])
-            # The new footer first (the file always ends with a valid one), then the old
-            # footer's bytes, now part of the disk, become zeros.
-            write_footers(image, footer)
-            pwrite_all(image.fd, [bytes(FOOTER_SIZE)], old)
-            os.fsync(image.fd)
-            if journal is not None:
-                remove_journal(journal)
-            return ResizeResult(old, new_size, 0, False)
-        h = image.header
-        new_blocks = -(-new_size // h.block_size)
-        if new_blocks <= h.max_bat_size:
-            if journal is not None:
-                write_journal(
-                    journal, image.fd, [(0, FOOTER_SIZE), (footer_position(image), FOOTER_SIZE)]
-                )
-            write_footers(image, footer)
-            if journal is not None:
-                remove_journal(journal)
-            return ResizeResult(old, new_size, 0, False)
         if fast:
-            raise InvalidArgument(
-                f"fast resize of {path} is limited to "
-                f"{h.max_bat_size * h.block_size >> 20} MB (its BAT's capacity); "
-                "use a journal (-j) to grow further"
-            )
+            return _fast(image, new_size)
         assert journal is not None
-        moved = _grow_bat(image, new_blocks, footer, journal)
+        try:
+            return _journaled(image, new_size, journal)
+        except JournalExists:
+            raise
+        except Exception as exc:
+            # Nothing more is written through this handle; the journal restores it.
+            image.dirty = False
+            failed = exc
+    assert failed is not None
+    if os.path.exists(journal):
+        revert(path, journal)
+    raise failed
+
+
+def _fast(image: VhdFile, new_size: int) -> ResizeResult:
+    h = image.header
+    old = image.size
+    if h is None:
+        raise InvalidArgument(f"fast resize of {image.path}: not a dynamic disk")
+    size = -(-new_size // h.block_size) * h.block_size
+    if size < old:
+        raise InvalidArgument(f"{image.path}: size ({size}) < curr size ({old})")
+    if size == old:
+        return ResizeResult(old, old, 0, False)
+    if size // h.block_size > h.max_bat_size:
+        raise InvalidArgument(
+            f"fast resize of {image.path} is limited to "
+            f"{h.max_bat_size * h.block_size >> 20} MB (its BAT's capacity); "
+            "use a journal (-j) to grow further"
+        )
+    write_footers(image, _resized_footer(image.footer, size))
+    return ResizeResult(old, size, 0, False)
+
+
+def _resized_footer(footer: Footer, size: int) -> Footer:
+    return dataclasses.replace(
+        footer, current_size=size, original_size=size, geometry=chs_geometry(size)
+    )
+
+
+def _journaled(image: VhdFile, new_size: int, journal: str) -> ResizeResult:
+    old = image.size
+    footer = _resized_footer(image.footer, new_size)
+    if image.header is None:
+        if new_size < old:
+            raise InvalidArgument(f"shrinking the fixed disk {image.path} is not supported")
+        write_journal(journal, image.fd, [(old, FOOTER_SIZE)])
+        # The new footer first (the file always ends with a valid one), then the old
+        # footer's bytes, now part of the disk, become zeros.
+        write_footers(image, footer)
+        pwrite_all(image.fd, [bytes(FOOTER_SIZE)], old)
+        os.fsync(image.fd)
         remove_journal(journal)
-        return ResizeResult(old, new_size, moved, True)
+        return ResizeResult(old, new_size, 0, False)
+    h = image.header
+    new_blocks = -(-new_size // h.block_size)
+    if new_size < old:
+        _shrink(image, new_blocks, footer, journal)
+        remove_journal(journal)
+        return ResizeResult(old, new_size, 0, False)
+    if new_blocks <= h.max_bat_size:
+        write_journal(journal, image.fd, [(0, FOOTER_SIZE), (footer_position(image), FOOTER_SIZE)])
+        write_footers(image, footer)
+        remove_journal(journal)
+        return ResizeResult(old, new_size, 0, False)
+    moved = _grow_bat(image, new_blocks, footer, journal)
+    remove_journal(journal)
+    return ResizeResult(old, new_size, moved, True)
+
+
+def _shrink(image: VhdFile, new_blocks: int, footer: Footer, journal: str) -> None:
+    """Drop the blocks past ``new_blocks`` (BAT entries and batmap bits) and set the new
+    size. The blocks' bytes stay in the file (the journal can then undo everything)."""
+    h = image.header
+    assert h is not None
+    ranges = [
+        (0, FOOTER_SIZE),
+        (h.table_offset, h.bat_size),
+        (image.file_size - FOOTER_SIZE, FOOTER_SIZE),
+    ]
+    head = image.batmap_header
+    if head is not None:
+        ranges += [(batmap_header_offset(h), BATMAP_HEADER_SIZE), (head.batmap_offset,
+                                                                 head.map_bytes)]
+    write_journal(journal, image.fd, ranges)
+    bat = array.array("I", image.bat)
+    for i in range(new_blocks, len(bat)):
+        bat[i] = BAT_UNUSED
+    del bat[new_blocks:]
+    full = array.array("I", bat)
+    full.extend([BAT_UNUSED] * (h.max_bat_size - len(bat)))
+    pwrite_all(image.fd, [encode_bat(full)[: h.max_bat_size * 4]], h.table_offset)
+    if head is not None and image.batmap is not None:
+        bits = bytearray(image.batmap)
+        for i in range(new_blocks, len(bits) * 8):
+            bits[i >> 3] &= ~(0x80 >> (i & 7)) & 0xFF
+        new_head = head.with_map_checksum(bits)
+        pwrite_all(image.fd, [bytes(bits)], head.batmap_offset)
+        pwrite_all(image.fd, [new_head.encode()], batmap_header_offset(h))
+        image.batmap_header, image.batmap = new_head, bits
+    image.bat = bat
+    os.fsync(image.fd)
+    write_footers(image, footer, in_place=True)
 
 
 def _grow_bat(image: VhdFile, new_blocks: int, footer: Footer, journal: str) -> int:
