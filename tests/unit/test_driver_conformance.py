@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import uvloop
 
 from blktap.block.chain import Chain
 from blktap.block.driver import SECTOR_SIZE, Alloc, Image
@@ -315,8 +316,9 @@ def test_close_releases_every_descriptor(
 
 
 # -------------------------------------------------------------------- concurrency
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_many_concurrent_reads_and_writes(
-    case: DriverCase, image_path: str, initial: bytes
+    case: DriverCase, image_path: str, initial: bytes, loop: str
 ) -> None:
     rng = random.Random(7)
     model = bytearray(initial)
@@ -341,7 +343,10 @@ def test_many_concurrent_reads_and_writes(
         finally:
             await image.close()
 
-    run(body())
+    if loop == "uvloop":  # what the tapdisk daemon runs on
+        uvloop.run(body())
+    else:
+        run(body())
 
 
 # ------------------------------------------------------------ through the chain
