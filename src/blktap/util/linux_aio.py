@@ -3,11 +3,13 @@
 One :class:`AioContext` serves every image of an event loop (as the C tapdisk has one
 ``tapdisk-queue`` per process). Requests return asyncio futures:
 
-* requests queued during one loop iteration go to the kernel in one ``io_submit``
-  (scheduled with ``loop.call_soon`` once per batch);
+* requests queued during one loop iteration go to the kernel together, in one
+  ``io_submit`` scheduled with ``loop.call_soon`` once per batch, or in a few growing
+  batches when the device is idle (see ``submit_batch``);
 * every iocb carries ``IOCB_FLAG_RESFD`` so that completions bump an eventfd the loop
   watches (``loop.add_reader``); one wake-up reaps every completed event at once;
-* iocbs live in one preallocated array, filled with a precompiled ``struct.Struct``: a
+* a batch's iocbs are packed with a precompiled ``struct.Struct`` into one preallocated
+  array whose pointer array never changes (the kernel copies iocbs at submission): a
   request allocates no ctypes object of its own;
 * at most ``depth`` requests are in the kernel; more wait in a FIFO and go in as slots
   free up. ``EAGAIN`` from ``io_submit`` leaves requests queued for a later retry.
@@ -236,7 +238,7 @@ class AioContext:
             if len(pending) >= self.submit_batch and len(pending) >= self._inflight:
                 # The device has little to do: start it on these now rather than at the
                 # end of the iteration (batches grow as the device gets busier).
-                self._flush()
+                self._submit_pending()
             elif not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
@@ -245,8 +247,12 @@ class AioContext:
         return fut
 
     def _flush(self) -> None:
-        """Submit the pending batch (several io_submit calls if the kernel takes part)."""
+        """The end-of-iteration submission scheduled by the first request of a batch."""
         self._flush_scheduled = False
+        self._submit_pending()
+
+    def _submit_pending(self) -> None:
+        """Submit the pending batch (several io_submit calls if the kernel takes part)."""
         pending = self._pending
         n = len(pending)
         done = 0
