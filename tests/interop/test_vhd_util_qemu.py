@@ -147,27 +147,30 @@ def test_fill_keeps_contents(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_resize_with_journal_moves_blocks(
     fixture: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """600 MiB needs a three-sector BAT: the first block (at 3584) moves out of its way."""
     path = str(tmp_path / fixture)
     shutil.copyfile(FIXTURES / fixture, path)
-    before = qemu_raw(path, tmp_path)
+    assert vhd_util(capsys, "read", "-n", path, "-b", "0") == "block: 0: offset: 3584\n"
     journal = str(tmp_path / "resize.journal")
-    vhd_util(capsys, "resize", "-n", path, "-s", "200", "-j", journal)
+    vhd_util(capsys, "resize", "-n", path, "-s", "600", "-j", journal)
     assert not Path(journal).exists()
+    assert vhd_util(capsys, "read", "-n", path, "-b", "0") != "block: 0: offset: 3584\n"
     assert_valid(capsys, path)
-    assert qemu_info(path)["virtual-size"] == 200 * MB
-    assert f"({200 * MB} bytes)" in vhdiinfo(path)
-    after = qemu_raw(path, tmp_path)
-    assert after[: len(before)] == before
-    assert not any(after[len(before) :])
-    assert vhd_util(capsys, "query", "-n", path, "-v", "-S") == "200\n200\n"
+    assert qemu_info(path)["virtual-size"] == 600 * MB
+    assert f"({600 * MB} bytes)" in vhdiinfo(path)
+    # qemu: the first 64 MiB as before, zeros after.
+    proc = subprocess.run(
+        ["qemu-img", "compare", "-f", "vpc", "-F", "vpc", str(FIXTURES / fixture), path],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert vhd_util(capsys, "query", "-n", path, "-v", "-S") == "600\n600\n"
     # The grown image takes new writes anywhere.
-    driver_write(path, [(190 * MB, b"\x66" * (2 * MB))])
+    driver_write(path, [(590 * MB, b"\x66" * (2 * MB))])
     assert_valid(capsys, path)
-    data = ours(path)
-    assert data[190 * MB : 192 * MB] == b"\x66" * (2 * MB)
-    assert data[: len(before)] == before
-    raw = qemu_raw(path, tmp_path)
-    assert raw == data[: len(raw)]
+    assert "read 2097152/2097152" in qemu_io(path, "read -P 0x66 590M 2M")
+    with ChainReader.open(path) as chain, ChainReader.open(str(FIXTURES / fixture)) as orig:
+        assert chain.read(0, 64 * MB) == orig.read(0, 64 * MB)
 
 
 def test_resize_fast_within_preallocated_metadata(
