@@ -290,7 +290,7 @@ class AioContext:
 
     def _retry(self) -> None:
         self._retry_handle = None
-        self._flush()
+        self._submit_pending()
 
     # --------------------------------------------------------- completions
     def _on_eventfd(self) -> None:
