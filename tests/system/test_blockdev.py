@@ -140,10 +140,10 @@ def make_device(base: str, server: ServerThread) -> Iterator[MakeDevice]:
     made: list[Device] = []
 
     def make(*, read_only: bool = False, fill: bytes | None = None, minor: int = 0,
-             direct: bool = True, loop_direct: bool = True) -> Device:
+             direct: bool = True, loop_direct: bool = True, size: int = SIZE) -> Device:
         image = os.path.join(base, f"img{minor}.raw")
         with open(image, "wb") as f:
-            f.truncate(SIZE)
+            f.truncate(size)
             if fill is not None:
                 f.write(fill)
         vbd = VBD(minor)
@@ -600,3 +600,16 @@ def test_run_directory_behind_a_symlink(make_device: MakeDevice, server: ServerT
         server.run(bd.stop())
     assert _mounts_under(real) == [] and _loops_on(base) == []
     assert image_bytes(dev, 4096, 4096) == b"s" * 4096
+
+
+def test_size_not_a_multiple_of_the_page_size(make_device: MakeDevice) -> None:
+    size = 5 * MiB + 3 * 512
+    tail = pattern(13, 3 * 512)
+    dev = make_device(size=size, fill=bytes(size - len(tail)) + tail)
+    assert int(sh("blockdev", "--getsize64", dev.path).stdout) == size
+    assert dd_read(dev.path, size - 3 * 512, 3 * 512, 512) == tail
+    new_tail = pattern(14, 512)
+    assert dd_write(dev.path, size - 512, new_tail, 512).returncode == 0
+    assert image_bytes(dev, size - 512, 512) == new_tail
+    assert dd_write(dev.path, size, new_tail, 512).returncode != 0
+    assert os.path.getsize(dev.image) == size
