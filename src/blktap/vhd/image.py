@@ -324,11 +324,10 @@ class VhdFile:
             )
         self._check_locators(h)
         span = h.bitmap_size + bs
-        used: list[tuple[int, int]] = []
         end = eoh
-        for i, entry in enumerate(self.bat):
-            if entry == BAT_UNUSED:
-                continue
+        # Only allocated entries are looked at one by one (a 2 TiB BAT has 1M entries).
+        used = [(entry, i) for i, entry in enumerate(self.bat) if entry != BAT_UNUSED]
+        for entry, i in used:
             start = entry * SECTOR_SIZE
             if start < eoh:
                 raise _fail(
@@ -342,8 +341,8 @@ class VhdFile:
                     f"entry[{i}]",
                     entry,
                 )
-            used.append((entry, i))
-            end = max(end, start + span)
+            if start + span > end:
+                end = start + span
         used.sort()
         for (a_off, a), (b_off, b) in itertools.pairwise(used):
             if b_off * SECTOR_SIZE < a_off * SECTOR_SIZE + span:
@@ -390,16 +389,27 @@ class VhdFile:
         full = bytes([0xFF]) * (spb // 8) + (
             bytes([(0xFF00 >> (spb % 8)) & 0xFF]) if spb % 8 else b""
         )
+        size = h.bitmap_size
+        fd = self.fd
+        batmap = self.batmap
+        lsb = self.lsb_bitmaps
+        full_blocks = self.full_blocks
+        bitmaps = self.bitmaps
         for entry, block in used:
-            if self.batmap is not None and test_block(self.batmap, block):
-                self.full_blocks.add(block)
+            if batmap is not None and batmap[block >> 3] & (0x80 >> (block & 7)):
+                full_blocks.add(block)
                 continue
-            raw = pread_exact(self.fd, h.bitmap_size, entry * SECTOR_SIZE)
-            bits = bm.from_disk(raw, self.lsb_bitmaps)
+            raw = os.pread(fd, size, entry * SECTOR_SIZE)
+            if len(raw) < size:
+                raw = pread_exact(fd, size, entry * SECTOR_SIZE)
+            if not lsb and raw[:bm_bytes] == full:
+                full_blocks.add(block)
+                continue
+            bits = bm.from_disk(raw, lsb)
             if bits[:bm_bytes] == full:
-                self.full_blocks.add(block)
+                full_blocks.add(block)
             else:
-                self.bitmaps[block] = bits
+                bitmaps[block] = bits
 
     def _check_locators(self, h: DynamicHeader) -> None:
         if self.footer.disk_type != DiskType.DIFFERENCING:
