@@ -52,10 +52,15 @@ def sh(*args: str, check: bool = True, timeout: float = 30.0) -> subprocess.Comp
 
 
 class ServerThread:
-    """An asyncio event loop running in its own thread."""
+    """An event loop running in its own thread: uvloop as in tapdisk, or plain asyncio."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, use_uvloop: bool = True) -> None:
+        if use_uvloop:
+            import uvloop
+
+            self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fuse-server",
                                        daemon=True)
         self.thread.start()
@@ -613,3 +618,29 @@ def test_size_not_a_multiple_of_the_page_size(make_device: MakeDevice) -> None:
     assert image_bytes(dev, size - 512, 512) == new_tail
     assert dd_write(dev.path, size, new_tail, 512).returncode != 0
     assert os.path.getsize(dev.image) == size
+
+
+def test_served_from_a_plain_asyncio_loop(base: str) -> None:
+    srv = ServerThread(use_uvloop=False)
+    image = os.path.join(base, "plain.raw")
+    with open(image, "wb") as f:
+        f.truncate(SIZE)
+    vbd = VBD(7)
+    bd = BlockDevice(vbd, 7, run_dir=os.path.join(base, "run"),
+                     dev_dir=os.path.join(base, "dev"))
+    try:
+        srv.run(vbd.open(ImageSpec("aio", image), OpenOptions()))
+        path = srv.run(bd.start())
+        data = pattern(15, MiB)
+        assert dd_write(path, MiB, data, 64 * 1024).returncode == 0
+        assert dd_read(path, MiB, MiB) == data
+        srv.run(bd.stop())
+    finally:
+        try:
+            srv.run(bd.stop(force=True))
+            srv.run(vbd.close(force=True))
+        finally:
+            srv.close()
+    with open(image, "rb") as f:
+        f.seek(MiB)
+        assert f.read(MiB) == data
