@@ -140,6 +140,16 @@ def test_create_metadata_prealloc(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert run(capsys, "check", "-n", name)[1] == f"{name} is valid\n"
 
 
+def test_create_prealloc_smaller_than_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = str(tmp_path / "p.vhd")
+    rc, _, err = run(capsys, "create", "-n", name, "-s", "100", "-S", "50")
+    assert rc == errno.EINVAL
+    assert "<-S size> must be greater than <-s size>" in err
+    assert not os.path.exists(name)
+
+
 def test_query_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base, child, grand = fixture(tmp_path, "base.vhd", "child.vhd", "grandchild.vhd")
     rc, out, _ = run(capsys, "query", "-n", grand, "-p", "-d", "-a")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from blktap import __version__
-from blktap.errors import BlktapError, errno_of
+from blktap.errors import BlktapError, InvalidArgument, errno_of
 
 PROG = "vhd-util"
 
@@ -106,17 +106,19 @@ def _create(argv: Sequence[str]) -> int:
     p.add_argument("-s", dest="size", type=int, required=True, metavar="MB",
                    help="virtual size in MiB")
     p.add_argument("-S", dest="prealloc", type=int, metavar="MB",
-                   help="size the metadata (BAT) for a disk of MB MiB, so that a later "
-                        "'resize -f' can grow the disk up to MB without moving data")
+                   help="size the metadata (BAT) for a disk of MB MiB (at least SIZE), so "
+                        "that a later 'resize -f' can grow the disk up to MB without "
+                        "moving data (ignored with -r)")
     p.add_argument("-r", dest="fixed", action="store_true", help="create a fixed VHD")
     a = p.parse_args(argv)
     from blktap.vhdutil.create import create
 
     size = _mb(a.size, "size", p)
     prealloc = _mb(a.prealloc, "metadata size", p) if a.prealloc is not None else None
-    if prealloc is not None and a.fixed:
-        p.error("-S applies to dynamic disks only")
-    create(a.name, size, fixed=a.fixed, prealloc=prealloc)
+    if prealloc is not None and prealloc < size:
+        # The C tool's check and words.
+        raise InvalidArgument("Error: <-S size> must be greater than <-s size>")
+    create(a.name, size, fixed=a.fixed, prealloc=None if a.fixed else prealloc)
     return 0
 
 
@@ -245,6 +247,8 @@ def _read(argv: Sequence[str]) -> int:
     p.add_argument("-R", dest="read_bytes", type=int, metavar="BYTE",
                    help="read NUM bytes of the virtual disk at BYTE (raw)")
     p.add_argument("-x", dest="hex", action="store_true", help="print numbers in hex")
+    p.add_argument("-C", dest="cache", action="store_true",
+                   help="accepted for compatibility (the C tool's cached open); no effect")
     a = p.parse_args(argv)
     if a.count <= 0:
         p.error(f"invalid count {a.count}")
