@@ -530,6 +530,11 @@ def test_stop_closes_idle_clients_and_removes_socket(workdir: str) -> None:
         c = RawClient(s.socket)
         c.handshake()
         assert s.run(lambda: s.server.connections) == 1
+        c.sock.sendall(request(0, 1, 0, 4096))
+        c.recv_exact(16 + 4096)
+        [(peer, stats)] = s.run(s.server.connection_statistics).items()
+        assert peer.startswith("unix#")
+        assert (stats.requests, stats.reads, stats.bytes_read) == (1, 1, 4096)
         s.call(s.server.stop(timeout=5.0))
         assert not os.path.exists(s.socket)
         assert c.closed_by_server()

@@ -120,6 +120,7 @@ class NbdServer:
         self._closed_totals = [0] * 8
         self._sock_ino: tuple[int, int] | None = None
         self._stopping = False
+        self._serial = 0  # connections accepted so far
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -218,6 +219,10 @@ class NbdServer:
     def connections(self) -> int:
         return len(self._conns)
 
+    def connection_statistics(self) -> dict[str, Statistics]:
+        """The counters of each open connection, by peer ("unix#N" for Unix clients)."""
+        return {conn.peer: conn.statistics() for conn in self._conns}
+
     def statistics(self) -> Statistics:
         """Totals over every connection this server has had (``connections`` counts them)."""
         totals = list(self._closed_totals)
@@ -307,9 +312,10 @@ class _Connection(asyncio.BufferedProtocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer) if peer else "unix"
         server = self.server
+        server._serial += 1
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"unix#{server._serial}"
         if server._stopping:
             transport.abort()
             return
