@@ -275,6 +275,20 @@ def test_snapshot_missing_parent(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert not os.path.exists(tmp_path / "s.vhd")
 
 
+def test_fill_bat_only_range(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (path,) = fixture(tmp_path, "dyn-data.vhd")
+    before = os.path.getsize(path)
+    # Sectors 4096*8 .. 4096*10: blocks 8, 9 and 10 (unallocated so far).
+    assert run(capsys, "fill", "-n", path, "-b", "-f", str(4096 * 8), "-t", str(4096 * 10))[0] == 0
+    assert run(capsys, "query", "-n", path, "-a")[1] == "8\n"
+    assert run(capsys, "check", "-n", path, "-b")[0] == 0
+    assert os.path.getsize(path) == before + 3 * ((2 << 20) + 4096)
+    with ChainReader.open(path) as chain:
+        assert not any(chain.read(8 * (2 << 20), 3 * (2 << 20)))
+    assert run(capsys, "fill", "-n", path, "-f", "0")[0] == errno.EINVAL  # needs -b
+    assert run(capsys, "fill", "-n", path, "-b", "-f", "9", "-t", "1")[0] == errno.EINVAL
+
+
 def test_coalesce_progress_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fixture(tmp_path, "base.vhd")
     (child,) = fixture(tmp_path, "child.vhd")

@@ -350,14 +350,35 @@ def _fill(argv: Sequence[str]) -> int:
     p = _parser(
         "fill",
         "Allocate every block of NAME. Its contents do not change: a dynamic disk's\n"
-        "unwritten sectors become explicit zeros, a differencing disk's are copied from\n"
-        "its parents. Shows a progress bar when standard error is a terminal.",
+        "unwritten sectors become explicit zeros (space reserved), a differencing disk's\n"
+        "are copied from its parents. With -b only the BAT and bitmaps are initialised\n"
+        "for the blocks not yet allocated, no data is written (they read as zeros, even\n"
+        "over a parent), optionally for sectors -f..-t only. Shows a progress bar when\n"
+        "standard error is a terminal.",
     )
     p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
+    p.add_argument("-b", dest="bat_only", action="store_true",
+                   help="initialise the BAT and bitmaps, don't write to the data blocks "
+                        "(much faster)")
+    p.add_argument("-f", dest="first", type=int, metavar="SEC",
+                   help="start from the block of this sector (with -b)")
+    p.add_argument("-t", dest="last", type=int, metavar="SEC",
+                   help="up to the block of this sector, inclusive (with -b)")
+    p.add_argument("-B", dest="ignore_2tb", action="store_true",
+                   help="accepted with -b for compatibility; blocks past 2 TiB still fail, "
+                        "as BAT entries are 32-bit")
     a = p.parse_args(argv)
+    if (a.first is not None or a.last is not None) and not a.bat_only:
+        p.error("-f/-t can only be used with -b")
+    if a.ignore_2tb and not a.bat_only:
+        p.error("-B can only be used with -b")
+    if a.first is not None and a.last is not None and a.last < a.first:
+        p.error(f"invalid sector range {a.first}-{a.last}")
+    if (a.first is not None and a.first < 0) or (a.last is not None and a.last < 0):
+        p.error("sectors must not be negative")
     from blktap.vhdutil.fill import fill
 
-    fill(a.name)
+    fill(a.name, bat_only=a.bat_only, first_sector=a.first, last_sector=a.last)
     return 0
 
 

@@ -13,6 +13,7 @@ import errno
 import os
 from dataclasses import dataclass
 
+from blktap.errors import InvalidArgument
 from blktap.proto.vhd.constants import BAT_UNUSED, SECTOR_SIZE, DiskType
 from blktap.vhd.image import VhdFile, pwrite_all
 from blktap.vhdutil.common import allocate_block, full_bitmap
@@ -29,37 +30,71 @@ class FillResult:
     """Partly present blocks made complete."""
 
 
-def fill(path: str, *, progress: bool | None = None) -> FillResult:
+def fill(
+    path: str,
+    *,
+    progress: bool | None = None,
+    bat_only: bool = False,
+    first_sector: int | None = None,
+    last_sector: int | None = None,
+) -> FillResult:
     """Allocate and complete every block of ``path``.
 
-    ``progress``: show a bar on standard error (None: only on a terminal). Raises
-    ImageFormatError/OSError. Blocks are linked into the BAT only after their data and
-    bitmap are written, so an interrupted fill leaves a valid image (possibly without
-    its trailing footer, which ``repair`` restores) with the same contents.
+    ``bat_only`` (the C tool's ``-b``): only allocate the blocks not yet allocated and
+    set their bitmaps full, writing no data (they read as zeros, even over a parent),
+    optionally for the blocks holding sectors ``first_sector``..``last_sector``
+    (inclusive; ``-f``/``-t``). ``progress``: show a bar on standard error (None: only
+    on a terminal).
+
+    Raises InvalidArgument (a range without ``bat_only``, an empty range),
+    ImageFormatError, NoSpace (past 2^32 sectors), OSError. Blocks are linked into the
+    BAT only after their data and bitmap are written, so an interrupted fill leaves a
+    valid image with the same contents.
     """
+    if not bat_only and (first_sector is not None or last_sector is not None):
+        raise InvalidArgument("-f/-t can only be used with -b")
     with VhdFile.open(path, writable=True) as image:
         if image.header is None:
             return FillResult(0, 0, 0)
+        spb = image.sectors_per_block
+        first = 0 if first_sector is None else first_sector // spb
+        last = len(image.bat) - 1 if last_sector is None else last_sector // spb
+        last = min(last, len(image.bat) - 1)
+        if first > last:
+            raise InvalidArgument(f"invalid sector range {first_sector}-{last_sector}")
         differencing = image.footer.disk_type == DiskType.DIFFERENCING
-        below = ChainReader.open(path, start_at_parent=True) if differencing else None
+        below = None
+        if differencing and not bat_only:
+            below = ChainReader.open(path, start_at_parent=True)
         try:
-            return _fill(image, below, progress)
+            return _fill(image, below, progress, bat_only, range(first, last + 1))
         finally:
             if below is not None:
                 below.close()
 
 
-def _fill(image: VhdFile, below: ChainReader | None, progress: bool | None) -> FillResult:
+def _fill(
+    image: VhdFile,
+    below: ChainReader | None,
+    progress: bool | None,
+    bat_only: bool,
+    blocks: range,
+) -> FillResult:
     h = image.header
     assert h is not None
     bs = h.block_size
     spb = h.sectors_per_block
     full = full_bitmap(image)
-    bar = Progress(f"fill {image.path}", len(image.bat), enabled=progress)
+    bar = Progress(f"fill {image.path}", len(blocks), enabled=progress)
     allocated = completed = 0
     buf = bytearray(bs)
-    for block in range(len(image.bat)):
-        bar.update(block)
+    for n, block in enumerate(blocks):
+        bar.update(n)
+        if bat_only:
+            if image.bat[block] == BAT_UNUSED:
+                _link(image, block, allocate_block(image, zero=True), full)
+                allocated += 1
+            continue
         entry = image.bat[block]
         if entry != BAT_UNUSED and block in image.full_blocks:
             continue
@@ -88,7 +123,7 @@ def _fill(image: VhdFile, below: ChainReader | None, progress: bool | None) -> F
         image.write_bitmap(block, bytearray(full))
         completed += 1
     bar.finish()
-    return FillResult(len(image.bat), allocated, completed)
+    return FillResult(len(blocks), allocated, completed)
 
 
 def _reserve(image: VhdFile, entry: int) -> None:
