@@ -223,6 +223,13 @@ class VBD:
             self.state = VBDState.CLOSED
             self.log.info("closed")
 
+    def fail_waiting_io(self) -> None:
+        """Fail the I/O waiting for a paused VBD with ESHUTDOWN (before closing it).
+
+        Later I/O fails too until a resume; in-flight I/O is not affected.
+        """
+        self._wake_waiters(Shutdown(f"minor {self.minor} is closing while paused"))
+
     async def _drain(self) -> None:
         if self._inflight:
             if self._drained is None or self._drained.done():

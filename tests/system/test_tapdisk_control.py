@@ -8,6 +8,7 @@ import os
 import socket
 import stat
 import struct
+import subprocess
 import time
 
 import pytest
@@ -223,3 +224,26 @@ def test_read_only_open_changes_nothing(run_dir: str, tapdisk: Tapdisk, image: s
     after = os.stat(image)
     assert (after.st_mtime_ns, after.st_atime_ns, after.st_size) == (
         before.st_mtime_ns, before.st_atime_ns, before.st_size)
+
+
+def test_close_of_a_paused_vbd_fails_the_waiting_io(
+        run_dir: str, tapdisk: Tapdisk, image: str) -> None:
+    attach_open(run_dir, tapdisk, 8, f"aio:{image}", NO_O_DIRECT)
+    assert one(tapdisk, PAUSE, 8)[0] == PAUSE_RSP
+    uri = f"nbd+unix:///?socket={run_dir}/nbd{tapdisk.pid}.8"
+    reader = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "read 0 4096", uri],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(0.5)
+        assert reader.poll() is None  # waiting for the resume
+        started = time.monotonic()
+        assert one(tapdisk, CLOSE, 8)[0] == CLOSE_RSP
+        assert time.monotonic() - started < 5
+        out, _ = reader.communicate(timeout=10)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert "read failed" in out.lower() or reader.returncode != 0, out
+    assert list_entries(tapdisk)[0][2] == 0x2
+    assert tapdisk.alive()

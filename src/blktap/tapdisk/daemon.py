@@ -18,8 +18,10 @@ import sys
 from dataclasses import dataclass
 
 from blktap import paths
+from blktap.frontends.nbd_server import NbdServer
 from blktap.tapdisk.control_server import ControlServer
 from blktap.tapdisk.service import AttachedVBD, Frontend, FrontendFactory, Tapdisk
+from blktap.vbd import VBD
 
 log = logging.getLogger("blktap.tapdisk")
 
@@ -134,14 +136,25 @@ async def _serve(options: DaemonOptions, rundir: str) -> None:
     log.info("exiting")
 
 
+class _NbdFrontend:
+    """The NBD export as a Frontend: closing a paused VBD fails the I/O waiting for it
+    (it could never be served) so that the export's connections can finish."""
+
+    def __init__(self, server: NbdServer, vbd: VBD) -> None:
+        self.server = server
+        self.vbd = vbd
+
+    async def stop(self, force: bool = False) -> None:
+        self.vbd.fail_waiting_io()
+        await self.server.stop(timeout=0 if force else None)
+
+
 def _frontends(options: DaemonOptions, rundir: str, pid: int) -> list[FrontendFactory]:
     async def nbd(attached: AttachedVBD) -> Frontend | None:
-        from blktap.frontends.nbd_server import NbdServer
-
         vbd = attached.vbd
         server = NbdServer(vbd, paths.nbd_socket(rundir, pid, vbd.minor))
         await server.start()
-        return server
+        return _NbdFrontend(server, vbd)
 
     async def blockdev(attached: AttachedVBD) -> Frontend | None:
         from blktap.frontends.blockdev import BlockDevice

@@ -34,7 +34,9 @@ SUPPORTED_OPEN_FLAGS = ctl.OpenFlag.SHARED | ctl.OpenFlag.RDONLY | ctl.OpenFlag.
 
 
 class Frontend(Protocol):
-    async def stop(self) -> None: ...
+    async def stop(self, force: bool = False) -> None:
+        """Stop serving. Without ``force`` it may refuse with Busy (e.g. a mounted device)
+        and is then still serving; with ``force`` it never refuses."""
 
 
 FrontendFactory = Callable[["AttachedVBD"], Awaitable[Frontend | None]]
@@ -159,7 +161,7 @@ class Tapdisk:
                 if frontend is not None:
                     attached.frontends.append(frontend)
         except BaseException:
-            await self._stop_frontends(attached)
+            await self._stop_frontends(attached, force=True)
             await vbd.close()
             raise
         return self._reply(request, self._image_payload(vbd))
@@ -169,20 +171,30 @@ class Tapdisk:
         info = vbd.chain.leaf.info.info if vbd.chain is not None else 0
         return ctl.ImageInfoPayload(vbd.size // SECTOR_SIZE, SECTOR_SIZE, info)
 
-    async def _stop_frontends(self, attached: AttachedVBD) -> None:
+    async def _stop_frontends(self, attached: AttachedVBD, force: bool = False) -> None:
+        """Stop the frontends, last started first. A frontend that refuses with Busy keeps
+        serving (and so do the ones started before it); the Busy is raised."""
         while attached.frontends:
-            frontend = attached.frontends.pop()
+            frontend = attached.frontends[-1]
             try:
-                await frontend.stop()
+                await frontend.stop(force)
+            except Busy:
+                if force:
+                    log.error("minor %d: a frontend refused a forced stop", attached.vbd.minor)
+                else:
+                    raise
             except Exception:
                 log.exception("minor %d: stopping a frontend failed", attached.vbd.minor)
+            attached.frontends.pop()
         attached.device = None
 
     async def _close(self, request: ctl.Request) -> list[bytes]:
         msg = request.message
         attached = self._vbd(msg.cookie)
         force = msg.type == ctl.MessageType.FORCE_SHUTDOWN
-        await self._stop_frontends(attached)
+        # A device still in use (mounted, held open) makes CLOSE fail with EBUSY, as
+        # blktap2 refuses; the VBD then keeps serving.
+        await self._stop_frontends(attached, force)
         await attached.vbd.close(force=force)
         # The C tapdisk answers FORCE_SHUTDOWN with CLOSE_RSP as well.
         return [ctl.encode(ctl.Message(ctl.MessageType.CLOSE_RSP, msg.cookie, None))]
@@ -243,7 +255,7 @@ class Tapdisk:
         """Close and detach every VBD (on SIGTERM). Errors are logged, not raised."""
         for minor in sorted(self.vbds):
             attached = self.vbds.pop(minor)
-            await self._stop_frontends(attached)
+            await self._stop_frontends(attached, force=True)
             try:
                 await attached.vbd.close()
             except Exception as exc:
