@@ -4,7 +4,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-debs=(qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 libvhdi-utils util-linux procps e2fsprogs kmod)
+debs=(qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 libvhdi-utils util-linux procps e2fsprogs)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
