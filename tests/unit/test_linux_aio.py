@@ -291,3 +291,40 @@ def test_close_with_requests_in_flight_does_not_block_or_leak(direct_fd: int) ->
         assert open_fds() == before
 
     run(body())
+
+
+def test_vectored_reads_and_writes(direct_fd: int, data_file: tuple[str, bytes]) -> None:
+    content = data_file[1]
+
+    async def body() -> None:
+        ctx = AioContext(asyncio.get_running_loop(), depth=2)  # some wait for a slot
+        try:
+            futs = []
+            sets = []
+            for i in range(10):
+                bufs = [aligned(4096), aligned(8192), aligned(4096)]
+                pairs = [addr(b) for b in bufs]
+                iov = [(a, len(b)) for (a, _), b in zip(pairs, bufs, strict=True)]
+                futs.append(ctx.preadv(direct_fd, iov, i * 16384, [k for _, k in pairs]))
+                sets.append(bufs)
+            assert await asyncio.gather(*futs) == [16384] * 10
+            for i, bufs in enumerate(sets):
+                assert b"".join(bytes(b) for b in bufs) == content[i * 16384 : (i + 1) * 16384]
+            # Gather-write two buffers, read them back as one.
+            one, two = aligned(4096), aligned(4096)
+            one[:] = b"1" * 4096
+            two[:] = b"2" * 4096
+            (a1, k1), (a2, k2) = addr(one), addr(two)
+            assert await ctx.pwritev(direct_fd, [(a1, 4096), (a2, 4096)], 0, (k1, k2)) == 8192
+            back = aligned(8192)
+            ab, kb = addr(back)
+            assert await ctx.pread(direct_fd, ab, 8192, 0, kb) == 8192
+            assert bytes(back) == b"1" * 4096 + b"2" * 4096
+            with pytest.raises(ValueError):
+                ctx.preadv(direct_fd, [], 0, None)
+            with pytest.raises(ValueError):
+                ctx.preadv(direct_fd, [(a1, 512)] * 65, 0, None)
+        finally:
+            ctx.close()
+
+    run(body())

@@ -11,6 +11,8 @@ One :class:`AioContext` serves every image of an event loop (as the C tapdisk ha
 * a batch's iocbs are packed with a precompiled ``struct.Struct`` into one preallocated
   array whose pointer array never changes (the kernel copies iocbs at submission): a
   request allocates no ctypes object of its own;
+* vectored requests (``preadv``/``pwritev``, IOCB_CMD_PREADV/PWRITEV) write their iovec
+  array into a per-slot area, also preallocated;
 * at most ``depth`` requests are in the kernel; more wait in a FIFO and go in as slots
   free up. ``EAGAIN`` from ``io_submit`` leaves requests queued for a later retry.
 
@@ -31,6 +33,7 @@ import platform
 import struct
 import threading
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from blktap.errors import Shutdown
@@ -68,6 +71,9 @@ _EVENT = struct.Struct("<QQqq")
 EVENT_SIZE = _EVENT.size
 
 DEFAULT_DEPTH = 256
+IOV_PER_REQUEST = 64
+"""Most (address, length) pairs one preadv/pwritev request may carry."""
+_IOVEC = struct.Struct("<QQ")  # struct iovec: base, len
 DEFAULT_SUBMIT_BATCH = 4
 
 
@@ -147,6 +153,10 @@ class AioContext:
         self._events = (ctypes.c_char * (EVENT_SIZE * depth))()
         self._events_view = memoryview(self._events).cast("B")
         self._events_arg = ctypes.c_void_p(ctypes.addressof(self._events))
+        # One iovec array per slot for vectored requests.
+        self._iovs = (ctypes.c_char * (_IOVEC.size * IOV_PER_REQUEST * depth))()
+        self._iovs_view = memoryview(self._iovs).cast("B")
+        self._iovs_base = ctypes.addressof(self._iovs)
         self._zero_timeout = (ctypes.c_long * 2)(0, 0)
         self._timeout_arg = ctypes.c_void_p(ctypes.addressof(self._zero_timeout))
 
@@ -211,6 +221,44 @@ class AioContext:
         """Write ``nbytes`` from ``addr`` at ``offset``; ``rw_flags`` may hold RWF_DSYNC."""
         return self._submit(IOCB_CMD_PWRITE, fd, addr, nbytes, offset, rw_flags, keep)
 
+    def preadv(
+        self, fd: int, iov: Sequence[tuple[int, int]], offset: int, keep: Any
+    ) -> asyncio.Future[int]:
+        """Scatter-read at ``offset`` into the ``(address, length)`` pairs of ``iov``.
+
+        At most IOV_PER_REQUEST pairs (ValueError otherwise); ``keep`` keeps every buffer
+        alive. The result is the total byte count, possibly short.
+        """
+        return self._submit_vec(IOCB_CMD_PREADV, fd, iov, offset, 0, keep)
+
+    def pwritev(
+        self, fd: int, iov: Sequence[tuple[int, int]], offset: int, keep: Any, rw_flags: int = 0
+    ) -> asyncio.Future[int]:
+        """Gather-write the ``(address, length)`` pairs of ``iov`` at ``offset``."""
+        return self._submit_vec(IOCB_CMD_PWRITEV, fd, iov, offset, rw_flags, keep)
+
+    def _submit_vec(
+        self,
+        opcode: int,
+        fd: int,
+        iov: Sequence[tuple[int, int]],
+        offset: int,
+        rw_flags: int,
+        keep: Any,
+    ) -> asyncio.Future[int]:
+        if not 0 < len(iov) <= IOV_PER_REQUEST:
+            raise ValueError(f"{len(iov)} buffers in one request (1..{IOV_PER_REQUEST})")
+        # The iovec array is written into the slot's area once the slot is known.
+        return self._submit(opcode, fd, 0, len(iov), offset, rw_flags, (keep, iov))
+
+    def _iov_addr(self, slot: int, iov: Sequence[tuple[int, int]]) -> int:
+        pos = slot * IOV_PER_REQUEST * _IOVEC.size
+        view = self._iovs_view
+        for base, length in iov:
+            _IOVEC.pack_into(view, pos, base, length)
+            pos += _IOVEC.size
+        return self._iovs_base + slot * IOV_PER_REQUEST * _IOVEC.size
+
     def fdsync(self, fd: int) -> asyncio.Future[int]:
         """fdatasync ``fd`` asynchronously (fails with EINVAL where the kernel lacks it)."""
         return self._submit(IOCB_CMD_FDSYNC, fd, 0, 0, 0, 0, None)
@@ -224,6 +272,8 @@ class AioContext:
         free = self._free
         if free and not self._overflow:
             slot = free.pop()
+            if opcode >= IOCB_CMD_PREADV:
+                addr = self._iov_addr(slot, keep[1])
             pending = self._pending
             # The kernel copies iocbs during io_submit, so the batch array is reused:
             # entry i of a batch sits at i * IOCB_SIZE; aio_data names the slot.
@@ -348,6 +398,8 @@ class AioContext:
             if fut.done():
                 continue
             slot = free.pop()
+            if opcode >= IOCB_CMD_PREADV:
+                addr = self._iov_addr(slot, keep[1])
             pending = self._pending
             _IOCB.pack_into(
                 self._iocbs_view, len(pending) * IOCB_SIZE,
