@@ -356,3 +356,24 @@ def test_o_direct_refused_falls_back_to_buffered_and_logs_once(
     refused = [r for r in caplog.records if "O_DIRECT is not available" in r.getMessage()]
     assert len(refused) <= 1  # 0 if an earlier test in this process already said it
     assert os.stat(path).st_dev in aio_module._buffered_fallback_logged
+
+
+def test_as_a_file_engine_writes_may_extend_the_file(tmp_path: Path) -> None:
+    path = make_file(tmp_path, b"\x01" * 8192)
+
+    async def body() -> None:
+        image = await open_aio(path, OpenOptions())
+        try:
+            assert isinstance(image, AioImage) and image.direct
+            await image.write(8192, memoryview(b"\x02" * 4096 + b"\x03" * 512))
+            await image.write(12800, memoryview(bytearray(b"\x04" * 1024)))
+            assert await read(image, 8192, 5632) == (
+                b"\x02" * 4096 + b"\x03" * 512 + b"\x04" * 1024
+            )
+        finally:
+            await image.close()
+
+    run(body())
+    assert os.path.getsize(path) == 13824
+    with open(path, "rb") as f:
+        assert f.read() == b"\x01" * 8192 + b"\x02" * 4096 + b"\x03" * 512 + b"\x04" * 1024

@@ -69,6 +69,7 @@ _fallocate.restype = ctypes.c_int
 _statx = getattr(_libc, "statx", None)
 
 _ZERO_CHUNK = 1 << 20
+_NO_TAIL = 1 << 63
 _zero_buf: memoryview | None = None
 
 # Filesystems (st_dev) on which a refused O_DIRECT has already been logged.
@@ -111,7 +112,13 @@ def _zeros() -> memoryview:
 
 
 class AioImage:
-    """An open ``aio`` image. Create it with :func:`open_aio`."""
+    """An open ``aio`` image. Create it with :func:`open_aio`.
+
+    Also usable as the file I/O engine of another driver (O_DIRECT with bounce buffers
+    and Linux AIO): :meth:`read`, :meth:`write` and :meth:`flush` then work anywhere in
+    the file, and sector-aligned writes past :attr:`info` ``.size`` extend it (unless
+    the size at open was not a multiple of the O_DIRECT alignment).
+    """
 
     type_name = "aio"
     parent = None
@@ -152,7 +159,9 @@ class AioImage:
         self._write_ranges: list[tuple[int, int, asyncio.Future[None]]] = []
         # A buffered descriptor for the tail of a file whose size is not a multiple of
         # offset_align (O_DIRECT cannot write a partial block without growing the file).
-        self._tail_start = size - size % offset_align if direct else size
+        # Otherwise there is no tail: O_DIRECT may also extend the file (appends).
+        tail = size % offset_align if direct else 0
+        self._tail_start = size - tail if tail else _NO_TAIL
         self._tail_fd: int | None = None
 
     # ---------------------------------------------------------------- status
