@@ -328,3 +328,36 @@ def test_vectored_reads_and_writes(direct_fd: int, data_file: tuple[str, bytes])
             ctx.close()
 
     run(body())
+
+
+def test_cancelled_requests_waiting_for_a_slot_are_skipped(
+    direct_fd: int, data_file: tuple[str, bytes]
+) -> None:
+    content = data_file[1]
+
+    async def body() -> None:
+        ctx = AioContext(asyncio.get_running_loop(), depth=2)
+        try:
+            bufs = [aligned(4096) for _ in range(50)]
+            futs = []
+            for i, buf in enumerate(bufs):
+                a, keep = addr(buf)
+                futs.append(ctx.pread(direct_fd, a, 4096, i * 4096, keep))
+            for fut in futs[2::3]:
+                fut.cancel()
+            results = await asyncio.gather(*futs, return_exceptions=True)
+            for i, (res, buf) in enumerate(zip(results, bufs, strict=True)):
+                if i >= 2 and (i - 2) % 3 == 0:
+                    assert isinstance(res, asyncio.CancelledError)
+                else:
+                    assert res == 4096
+                    assert bytes(buf) == content[i * 4096 : (i + 1) * 4096]
+            for _ in range(100):
+                if ctx.inflight == 0 and ctx.queued == 0:
+                    break
+                await asyncio.sleep(0.001)
+            assert ctx.inflight == 0 and ctx.queued == 0
+        finally:
+            ctx.close()
+
+    run(body())
