@@ -32,15 +32,13 @@ def parse_bat(
 
 def encode_bat(table: array.array[int], padding: bytes = b"") -> bytes:
     """The on-disk BAT: entries big-endian, then ``padding`` (the bytes that filled the
-    last sector when parsed; 0xFF... if omitted, as vhd-util writes)."""
+    last sector when parsed; zeros if omitted, as the C vhd-util and tapdisk write)."""
     out = array.array("I", table)
     if sys.byteorder == "little":
         out.byteswap()
     raw = out.tobytes()
     pad = -len(raw) % SECTOR_SIZE
-    if not padding:
-        padding = b"\xff" * pad
-    return raw + padding[:pad].ljust(pad, b"\xff")
+    return raw + padding[:pad].ljust(pad, b"\0")
 
 
 def encode_bat_sector(
@@ -56,5 +54,5 @@ def encode_bat_sector(
     raw = chunk.tobytes()
     if len(raw) < SECTOR_SIZE:
         pad = SECTOR_SIZE - len(raw)
-        raw += (padding or b"\xff" * pad)[:pad].ljust(pad, b"\xff")
+        raw += padding[:pad].ljust(pad, b"\0")
     return first * 4, raw
