@@ -30,3 +30,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ ! -x .venv/bin/tap
     .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
     echo "$want" > "$stamp"
 fi
+# Byte-compile the sources: tapdisk and tap-ctl start in a fraction of the time when they
+# need not compile every module (also where PYTHONDONTWRITEBYTECODE is set).
+.venv/bin/python -m compileall -q src >/dev/null
