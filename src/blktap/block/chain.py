@@ -29,6 +29,16 @@ log = logging.getLogger(__name__)
 STATE_HOLE = 1
 STATE_ZERO = 2
 
+# The read path remembers, per unit of 2 MiB (the VHD block size blktap writes), which
+# level of the chain holds the whole unit, so that a read inside one unit costs one dict
+# lookup instead of an allocation lookup per level.
+_UNIT_SHIFT = 21
+_UNIT = 1 << _UNIT_SHIFT
+_MIXED = -1
+"""Owner cache value: no single level holds the whole unit (take the general path)."""
+_OWNER_CACHE_MAX = 1 << 16
+"""Entries kept before the cache is emptied (bounds memory on huge sparse disks)."""
+
 
 @dataclass(slots=True)
 class ImageStats:
@@ -63,6 +73,12 @@ class Chain:
         self.images = images
         self.stats = [ImageStats() for _ in images]
         self._sector_locks: dict[int, asyncio.Future[None]] = {}
+        self._owner: dict[int, int] = {}
+        """unit -> level that holds all of it as DATA, len(images) when it reads as zeros
+        (nothing holds it, or a ZERO extent), or _MIXED. Only the leaf changes, so an
+        entry is dropped after every leaf write/zeroes/discard that may change it."""
+        self._depth = len(images)
+        self._leaf_full = images[0].fully_allocated
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -127,6 +143,26 @@ class Chain:
         """Fill ``buf`` from the chain. The range must lie inside the device."""
         length = len(buf)
         if offset % SECTOR_SIZE == 0 and length % SECTOR_SIZE == 0:
+            unit = offset >> _UNIT_SHIFT
+            if self._leaf_full:
+                await self._image_read(self.images[0], self.stats[0], offset, buf)
+                return
+            if (offset + length - 1) >> _UNIT_SHIFT == unit:
+                level = self._owner.get(unit)
+                if level is None:
+                    level = self._find_owner(unit)
+                if level >= 0:
+                    if level == self._depth:
+                        buf[:] = bytes(length)
+                        return
+                    stats = self.stats[level]
+                    stats.hits[0] += 1
+                    try:
+                        await self.images[level].read(offset, buf)
+                    except BaseException:
+                        stats.fail[0] += 1
+                        raise
+                    return
             await self._read_level(0, offset, buf)
             return
         start = _align_down(offset)
@@ -149,6 +185,46 @@ class Chain:
                 part[:] = bytes(ext.length)
             else:
                 await self._read_parent(level + 1, ext.offset, part)
+
+    def _find_owner(self, unit: int) -> int:
+        """Which level holds all of ``unit`` (see ``_owner``); computed and remembered."""
+        start = unit << _UNIT_SHIFT
+        length = min(_UNIT, self.size - start)
+        owner = self._depth
+        for level, image in enumerate(self.images):
+            if image.info.size < start + length:
+                owner = _MIXED  # a smaller parent: zeros past its end, general path
+                break
+            if image.fully_allocated:
+                owner = level
+                break
+            extents = image.allocation(start, length)
+            if len(extents) != 1:
+                owner = _MIXED
+                break
+            alloc = extents[0].alloc
+            if alloc == Alloc.DATA:
+                owner = level
+                break
+            if alloc == Alloc.ZERO:
+                break
+        if len(self._owner) >= _OWNER_CACHE_MAX:
+            self._owner.clear()
+        self._owner[unit] = owner
+        return owner
+
+    def _forget_owners(self, offset: int, length: int, keep_leaf: bool) -> None:
+        """Drop the owner cache entries of the units the leaf range touches (kept when the
+        leaf already held all of the unit and ``keep_leaf``: a write cannot change that)."""
+        owner = self._owner
+        if not owner or length <= 0:
+            return
+        first = offset >> _UNIT_SHIFT
+        last = (offset + length - 1) >> _UNIT_SHIFT
+        for unit in range(first, last + 1):
+            level = owner.get(unit)
+            if level is not None and not (keep_leaf and level == 0):
+                del owner[unit]
 
     async def _read_parent(self, level: int, offset: int, buf: memoryview) -> None:
         # A parent may be smaller than its child (the child was resized): past its end,
@@ -198,6 +274,11 @@ class Chain:
         except BaseException:
             stats.fail[1] += 1
             raise
+        finally:
+            # After the leaf's metadata changed (or failed to): a read that looked the
+            # unit up meanwhile may have remembered the old owner.
+            if self._owner:
+                self._forget_owners(offset, len(data), True)
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
         """Make the range read as zeros; unaligned edges are written as zero bytes."""
@@ -218,13 +299,18 @@ class Chain:
         except BaseException:
             self.stats[0].fail[1] += 1
             raise
+        finally:
+            self._forget_owners(start, end - start, False)
 
     async def discard(self, offset: int, length: int) -> None:
         """Advisory trim of the whole sectors inside the range (partial sectors are kept)."""
         start = _align_up(offset)
         end = _align_down(offset + length)
         if start < end:
-            await self.leaf.discard(start, end - start)
+            try:
+                await self.leaf.discard(start, end - start)
+            finally:
+                self._forget_owners(start, end - start, False)
 
     async def flush(self) -> None:
         await self.leaf.flush()

@@ -67,6 +67,13 @@ class VhdImage:
         self._sparse = vf.header is not None
         self._diff = vf.disk_type == DiskType.DIFFERENCING
         self._bs = vf.block_size if self._sparse else 0
+        # Hot-path constants: block = offset >> shift, within = offset & mask; a block's
+        # data starts bitmap_size bytes after its BAT entry's sector.
+        self._shift = self._bs.bit_length() - 1 if self._sparse else 0
+        self._mask = self._bs - 1
+        self._bm_size = vf.header.bitmap_size if vf.header is not None else 0
+        self._bat = vf.bat
+        self._full = vf.full_blocks
         self._alloc_lock = asyncio.Lock()
         self._unsynced = False
         self._closed = False
@@ -98,9 +105,14 @@ class VhdImage:
         zeros at the root), exact per sector from the in-memory BAT and bitmaps."""
         if not self._sparse:
             return [Extent(offset, length, Alloc.DATA)]
-        block, within = divmod(offset, self._bs)
-        if within + length <= self._bs and block in self.vhd.full_blocks:
-            return [Extent(offset, length, Alloc.DATA)]  # the common case, fast
+        block = offset >> self._shift
+        if (offset & self._mask) + length <= self._bs:
+            # Inside one block (the common case): answered without walking bitmaps when
+            # the block is full or absent.
+            if block in self._full:
+                return [Extent(offset, length, Alloc.DATA)]
+            if self._bat[block] == BAT_UNUSED:
+                return [Extent(offset, length, Alloc.UNALLOCATED)]
         out: list[Extent] = []
         runs = self.vhd.sector_runs
         for block, within, voff, n in self._segments(offset, length):
@@ -159,15 +171,21 @@ class VhdImage:
         zeros (the chain only asks for DATA ranges)."""
         length = len(buf)
         if self._sparse:
-            block, within = divmod(offset, self._bs)
-            entry = self.vhd.bat[block]
-            if within + length <= self._bs and block in self.vhd.full_blocks:
+            block = offset >> self._shift
+            within = offset & self._mask
+            if within + length <= self._bs and block in self._full:
                 # The common case: inside one full block, one call, no coroutine.
-                foff = self.vhd.data_offset_of_entry(entry) + within
+                foff = self._bat[block] * SECTOR_SIZE + self._bm_size + within
                 got = os.preadv(self._fd, [buf], foff)
                 if got < length:
                     await self._preadv(buf[got:], foff + got)
                 return
+        else:
+            # Fixed disk: the data is at the same offset in the file.
+            got = os.preadv(self._fd, [buf], offset)
+            if got < length:
+                await self._preadv(buf[got:], offset + got)
+            return
         for foff, boff, n in self._file_runs(offset, length):
             part = buf[boff : boff + n]
             if foff < 0:
@@ -203,11 +221,23 @@ class VhdImage:
 
         On failure the range is undefined, metadata stays consistent: a block whose
         bitmap was not written reads as before the write."""
-        self._check_writable()
-        if not self._sparse:
-            await self._pwritev(data, offset)
+        if self.read_only:
+            raise ReadOnly(f"{self.path} is open read-only")
+        length = len(data)
+        if self._sparse:
+            block = offset >> self._shift
+            within = offset & self._mask
+            if within + length <= self._bs and block in self._full:
+                # Inside one full block: no metadata changes, one call, no lock.
+                foff = self._bat[block] * SECTOR_SIZE + self._bm_size + within
+                self._unsynced = True
+                done = os.pwritev(self._fd, [data], foff)
+                if done < length:
+                    await self._pwritev(data[done:], foff + done)
+            else:
+                await self._write_sparse(offset, data)
         else:
-            await self._write_sparse(offset, data)
+            await self._pwritev(data, offset)
         if fua:
             await self.flush()
 

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Compare the vhd driver with the raw (aio) driver and with qemu-nbd's vpc driver on the same
+# 1 GiB of random data, with ../shared/bench/nbd-compare (its five default workloads), in one
+# interleaved run:
+#
+#   bench/vhd-compare.sh buffered   # every server on the page cache (NO_O_DIRECT for ours)
+#   bench/vhd-compare.sh direct     # O_DIRECT: ours by default, qemu-nbd --cache=none --aio=native
+#
+# Columns: vhd  = our tapdisk, vhd:$VHD (a fully allocated dynamic VHD, see bench/vhd_make.py)
+#          raw  = our tapdisk, aio:$RAW (the same bytes as a raw file)
+#          qemu-vpc = qemu-nbd -t -f vpc $VHD
+# Ratios are against the vhd column. Extra arguments go to nbd-compare
+# (e.g. --repeat 3 --runtime 5 --workloads randread-4k-qd32).
+# Images: $BENCH_RAW (default /var/tmp/blktap-vhd-bench.raw) and $BENCH_VHD (default
+# /var/tmp/blktap-vhd-bench.vhd), made once. WARNING: write workloads overwrite both.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+mode=${1:-buffered}
+shift || true
+raw=${BENCH_RAW:-/var/tmp/blktap-vhd-bench.raw}
+vhd=${BENCH_VHD:-/var/tmp/blktap-vhd-bench.vhd}
+compare=${NBD_COMPARE:-/work/shared/bench/nbd-compare}
+[ -x "$compare" ] || compare=$root/../shared/bench/nbd-compare
+py=$root/.venv/bin/python
+
+if [ ! -f "$raw" ] || [ "$(stat -c %s "$raw")" -ne $((1 << 30)) ]; then
+    echo "making $raw (1 GiB of random data)" >&2
+    head -c $((1 << 30)) /dev/urandom > "$raw.tmp" && mv "$raw.tmp" "$raw"
+    rm -f "$vhd"
+fi
+if [ ! -f "$vhd" ]; then
+    echo "making $vhd (fully allocated dynamic VHD with the bytes of $raw)" >&2
+    "$py" "$root/bench/vhd_make.py" "$raw" "$vhd"
+fi
+q=$(printf %q "$vhd")
+
+case $mode in
+buffered)
+    cat "$raw" "$vhd" > /dev/null  # into the page cache
+    exec "$compare" "$@" "$raw" \
+        "vhd::$py $root/bench/serve_tapdisk.py --no-direct --socket {socket} vhd:$q" \
+        "raw::$py $root/bench/serve_tapdisk.py --no-direct --socket {socket} aio:{image}" \
+        "qemu-vpc::qemu-nbd -t -f vpc -k {socket} $q"
+    ;;
+direct)
+    exec "$compare" "$@" "$raw" \
+        "vhd::$py $root/bench/serve_tapdisk.py --socket {socket} vhd:$q" \
+        "raw::$py $root/bench/serve_tapdisk.py --socket {socket} aio:{image}" \
+        "qemu-vpc::qemu-nbd -t -f vpc --cache=none --aio=native -k {socket} $q"
+    ;;
+*)
+    echo "usage: $0 buffered|direct [nbd-compare options]" >&2
+    exit 22
+    ;;
+esac
