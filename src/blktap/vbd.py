@@ -100,7 +100,9 @@ class VBD:
         self._running: asyncio.Future[None] | None = None
         self.sectors = [0, 0]  # sectors read, written
         self.errors = [0, 0]  # failed reads, writes
-        self.log = logging.LoggerAdapter(log, {"minor": minor})
+        self.log_context: dict[str, object] = {"minor": minor, "image": "-"}
+        """Every log record about this VBD carries these (updated on open and resume)."""
+        self.log = logging.LoggerAdapter(log, self.log_context)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -141,6 +143,7 @@ class VBD:
         self._size = chain.size
         self.sectors, self.errors = [0, 0], [0, 0]
         self._transition("open")
+        self.log_context["image"] = str(spec)
         self.log.info("opened %s (%d bytes%s)", spec, self._size,
                       ", read-only" if options.read_only else "")
 
@@ -195,6 +198,7 @@ class VBD:
                 )
                 break
             self._chain, self.spec = chain, new_spec
+            self.log_context["image"] = str(new_spec)
             self.state = VBDState.RUNNING
             self._wake_waiters(None)
             self.log.info("resumed on %s", new_spec)

@@ -15,6 +15,7 @@ import pytest
 
 from tests.helpers import (
     MESSAGE_SIZE,
+    TAPDISK,
     Tapdisk,
     allocate_marker,
     error_of,
@@ -247,3 +248,26 @@ def test_close_of_a_paused_vbd_fails_the_waiting_io(
     assert "read failed" in out.lower() or reader.returncode != 0, out
     assert list_entries(tapdisk)[0][2] == 0x2
     assert tapdisk.alive()
+
+
+def test_foreground_logs_carry_minor_and_image(run_dir: str, image: str) -> None:
+    log_path = os.path.join(run_dir, "tapdisk.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([TAPDISK, "-D"], stdout=subprocess.PIPE, stderr=log)
+    try:
+        assert proc.stdout is not None
+        ctl = proc.stdout.readline().decode().strip()
+        assert ctl == os.path.join(run_dir, f"ctl{proc.pid}")
+        td = Tapdisk(proc.pid, ctl)
+        attach_open(run_dir, td, 0, f"aio:{image}", NO_O_DIRECT)
+        assert one(td, CLOSE, 0)[0] == CLOSE_RSP
+        assert one(td, DETACH, 0)[0] == DETACH_RSP
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with open(log_path) as f:
+        lines = f.read().splitlines()
+    opened = [line for line in lines if "opened" in line]
+    assert opened and f"[minor=0 aio:{image}]" in opened[0], lines

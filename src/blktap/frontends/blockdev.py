@@ -768,7 +768,7 @@ class BlockDevice:
         self._mounted = False
         self._linked = False
         self._started = False
-        self.log = logging.LoggerAdapter(log, {"minor": minor})
+        self.log = logging.LoggerAdapter(log, vbd.log_context)
 
     def statistics(self) -> BlockDeviceStatistics:
         """Counters of the FUSE data requests served since ``start``."""

@@ -133,8 +133,9 @@ class Tapdisk:
         except BlockingIOError:
             os.close(fd)
             raise Busy(f"minor {minor} is held by another tapdisk") from None
-        self.vbds[minor] = AttachedVBD(VBD(minor), fd)
-        log.info("attached minor %d", minor)
+        vbd = VBD(minor)
+        self.vbds[minor] = AttachedVBD(vbd, fd)
+        vbd.log.info("attached")
         return self._reply(request)
 
     async def _open(self, request: ctl.Request) -> list[bytes]:
@@ -180,11 +181,11 @@ class Tapdisk:
                 await frontend.stop(force)
             except Busy:
                 if force:
-                    log.error("minor %d: a frontend refused a forced stop", attached.vbd.minor)
+                    attached.vbd.log.error("a frontend refused a forced stop")
                 else:
                     raise
             except Exception:
-                log.exception("minor %d: stopping a frontend failed", attached.vbd.minor)
+                attached.vbd.log.exception("stopping a frontend failed")
             attached.frontends.pop()
         attached.device = None
 
@@ -207,7 +208,7 @@ class Tapdisk:
         del self.vbds[minor]
         fcntl.flock(attached.marker_fd, fcntl.LOCK_UN)
         os.close(attached.marker_fd)
-        log.info("detached minor %d", minor)
+        attached.vbd.log.info("detached")
         if not self.vbds and self._on_last_detach is not None:
             asyncio.get_running_loop().call_soon(self._on_last_detach)
         return self._reply(request)
@@ -259,7 +260,7 @@ class Tapdisk:
             try:
                 await attached.vbd.close()
             except Exception as exc:
-                log.error("minor %d: close at shutdown failed: %s", minor, exc)
+                attached.vbd.log.error("close at shutdown failed: %s", exc)
             os.close(attached.marker_fd)
 
 
