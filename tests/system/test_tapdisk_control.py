@@ -267,6 +267,8 @@ def test_foreground_logs_carry_minor_and_image(run_dir: str, image: str) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
     with open(log_path) as f:
         lines = f.read().splitlines()
     opened = [line for line in lines if "opened" in line]
