@@ -49,7 +49,9 @@ def ensure_file(path: str, size: int) -> None:
         os.fsync(f.fileno())
 
 
-async def driver_run(path: str, depth: int, seconds: float, submit_batch: int | None) -> float:
+async def driver_run(
+    path: str, depth: int, seconds: float, submit_batch: int | None, unaligned: bool = False
+) -> float:
     ctx = AioContext.for_loop()  # the context the driver will share
     if submit_batch is not None:
         ctx.submit_batch = submit_batch
@@ -64,7 +66,8 @@ async def driver_run(path: str, depth: int, seconds: float, submit_batch: int | 
     async def worker(seed: int) -> None:
         nonlocal count
         rnd = random.Random(seed).randrange
-        buf = aligned(BS)
+        # bytearray memory is not sector-aligned: every read then uses a bounce buffer.
+        buf = memoryview(bytearray(BS)) if unaligned else aligned(BS)
         n = 0
         while not stop:
             await image.read(rnd(blocks) * BS, buf)
@@ -109,6 +112,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--uvloop", action="store_true")
     ap.add_argument("--no-fio", action="store_true")
+    ap.add_argument("--unaligned", action="store_true",
+                    help="read into bytearrays (not sector-aligned): the bounce-buffer path")
     ap.add_argument("--submit-batch", type=int, default=None,
                     help="AioContext.submit_batch (default: the library's; 1000000000 "
                          "submits only at the end of each loop iteration)")
@@ -121,7 +126,7 @@ def main() -> None:
     results: dict[str, list[float]] = {"driver": [], "fio": []}
     for _ in range(args.runs):
         results["driver"].append(asyncio.run(
-            driver_run(args.file, args.depth, args.seconds, args.submit_batch)
+            driver_run(args.file, args.depth, args.seconds, args.submit_batch, args.unaligned)
         ))
         if not args.no_fio and shutil.which("fio"):
             results["fio"].append(fio_run(args.file, args.depth, args.seconds))

@@ -39,7 +39,7 @@ from typing import Any
 
 from blktap.block.driver import SECTOR_SIZE, Alloc, Extent, ImageInfo, OpenOptions, register
 from blktap.errors import ImageFormatError, ReadOnly
-from blktap.util.buffers import BufferPool, aligned
+from blktap.util.buffers import aligned
 from blktap.util.linux_aio import RWF_DSYNC, AioContext, AioUnavailable
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,10 @@ _statx = getattr(_libc, "statx", None)
 
 _ZERO_CHUNK = 1 << 20
 _NO_TAIL = 1 << 63
+_BOUNCE_KEEP = 32  # free bounce buffers kept per size class
+_BOUNCE_MAX = 1 << 20  # larger ones are not kept
+
+_Bounce = tuple[memoryview, Any, int]  # (aligned buffer, its ctypes handle, its address)
 _zero_buf: memoryview | None = None
 
 # Filesystems (st_dev) on which a refused O_DIRECT has already been logged.
@@ -151,7 +155,8 @@ class AioImage:
         self._amask = offset_align - 1
         self._mmask = mem_align - 1
         self._rmw = direct and offset_align > SECTOR_SIZE
-        self._pool = BufferPool(keep=16)
+        # Bounce buffers by exact size, each with its ctypes handle and address.
+        self._bounces: dict[int, list[_Bounce]] = {}
         self._written = False
         self._closed = False
         self._fdsync_aio = aio is not None
@@ -236,12 +241,36 @@ class AioImage:
         if hi > self._tail_start:
             _pread_full(self._tail(), buf, offset)
             return
-        bounce = self._pool.get(hi - lo)
-        await self._direct_io(False, bounce, lo, 0)
-        buf[:] = bounce[offset - lo : offset - lo + n]
+        bounce = self._bounce_get(hi - lo)
+        view, obj, addr = bounce
+        assert self._aio is not None
+        res = await self._aio.pread(self._fd, addr, hi - lo, lo, obj)
+        if res != hi - lo:
+            await self._direct_rest(False, addr, hi - lo, lo, obj, res, 0)
+        buf[:] = view[offset - lo : offset - lo + n]
         # Only a bounce buffer no longer in the kernel's hands goes back to the pool (after
         # an error or a cancellation it may still be in flight: it is simply dropped).
-        self._pool.put(bounce)
+        self._bounce_put(bounce)
+
+    def _bounce_get(self, size: int) -> _Bounce:
+        """An aligned buffer of at least ``size`` bytes (a power of two, one page or more)."""
+        cls = 4096
+        while cls < size:
+            cls <<= 1
+        free = self._bounces.get(cls)
+        if free:
+            return free.pop()
+        view = aligned(cls)
+        obj = _c_char_from_buffer(view)
+        return view, obj, _addressof(obj)
+
+    def _bounce_put(self, bounce: _Bounce) -> None:
+        size = len(bounce[0])
+        if size > _BOUNCE_MAX:
+            return
+        free = self._bounces.setdefault(size, [])
+        if len(free) < _BOUNCE_KEEP:
+            free.append(bounce)
 
     async def _direct_io(self, write: bool, buf: memoryview, offset: int, rw_flags: int) -> None:
         """Whole-buffer O_DIRECT I/O; ``buf`` must be aligned."""
@@ -317,10 +346,15 @@ class AioImage:
             _pwrite_full(self._tail(), data, offset, os.RWF_DSYNC if fua else 0)
             return
         if not self._rmw:  # aligned range, unaligned memory: copy to an aligned buffer
-            bounce = self._pool.get(n)
-            bounce[:] = data
-            await self._direct_io(True, bounce, offset, RWF_DSYNC if fua else 0)
-            self._pool.put(bounce)  # not after a failure: see _read_bounce
+            bounce = self._bounce_get(n)
+            view, obj, addr = bounce
+            view[:n] = data
+            assert self._aio is not None
+            flags = RWF_DSYNC if fua else 0
+            res = await self._aio.pwrite(self._fd, addr, n, offset, obj, flags)
+            if res != n:
+                await self._direct_rest(True, addr, n, offset, obj, res, flags)
+            self._bounce_put(bounce)  # not after a failure: see _read_bounce
             return
         # Shielded: a cancelled caller must not release the range while its block write
         # may still be in flight (a later read-modify-write would race with it).
@@ -336,15 +370,16 @@ class AioImage:
             if hi > self._tail_start:
                 _pwrite_full(self._tail(), data, offset, os.RWF_DSYNC if fua else 0)
                 return
-            bounce = self._pool.get(hi - lo)
+            bounce = self._bounce_get(hi - lo)
+            view = bounce[0][: hi - lo]
             block = self._amask + 1
             if lo < offset:
-                await self._direct_io(False, bounce[:block], lo, 0)
+                await self._direct_io(False, view[:block], lo, 0)
             if offset + n < hi and (hi - block > lo or lo == offset):
-                await self._direct_io(False, bounce[hi - lo - block :], hi - block, 0)
-            bounce[offset - lo : offset - lo + n] = data
-            await self._direct_io(True, bounce, lo, RWF_DSYNC if fua else 0)
-            self._pool.put(bounce)  # not after a failure: see _read_bounce
+                await self._direct_io(False, view[hi - lo - block :], hi - block, 0)
+            view[offset - lo : offset - lo + n] = data
+            await self._direct_io(True, view, lo, RWF_DSYNC if fua else 0)
+            self._bounce_put(bounce)  # not after a failure: see _read_bounce
         finally:
             self._unlock_range(lo, hi)
 
