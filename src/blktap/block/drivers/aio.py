@@ -510,6 +510,7 @@ class AioImage:
                 await self.flush()
         finally:
             self._closed = True
+            self._bounces.clear()
             if self._aio is not None:
                 self._aio.release()
                 self._aio = None
