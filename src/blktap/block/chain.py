@@ -31,11 +31,16 @@ STATE_ZERO = 2
 
 # The read path remembers, per unit of 2 MiB (the VHD block size blktap writes), which
 # level of the chain holds the whole unit, so that a read inside one unit costs one dict
-# lookup instead of an allocation lookup per level.
+# lookup instead of an allocation lookup per level; in units no single level holds, the
+# same per 4 KiB page (a guest's usual write size).
 _UNIT_SHIFT = 21
 _UNIT = 1 << _UNIT_SHIFT
 _MIXED = -1
-"""Owner cache value: no single level holds the whole unit (take the general path)."""
+"""Owner value: no single level holds the whole range (take the general path)."""
+_PAGE_SHIFT = 12
+_PAGE = 1 << _PAGE_SHIFT
+_PAGE_CACHE_MAX = 1 << 12
+"""Mixed units whose per-page owners are kept (512 bytes each) before starting over."""
 _OWNER_CACHE_MAX = 1 << 16
 """Entries kept before the cache is emptied (bounds memory on huge sparse disks)."""
 
@@ -77,6 +82,8 @@ class Chain:
         """unit -> level that holds all of it as DATA, len(images) when it reads as zeros
         (nothing holds it, or a ZERO extent), or _MIXED. Only the leaf changes, so an
         entry is dropped after every leaf write/zeroes/discard that may change it."""
+        self._pages: dict[int, bytearray] = {}
+        """mixed unit -> per-page owners (see :meth:`_page_owner`), dropped with the unit."""
         self._depth = len(images)
         self._leaf_full = images[0].fully_allocated
 
@@ -143,14 +150,18 @@ class Chain:
         """Fill ``buf`` from the chain. The range must lie inside the device."""
         length = len(buf)
         if offset % SECTOR_SIZE == 0 and length % SECTOR_SIZE == 0:
-            unit = offset >> _UNIT_SHIFT
             if self._leaf_full:
                 await self._image_read(self.images[0], self.stats[0], offset, buf)
                 return
+            unit = offset >> _UNIT_SHIFT
             if (offset + length - 1) >> _UNIT_SHIFT == unit:
                 level = self._owner.get(unit)
                 if level is None:
                     level = self._find_owner(unit)
+                if level == _MIXED and (offset + length - 1) >> _PAGE_SHIFT == (
+                    offset >> _PAGE_SHIFT
+                ):
+                    level = self._page_owner(unit, offset)
                 if level >= 0:
                     if level == self._depth:
                         buf[:] = bytes(length)
@@ -171,6 +182,51 @@ class Chain:
         await self._read_level(0, start, bounce)
         buf[:] = bounce[offset - start : offset - start + length]
 
+    def _owner_of(self, start: int, length: int) -> int:
+        """The level that holds all of ``[start, start + length)`` as DATA, ``_depth`` when
+        the range reads as zeros (nothing holds it, or a ZERO extent), else _MIXED."""
+        for level, image in enumerate(self.images):
+            if image.info.size < start + length:
+                return _MIXED  # a smaller parent: zeros past its end, general path
+            if image.fully_allocated:
+                return level
+            extents = image.allocation(start, length)
+            if len(extents) != 1:
+                return _MIXED
+            alloc = extents[0].alloc
+            if alloc == Alloc.DATA:
+                return level
+            if alloc == Alloc.ZERO:
+                break
+        return self._depth
+
+    def _find_owner(self, unit: int) -> int:
+        """Which level holds all of ``unit`` (see ``_owner``); computed and remembered."""
+        start = unit << _UNIT_SHIFT
+        owner = self._owner_of(start, min(_UNIT, self.size - start))
+        if len(self._owner) >= _OWNER_CACHE_MAX:
+            self._owner.clear()
+        self._owner[unit] = owner
+        return owner
+
+    def _page_owner(self, unit: int, offset: int) -> int:
+        """Like :meth:`_find_owner` for the 4 KiB page of ``offset`` in a mixed unit; the
+        answers for one unit are kept in a bytearray (0 unknown, 255 mixed, level + 1)."""
+        if self._depth >= 254:
+            return _MIXED
+        pages = self._pages.get(unit)
+        if pages is None:
+            if len(self._pages) >= _PAGE_CACHE_MAX:
+                self._pages.clear()
+            pages = self._pages[unit] = bytearray(_UNIT >> _PAGE_SHIFT)
+        index = (offset >> _PAGE_SHIFT) & ((_UNIT >> _PAGE_SHIFT) - 1)
+        code = pages[index]
+        if code == 0:
+            start = offset >> _PAGE_SHIFT << _PAGE_SHIFT
+            level = self._owner_of(start, min(_PAGE, self.size - start))
+            code = pages[index] = 255 if level == _MIXED else level + 1
+        return _MIXED if code == 255 else code - 1
+
     async def _read_level(self, level: int, offset: int, buf: memoryview) -> None:
         image = self.images[level]
         stats = self.stats[level]
@@ -186,33 +242,6 @@ class Chain:
             else:
                 await self._read_parent(level + 1, ext.offset, part)
 
-    def _find_owner(self, unit: int) -> int:
-        """Which level holds all of ``unit`` (see ``_owner``); computed and remembered."""
-        start = unit << _UNIT_SHIFT
-        length = min(_UNIT, self.size - start)
-        owner = self._depth
-        for level, image in enumerate(self.images):
-            if image.info.size < start + length:
-                owner = _MIXED  # a smaller parent: zeros past its end, general path
-                break
-            if image.fully_allocated:
-                owner = level
-                break
-            extents = image.allocation(start, length)
-            if len(extents) != 1:
-                owner = _MIXED
-                break
-            alloc = extents[0].alloc
-            if alloc == Alloc.DATA:
-                owner = level
-                break
-            if alloc == Alloc.ZERO:
-                break
-        if len(self._owner) >= _OWNER_CACHE_MAX:
-            self._owner.clear()
-        self._owner[unit] = owner
-        return owner
-
     def _forget_owners(self, offset: int, length: int, keep_leaf: bool) -> None:
         """Drop the owner cache entries of the units the leaf range touches (kept when the
         leaf already held all of the unit and ``keep_leaf``: a write cannot change that)."""
@@ -221,10 +250,13 @@ class Chain:
             return
         first = offset >> _UNIT_SHIFT
         last = (offset + length - 1) >> _UNIT_SHIFT
+        pages = self._pages
         for unit in range(first, last + 1):
             level = owner.get(unit)
             if level is not None and not (keep_leaf and level == 0):
                 del owner[unit]
+                if pages:
+                    pages.pop(unit, None)
 
     async def _read_parent(self, level: int, offset: int, buf: memoryview) -> None:
         # A parent may be smaller than its child (the child was resized): past its end,

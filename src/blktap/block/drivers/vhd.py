@@ -74,6 +74,7 @@ class VhdImage:
         self._bm_size = vf.header.bitmap_size if vf.header is not None else 0
         self._bat = vf.bat
         self._full = vf.full_blocks
+        self._bitmaps = vf.bitmaps
         self._alloc_lock = asyncio.Lock()
         self._unsynced = False
         self._closed = False
@@ -100,18 +101,44 @@ class VhdImage:
             length -= n
         return out
 
+    def _held(self, block: int, within: int, length: int) -> int:
+        """Whether this file holds the range ``[within, within + length)`` of ``block``:
+        1 every sector, 0 none, -1 some. In memory, no list built for whole bytes of the
+        bitmap (ranges of multiples of 8 sectors at multiples of 8 sectors)."""
+        if block in self._full:
+            return 1
+        bits = self._bitmaps.get(block)
+        if bits is None:
+            return 0
+        first = within >> 9
+        count = length >> 9
+        if not (first | count) & 7:
+            a = first >> 3
+            n = count >> 3
+            if bits.count(255, a, a + n) == n:
+                return 1
+            if bits.count(0, a, a + n) == n:
+                return 0
+            return -1
+        runs = bm.runs(bits, first, count)
+        if len(runs) == 1:
+            return 1 if runs[0][2] else 0
+        return -1
+
     def allocation(self, offset: int, length: int) -> list[Extent]:
         """DATA where this file holds the sectors, UNALLOCATED elsewhere (the parent's, or
         zeros at the root), exact per sector from the in-memory BAT and bitmaps."""
         if not self._sparse:
             return [Extent(offset, length, Alloc.DATA)]
         block = offset >> self._shift
-        if (offset & self._mask) + length <= self._bs:
-            # Inside one block (the common case): answered without walking bitmaps when
-            # the block is full or absent.
-            if block in self._full:
+        within = offset & self._mask
+        if within + length <= self._bs:
+            # Inside one block (the common case): one extent when the file holds all or
+            # none of the range.
+            held = self._held(block, within, length)
+            if held == 1:
                 return [Extent(offset, length, Alloc.DATA)]
-            if self._bat[block] == BAT_UNUSED:
+            if held == 0:
                 return [Extent(offset, length, Alloc.UNALLOCATED)]
         out: list[Extent] = []
         runs = self.vhd.sector_runs
@@ -173,8 +200,10 @@ class VhdImage:
         if self._sparse:
             block = offset >> self._shift
             within = offset & self._mask
-            if within + length <= self._bs and block in self._full:
-                # The common case: inside one full block, one call, no coroutine.
+            if within + length <= self._bs and (
+                block in self._full or self._held(block, within, length) == 1
+            ):
+                # The common case: inside one block that holds the range, one call.
                 foff = self._bat[block] * SECTOR_SIZE + self._bm_size + within
                 got = os.preadv(self._fd, [buf], foff)
                 if got < length:
@@ -227,8 +256,10 @@ class VhdImage:
         if self._sparse:
             block = offset >> self._shift
             within = offset & self._mask
-            if within + length <= self._bs and block in self._full:
-                # Inside one full block: no metadata changes, one call, no lock.
+            if within + length <= self._bs and (
+                block in self._full or self._held(block, within, length) == 1
+            ):
+                # Sectors this file holds already: no metadata changes, one call, no lock.
                 foff = self._bat[block] * SECTOR_SIZE + self._bm_size + within
                 self._unsynced = True
                 done = os.pwritev(self._fd, [data], foff)
