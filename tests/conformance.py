@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,9 +48,36 @@ class DriverCase:
 
 
 # ------------------------------------------------------------------- image makers
+MEMORY_FILESYSTEMS = {"tmpfs", "ramfs"}
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (from /proc/self/mountinfo)."""
+    real = os.path.realpath(path)
+    best, fstype = "", "unknown"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mount_point = fields[4]
+            sep = fields.index("-")
+            inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+            if inside and len(mount_point) >= len(best):
+                best, fstype = mount_point, fields[sep + 1]
+    return fstype
+
+
 @contextlib.contextmanager
 def raw_file(tmp: Path, initial: bytes) -> Iterator[str]:
-    """A regular file on the test's temporary directory (a disk filesystem here)."""
+    """A regular file on a disk filesystem: the test's temporary directory, or /var/tmp
+    when that is in memory (O_DIRECT must be tested against a real block device)."""
+    if filesystem_type(tmp) in MEMORY_FILESYSTEMS:
+        with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="blktap-test-") as disk:
+            if filesystem_type(Path(disk)) in MEMORY_FILESYSTEMS:
+                pytest.skip("no disk-backed filesystem for temporary files (tmp, /var/tmp)")
+            path = Path(disk) / "image.raw"
+            path.write_bytes(initial)
+            yield str(path)
+        return
     path = tmp / "image.raw"
     path.write_bytes(initial)
     try:
