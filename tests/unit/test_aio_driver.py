@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import random
+import subprocess
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -377,3 +378,39 @@ def test_as_a_file_engine_writes_may_extend_the_file(tmp_path: Path) -> None:
     assert os.path.getsize(path) == 13824
     with open(path, "rb") as f:
         assert f.read() == b"\x01" * 8192 + b"\x02" * 4096 + b"\x03" * 512 + b"\x04" * 1024
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_enospc_is_reported_and_the_image_keeps_serving(tmp_path: Path, direct: bool) -> None:
+    """A sparse image on a full filesystem (a 256 KiB tmpfs): the kernel's ENOSPC
+    reaches the caller as OSError, and the image keeps working."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                         capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {res.stderr.strip()}")
+    try:
+        path = str(mnt / "image.raw")
+        with open(path, "wb") as f:
+            f.truncate(4 << 20)
+
+        async def body() -> None:
+            image = await open_aio(path, OpenOptions(direct=direct))
+            try:
+                chunk = memoryview(bytearray(b"x" * 65536))
+                with pytest.raises(OSError) as info:
+                    for i in range(64):
+                        await image.write(i * 65536, chunk)
+                assert info.value.errno == errno.ENOSPC
+                assert await read(image, 0, 4096) == b"x" * 4096
+                await image.write(0, memoryview(b"y" * 4096))  # allocated: still fine
+                assert await read(image, 0, 4096) == b"y" * 4096
+            finally:
+                await image.close()
+
+        run(body())
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
