@@ -8,6 +8,12 @@ block allocated, every bitmap full), then copies RAW's bytes into each block's d
 (found through the BAT). The result is what a VM leaves behind after writing every
 sector: the ``vhd`` driver reads it with no fall-through and no allocation.
 RAW's size must be a whole number of MiB.
+
+The image is built under a temporary name, then copied sequentially to VHD: fill's
+interleaved bitmap and block writes leave the file in about one ext4 extent per block
+and bitmap, and on such a file a buffered 4 KiB pwrite costs 3-4x more than on a
+contiguous one (measured: 16-21 us against 5-7 us), which would make the comparison with
+a contiguous raw file about the file system, not the driver.
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ def main() -> int:
         print(f"{raw}: size {size} is not a whole number of MiB", file=sys.stderr)
         return 22
     tool = str(Path(sys.executable).parent / "vhd-util")
-    if os.path.exists(vhd):
-        os.unlink(vhd)
+    final = vhd
+    vhd = final + ".build"
+    for path in (final, vhd):
+        if os.path.exists(path):
+            os.unlink(path)
     subprocess.run([tool, "create", "-n", vhd, "-s", str(size >> 20)], check=True)
     subprocess.run([tool, "fill", "-n", vhd], check=True)
     vf = VhdFile.open(vhd, writable=True)
@@ -52,6 +61,13 @@ def main() -> int:
     finally:
         os.close(src)
         vf.close()
+    with open(vhd, "rb") as fin, open(final + ".tmp", "wb") as fout:
+        while chunk := fin.read(8 << 20):
+            fout.write(chunk)
+        fout.flush()
+        os.fdatasync(fout.fileno())
+    os.rename(final + ".tmp", final)
+    os.unlink(vhd)
     return 0
 
 
