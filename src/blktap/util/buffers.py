@@ -16,12 +16,15 @@ def aligned(length: int) -> memoryview:
 class BufferPool:
     """Hands out page-aligned buffers, keeping released ones for reuse by size class.
 
-    Size classes are powers of two from one page; at most ``keep`` buffers per class are
-    kept, so memory stays bounded by what the peak concurrency needed.
+    Size classes are powers of two from one page. At most ``keep`` buffers per class and
+    ``max_bytes`` in all are kept; the rest are unmapped when released, so an idle
+    daemon gives back what a burst of large requests needed.
     """
 
-    def __init__(self, keep: int = 64) -> None:
+    def __init__(self, keep: int = 64, max_bytes: int = 8 << 20) -> None:
         self._keep = keep
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._free: dict[int, list[memoryview]] = {}
 
     @staticmethod
@@ -35,8 +38,10 @@ class BufferPool:
         """A buffer of exactly ``length`` bytes (contents undefined)."""
         size = self._class_of(length)
         free = self._free.get(size)
-        whole = free.pop() if free else aligned(size)
-        return whole[:length]
+        if free:
+            self._bytes -= size
+            return free.pop()[:length]
+        return aligned(size)[:length]
 
     def put(self, buf: memoryview) -> None:
         """Return a buffer obtained from :meth:`get`. The caller must not use it again."""
@@ -44,6 +49,8 @@ class BufferPool:
         if not isinstance(whole, mmap.mmap):
             return
         view = memoryview(whole)
-        free = self._free.setdefault(len(view), [])
-        if len(free) < self._keep:
+        size = len(view)
+        free = self._free.setdefault(size, [])
+        if len(free) < self._keep and self._bytes + size <= self._max_bytes:
             free.append(view)
+            self._bytes += size

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Resident memory of a tapdisk: idle with one VBD, and with N NBD connections.
+
+    .venv/bin/python bench/memory.py [--connections 32] [--type aio|vhd]
+
+Spawns a real tapdisk in a private run directory, opens one 1 GiB image (sparse raw, or a
+dynamic VHD made with our vhd-util), prints VmRSS; then opens N NBD connections (fixed
+newstyle handshake, NBD_OPT_GO), has each read 1 MiB, keeps them open and prints VmRSS
+again. Removes everything afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from blktap.proto import control as ctl
+
+BIN = Path(sys.executable).parent
+NBDMAGIC, IHAVEOPT, REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x3E889045565A9
+OPT_GO, REP_ACK, INFO_EXPORT = 7, 1, 0
+
+
+def request(path: str, msg: ctl.Message) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        s.sendall(ctl.encode(msg))
+        reader = ctl.ReplyReader(msg.type)
+        while (reply := reader.feed(s.recv(65536))) is None:
+            pass
+    if reply.is_error:
+        raise SystemExit(f"{msg.type.name}: {os.strerror(reply.errno)}")
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise SystemExit("NBD server closed the connection")
+        buf += chunk
+    return buf
+
+
+def nbd_connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    magic, opt, _flags = struct.unpack(">QQH", recv_exact(s, 18))
+    assert (magic, opt) == (NBDMAGIC, IHAVEOPT)
+    s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+    s.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, 6) + struct.pack(">IH", 0, 0))
+    while True:
+        _magic, _opt, rtype, length = struct.unpack(">QIII", recv_exact(s, 20))
+        recv_exact(s, length)
+        if rtype == REP_ACK:
+            return s
+
+
+def nbd_read(s: socket.socket, offset: int, length: int) -> None:
+    s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 1, offset, length))
+    magic, error, _cookie = struct.unpack(">IIQ", recv_exact(s, 16))
+    assert magic == 0x67446698 and error == 0
+    recv_exact(s, length)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--type", choices=("aio", "vhd"), default="aio")
+    args = ap.parse_args()
+    run_dir = tempfile.mkdtemp(prefix="mem-bench-", dir="/tmp")
+    env = dict(os.environ, BLKTAP_RUN_DIR=run_dir, BLKTAP_BLOCKDEV="off")
+    proc = subprocess.Popen([str(BIN / "tapdisk"), "-D"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env)
+    conns: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        ctl_path = proc.stdout.readline().decode().strip()
+        baseline = rss_kib(proc.pid)
+        if args.type == "aio":
+            image = os.path.join(run_dir, "disk.raw")
+            with open(image, "wb") as f:
+                f.truncate(1 << 30)
+        else:
+            image = os.path.join(run_dir, "disk.vhd")
+            subprocess.run([str(BIN / "vhd-util"), "create", "-n", image, "-s", "1024"],
+                           check=True)
+        os.makedirs(os.path.join(run_dir, "tapdisk"), mode=0o700)
+        Path(run_dir, "tapdisk", "tapdisk-0").touch()
+        request(ctl_path, ctl.request(ctl.MessageType.ATTACH, 0))
+        request(ctl_path, ctl.request(ctl.MessageType.OPEN, 0, ctl.Params(
+            flags=ctl.OpenFlag(0), devnum=0, domid=0, path=f"{args.type}:{image}")))
+        time.sleep(0.2)
+        idle = rss_kib(proc.pid)
+        nbd = os.path.join(run_dir, f"nbd{proc.pid}.0")
+        for i in range(args.connections):
+            s = nbd_connect(nbd)
+            nbd_read(s, i << 20, 1 << 20)
+            conns.append(s)
+        time.sleep(0.2)
+        busy = rss_kib(proc.pid)
+        print(f"tapdisk RSS: {baseline / 1024:.1f} MiB with no VBD, {idle / 1024:.1f} MiB idle "
+              f"with one {args.type} VBD, {busy / 1024:.1f} MiB with {args.connections} "
+              f"NBD connections (each has read 1 MiB)")
+    finally:
+        for s in conns:
+            s.close()
+        proc.terminate()
+        proc.wait()
+        proc.stdout.close() if proc.stdout else None
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
