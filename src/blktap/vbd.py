@@ -21,8 +21,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from blktap.block.chain import Chain, StatusExtent
-from blktap.block.driver import OpenOptions
+from blktap.block.chain import Chain, ImageStats, StatusExtent
+from blktap.block.driver import SECTOR_SIZE, Image, OpenOptions
 from blktap.errors import BlktapError, Busy, InvalidArgument, NoSpace, ReadOnly, Shutdown
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ STATE_BITS: dict[VBDState, int] = {
     VBDState.RESUME_FAILED: _CLOSED | _QUIESCED | _PAUSED | _RESUME_FAILED,
     VBDState.CLOSING: _SHUTDOWN_REQ,
 }
+
+_RUNNING = VBDState.RUNNING  # a module constant: the enum attribute lookup costs ~0.2 us
+_SECTOR_MASK = SECTOR_SIZE - 1
 
 # Which transitions each operation may start from.
 _TRANSITIONS: dict[str, tuple[frozenset[VBDState], VBDState]] = {
@@ -94,6 +97,7 @@ class VBD:
         self.options = OpenOptions()
         self.secondary: str | None = None
         self._chain: Chain | None = None
+        self._direct: tuple[Image, ImageStats] | None = None
         self._size = 0
         self._inflight = 0
         self._drained: asyncio.Future[None] | None = None
@@ -139,7 +143,8 @@ class VBD:
         if self.state != VBDState.CLOSED:
             raise Busy(f"minor {self.minor} is already open")
         chain = await Chain.open(spec.type, spec.path, options)
-        self._chain, self.spec, self.options = chain, spec, options
+        self._set_chain(chain)
+        self.spec, self.options = spec, options
         self._size = chain.size
         self.sectors, self.errors = [0, 0], [0, 0]
         self._transition("open")
@@ -158,7 +163,8 @@ class VBD:
         self._transition("pause")
         self._running = asyncio.get_running_loop().create_future()
         await self._drain()
-        chain, self._chain = self._chain, None
+        chain = self._chain
+        self._set_chain(None)
         self.state = VBDState.PAUSED
         assert chain is not None
         await chain.close()
@@ -197,7 +203,8 @@ class VBD:
                     errno=errno.EMEDIUMTYPE,
                 )
                 break
-            self._chain, self.spec = chain, new_spec
+            self._set_chain(chain)
+            self.spec = new_spec
             self.log_context["image"] = str(new_spec)
             self.state = VBDState.RUNNING
             self._wake_waiters(None)
@@ -219,7 +226,8 @@ class VBD:
         self._wake_waiters(Shutdown(f"minor {self.minor} is closing"))
         if not force:
             await self._drain()
-        chain, self._chain = self._chain, None
+        chain = self._chain
+        self._set_chain(None)
         try:
             if chain is not None:
                 await chain.close()
@@ -250,9 +258,18 @@ class VBD:
                 fut.exception()  # mark retrieved: no waiter is not an error
 
     # ---------------------------------------------------------------------- I/O
+    def _set_chain(self, chain: Chain | None) -> None:
+        self._chain = chain
+        # The I/O fast path applies when the chain is one image holding every byte.
+        self._direct = (
+            (chain.leaf, chain.stats[0])
+            if chain is not None and len(chain.images) == 1 and chain.leaf.fully_allocated
+            else None
+        )
+
     async def _admit(self) -> Chain:
         """Wait until the VBD runs; count the request in flight; return the chain."""
-        while self.state != VBDState.RUNNING:
+        while self.state is not _RUNNING:
             if self.state in (VBDState.PAUSING, VBDState.PAUSED) and self._running is not None:
                 await asyncio.shield(self._running)
             else:
@@ -277,12 +294,25 @@ class VBD:
 
     async def read(self, offset: int, buf: memoryview) -> None:
         length = len(buf)
-        self._check_range(offset, length, False)
-        chain = self._chain if self.state is VBDState.RUNNING else None
-        if chain is None:
-            chain = await self._admit()
-        else:
+        direct = self._direct
+        if (direct is not None and self.state is _RUNNING and not (offset | length) & _SECTOR_MASK
+                and offset >= 0 and offset + length <= self._size):
+            # Fast path: one fully allocated image, aligned request (most raw-image I/O).
+            image, stats = direct
             self._inflight += 1
+            stats.hits[0] += 1
+            try:
+                await image.read(offset, buf)
+            except BaseException:
+                stats.fail[0] += 1
+                self.errors[0] += 1
+                raise
+            finally:
+                self._done()
+            self.sectors[0] += length >> 9
+            return
+        self._check_range(offset, length, False)
+        chain = await self._admit()
         try:
             await chain.read(offset, buf)
         except BaseException:
@@ -294,6 +324,23 @@ class VBD:
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         length = len(data)
+        direct = self._direct
+        if (direct is not None and self.state is _RUNNING and not (offset | length) & _SECTOR_MASK
+                and not self.options.read_only and offset >= 0
+                and offset + length <= self._size):
+            image, stats = direct
+            self._inflight += 1
+            stats.hits[1] += 1
+            try:
+                await image.write(offset, data, fua)
+            except BaseException:
+                stats.fail[1] += 1
+                self.errors[1] += 1
+                raise
+            finally:
+                self._done()
+            self.sectors[1] += length >> 9
+            return
         self._check_range(offset, length, True)
         chain = await self._admit()
         try:

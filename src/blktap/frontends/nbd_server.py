@@ -239,8 +239,9 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 FLUSH_BYTES = 1024 * 1024
 """Replies of READ data piled up while serving one batch are handed to the transport
 past this many bytes (so that the transport's flow control applies within a batch)."""
-FREE_BUFFER_BYTES = 16 * 1024 * 1024
-"""Each connection keeps up to this many bytes of idle buffers for reuse."""
+FREE_BUFFER_BYTES = 256 * 1024
+"""Each connection keeps up to this many bytes of idle buffers for reuse (larger ones go
+back to the shared pool, which bounds what all connections keep together)."""
 RECV_BUFFER = 256 * 1024
 """Size of each connection's receive buffer (requests are parsed from it in place)."""
 DIRECT_PAYLOAD_MIN = 64 * 1024

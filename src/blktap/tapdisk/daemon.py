@@ -21,6 +21,7 @@ from blktap import paths
 from blktap.frontends.nbd_server import NbdServer
 from blktap.tapdisk.control_server import ControlServer
 from blktap.tapdisk.service import AttachedVBD, Frontend, FrontendFactory, Tapdisk
+from blktap.util.buffers import BufferPool
 from blktap.vbd import VBD
 
 log = logging.getLogger("blktap.tapdisk")
@@ -150,9 +151,11 @@ class _NbdFrontend:
 
 
 def _frontends(options: DaemonOptions, rundir: str, pid: int) -> list[FrontendFactory]:
+    buffers = BufferPool()  # shared by every export of this process: bounds their memory
+
     async def nbd(attached: AttachedVBD) -> Frontend | None:
         vbd = attached.vbd
-        server = NbdServer(vbd, paths.nbd_socket(rundir, pid, vbd.minor))
+        server = NbdServer(vbd, paths.nbd_socket(rundir, pid, vbd.minor), buffers=buffers)
         await server.start()
         return _NbdFrontend(server, vbd)
 

@@ -21,7 +21,6 @@ from blktap import paths
 from blktap.block.driver import SECTOR_SIZE, OpenOptions
 from blktap.errors import BlktapError, Busy, InvalidArgument, NotFound, errno_of
 from blktap.proto import control as ctl
-from blktap.util.buffers import BufferPool
 from blktap.vbd import VBD, ImageSpec, VBDState
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,6 @@ class Tapdisk:
         self.rundir = rundir
         self.pid = pid
         self.vbds: dict[int, AttachedVBD] = {}
-        self.buffers = BufferPool()
         self._frontend_factories = frontends or []
         self._on_last_detach = on_last_detach
         self._exclusive = asyncio.Lock()
