@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -68,9 +67,11 @@ def main() -> int:
         if os.path.lexists(args.socket):
             os.unlink(args.socket)
         os.symlink(os.path.join(run_dir, f"nbd{proc.pid}.0"), args.socket)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        proc.wait()
-        return 1
+        # Become a small shell that cleans up on SIGTERM, so that the memory nbd-compare
+        # sums over the server's processes is the tapdisk's, not this Python wrapper's.
+        script = ('trap \'kill "$1"; rm -f "$2"; rm -rf "$3"; exit 0\' TERM INT HUP; '
+                  'while :; do sleep 0.2; done')
+        os.execvp("sh", ["sh", "-c", script, "sh", str(proc.pid), args.socket, run_dir])
     finally:
         if proc.poll() is None:
             proc.terminate()

@@ -113,7 +113,7 @@ class NbdServer:
         self.handshake_timeout = handshake_timeout
         self.max_inflight = max_inflight
         self.max_inflight_bytes = max_inflight_bytes
-        self.log = logging.LoggerAdapter(log, {"minor": vbd.minor})
+        self.log = logging.LoggerAdapter(log, vbd.log_context)
         self.tcp_port: int | None = None
         self._servers: list[asyncio.base_events.Server] = []
         self._conns: set[_Connection] = set()
