@@ -620,7 +620,7 @@ class VhdFile:
         h = self.header
         assert h is not None
         self.bat[block] = entry
-        rel, sector = encode_bat_sector(self.bat, block)
+        rel, sector = encode_bat_sector(self.bat, block, max_entries=h.max_bat_size)
         pwrite_all(self.fd, [sector], h.table_offset + rel)
         self.dirty = True
 

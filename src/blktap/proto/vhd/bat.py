@@ -42,13 +42,21 @@ def encode_bat(table: array.array[int], padding: bytes = b"") -> bytes:
 
 
 def encode_bat_sector(
-    table: array.array[int], index: int, padding: bytes = b""
+    table: array.array[int], index: int, padding: bytes = b"", max_entries: int | None = None
 ) -> tuple[int, bytes]:
     """The sector of the BAT that holds entry ``index``: (byte offset within the BAT, 512
-    bytes), for the one-sector BAT update of an allocating write."""
+    bytes), for the one-sector BAT update of an allocating write.
+
+    ``table`` may hold fewer entries than the header's ``max_entries`` (metadata
+    preallocated for a later resize): those entries are written unused (0xFFFFFFFF);
+    bytes past ``max_entries`` are ``padding``, zeros if omitted, as C writes them."""
     per = SECTOR_SIZE // 4
     first = index - index % per
     chunk = array.array("I", table[first : first + per])
+    limit = len(table) if max_entries is None else max_entries
+    unused = min(first + per, limit) - first - len(chunk)
+    if unused > 0:
+        chunk.extend([BAT_UNUSED] * unused)
     if sys.byteorder == "little":
         chunk.byteswap()
     raw = chunk.tobytes()
