@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blktap.block.driver import (
@@ -86,6 +87,11 @@ class Chain:
         """mixed unit -> per-page owners (see :meth:`_page_owner`), dropped with the unit."""
         self._depth = len(images)
         self._leaf_full = images[0].fully_allocated
+        # Optional driver method ``holds(offset, length) -> 1 all DATA / 0 all
+        # UNALLOCATED / -1 ask allocation()``: spares building extent lists per level.
+        self._probes: list[Callable[[int, int], int] | None] = [
+            getattr(image, "holds", None) for image in images
+        ]
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -185,11 +191,19 @@ class Chain:
     def _owner_of(self, start: int, length: int) -> int:
         """The level that holds all of ``[start, start + length)`` as DATA, ``_depth`` when
         the range reads as zeros (nothing holds it, or a ZERO extent), else _MIXED."""
+        probes = self._probes
         for level, image in enumerate(self.images):
             if image.info.size < start + length:
                 return _MIXED  # a smaller parent: zeros past its end, general path
             if image.fully_allocated:
                 return level
+            probe = probes[level]
+            if probe is not None:
+                held = probe(start, length)
+                if held == 1:
+                    return level
+                if held == 0:
+                    continue
             extents = image.allocation(start, length)
             if len(extents) != 1:
                 return _MIXED

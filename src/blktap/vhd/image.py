@@ -633,7 +633,10 @@ class VhdFile:
         entry = self.bat[block]
         assert entry != BAT_UNUSED
         spb = h.sectors_per_block
-        is_full = bm.all_set(bits, 0, spb)
+        # Whole bytes (always, in practice) are counted in C, without a run list.
+        is_full = (
+            bits.count(255, 0, spb >> 3) == spb >> 3 if not spb & 7 else bm.all_set(bits, 0, spb)
+        )
         if not is_full and self.batmap is not None and test_block(self.batmap, block):
             self._write_batmap_bit(block, False)
         pwrite_all(self.fd, [bm.to_disk(bits, self.lsb_bitmaps)], entry * SECTOR_SIZE)

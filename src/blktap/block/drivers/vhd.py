@@ -138,6 +138,17 @@ class VhdImage:
             return 1 if runs[0][2] else 0
         return -1
 
+    def holds(self, offset: int, length: int) -> int:
+        """A cheap form of :meth:`allocation` for the chain's owner lookups: 1 when the
+        whole range is DATA here, 0 when it is all UNALLOCATED, -1 when mixed or when the
+        range crosses a block boundary (then ask :meth:`allocation`)."""
+        if not self._sparse:
+            return 1
+        within = offset & self._mask
+        if within + length > self._bs:
+            return -1
+        return self._held(offset >> self._shift, within, length)
+
     def allocation(self, offset: int, length: int) -> list[Extent]:
         """DATA where this file holds the sectors, UNALLOCATED elsewhere (the parent's, or
         zeros at the root), exact per sector from the in-memory BAT and bitmaps."""
@@ -288,6 +299,8 @@ class VhdImage:
                     done = os.pwritev(self._fd, [data], foff)
                     if done < length:
                         await self._pwritev(data[done:], foff + done)
+            elif within + length <= self._bs:
+                await self._write_allocating(block, within, data)
             else:
                 await self._write_sparse(offset, data)
         else:
@@ -337,7 +350,12 @@ class VhdImage:
                 await self._pwritev(data, base + within)
             if block not in vf.full_blocks:
                 bits = vf.bitmap_copy(block)
-                bm.set_range(bits, within // SECTOR_SIZE, len(data) // SECTOR_SIZE)
+                first = within // SECTOR_SIZE
+                count = len(data) // SECTOR_SIZE
+                if not (first | count) & 7:  # whole bytes of the bitmap
+                    bits[first >> 3 : (first + count) >> 3] = b"\xff" * (count >> 3)
+                else:
+                    bm.set_range(bits, first, count)
                 vf.write_bitmap(block, bits)
             self._unsynced = True
 
