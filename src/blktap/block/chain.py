@@ -219,7 +219,9 @@ class Chain:
         start = unit << _UNIT_SHIFT
         owner = self._owner_of(start, min(_UNIT, self.size - start))
         if len(self._owner) >= _OWNER_CACHE_MAX:
+            # Pages only exist under a unit entry (_forget_owners relies on it).
             self._owner.clear()
+            self._pages.clear()
         self._owner[unit] = owner
         return owner
 
