@@ -166,7 +166,8 @@ def run_fio(leaf: str, seconds: float) -> float:
              "--time_based", "--ramp_time=1", "--output-format=json"],
             check=True, capture_output=True, text=True,
         ).stdout
-        return float(json.loads(out)["jobs"][0]["read"]["iops"])
+        # fio's nbd engine prints "fio: connected to NBD server" before the JSON.
+        return float(json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"])
     finally:
         server.terminate()
         server.wait()
