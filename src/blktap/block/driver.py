@@ -103,6 +103,12 @@ class Image(Protocol):
         contiguous, in order, cover exactly the range, and never have length 0.
         """
 
+    # Optional: ``holds(offset, length) -> int``, a cheap form of :meth:`allocation` for
+    # the chain's per-unit owner cache: 1 when the whole range is DATA here, 0 when it is
+    # all UNALLOCATED, -1 when mixed or unknown (the chain then asks ``allocation``).
+    # Drivers of sparse formats with parents (vhd) provide it; the chain looks it up
+    # with getattr, so it is not part of the Protocol.
+
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Like :meth:`allocation` but may also report ZERO ranges (sparse holes).
 
