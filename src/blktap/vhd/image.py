@@ -563,7 +563,7 @@ class VhdFile:
         if not self.writable:
             raise ImageFormatError("image is open read-only", path=self.path, errno=errno.EROFS)
 
-    def reserve_block(self) -> int:
+    def reserve_block(self, zero: bool = True) -> int:
         """Place a new block at the end of the data area and zero-fill its bitmap and data
         synchronously (blktap's first step of an allocating write).
 
@@ -572,6 +572,11 @@ class VhdFile:
         short) leaves a file that ends with a valid footer and whose BAT does not yet
         reference the new space. (blktap's tapdisk leaves the footer overwritten until
         close and relies on the backup copy at offset 0.)
+
+        Only bytes that lay inside the file need zeroing (the old footer, any trailing
+        junk): past its old end the new space is a hole that reads as zeros (a block device
+        has no such end, so all of it is zeroed). With ``zero=False`` nothing is zeroed:
+        the caller writes the whole bitmap and data before linking the block.
 
         Returns the block's BAT entry (sector offset). The BAT is not updated: the caller
         writes the data and :meth:`write_bat_entry`, then :meth:`write_bitmap`. Raises
@@ -590,11 +595,12 @@ class VhdFile:
         new_end = start + span
         if new_end // SECTOR_SIZE > 0xFFFFFFFF:
             raise NoSpace(f"{self.path}: no room for another block below 2^32 sectors")
+        stop = min(self.file_size, new_end) if zero else old_end
         try:
             pwrite_all(self.fd, [self.footer.encode()], new_end)
             pos = old_end
-            while pos < new_end:
-                n = min(new_end - pos, len(_ZEROS))
+            while pos < stop:
+                n = min(stop - pos, len(_ZEROS))
                 pwrite_all(self.fd, [memoryview(_ZEROS)[:n]], pos)
                 pos += n
         except OSError:

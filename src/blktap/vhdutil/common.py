@@ -7,7 +7,7 @@ import errno
 import os
 import stat
 
-from blktap.errors import ImageFormatError, InvalidArgument, NoSpace
+from blktap.errors import ImageFormatError, InvalidArgument
 from blktap.proto.vhd import bitmap as bm
 from blktap.proto.vhd.constants import FOOTER_SIZE, SECTOR_SIZE, DiskType
 from blktap.proto.vhd.footer import Footer
@@ -88,33 +88,9 @@ def next_block_position(image: VhdFile) -> int:
 
 def allocate_block(image: VhdFile, *, zero: bool) -> int:
     """Reserve room for a new block at the end of the data and return its BAT entry
-    (sector offset); the BAT itself is not updated.
-
-    The footer is written right after the new block first, so the file always ends with
-    a valid footer. With ``zero`` the block's bitmap and data read as zeros afterwards:
-    only bytes that lay inside the old file (the old footer, any trailing junk) are
-    written, the rest is a hole the file system reads as zeros. Without ``zero`` the
-    caller overwrites the whole bitmap and data before linking the block.
-
-    Raises NoSpace past 2^32 sectors; OSError leaves the image's metadata untouched.
-    """
-    assert image.header is not None and image.writable
-    start = next_block_position(image)
-    end = start + image.header.bitmap_size + image.header.block_size
-    if end // SECTOR_SIZE > 0xFFFFFFFF:
-        raise NoSpace(f"{image.path}: no room for another block below 2^32 sectors")
-    if zero:
-        old_end = min(image.file_size, end)
-        pos = image.data_end
-        while pos < old_end:
-            n = min(old_end - pos, len(_ZEROS))
-            pwrite_all(image.fd, [memoryview(_ZEROS)[:n]], pos)
-            pos += n
-    pwrite_all(image.fd, [image.footer.encode()], end)
-    image.data_end = end
-    image.file_size = max(image.file_size, end + FOOTER_SIZE)
-    image.dirty = True
-    return start // SECTOR_SIZE
+    (sector offset); the BAT itself is not updated. See :meth:`VhdFile.reserve_block`
+    (``zero``: the block's bitmap and data read as zeros afterwards)."""
+    return image.reserve_block(zero=zero)
 
 
 def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int) -> None:
