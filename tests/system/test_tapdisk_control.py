@@ -101,7 +101,7 @@ def test_short_and_slow_requests_do_not_block_others(tapdisk: Tapdisk) -> None:
         assert short.recv(MESSAGE_SIZE) == b""  # closed without a reply
         started = time.monotonic()
         assert one(tapdisk, PID)[0] == PID_RSP
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 1.9  # not queued behind the 2 s timeout
         slow.settimeout(10)
         assert slow.recv(MESSAGE_SIZE) == b""  # dropped after the 2 s request timeout
     assert tapdisk.alive()
