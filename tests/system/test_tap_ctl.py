@@ -116,8 +116,10 @@ def assert_clean(run_dir: str, *, timeout: float = 10.0) -> None:
 
 @pytest.fixture
 def clean_run_dir(run_dir: str) -> Iterator[str]:
-    """``run_dir`` that must be clean at the end of the test (checked only on success)."""
+    """``run_dir`` that must be clean at the end of the test: no tapdisk, socket or marker
+    left (checked at teardown, so a leak fails the test even where it does not say so)."""
     yield run_dir
+    assert_clean(run_dir)
 
 
 def create(img: str, *flags: str) -> tuple[int, int]:
