@@ -271,20 +271,8 @@ class AioContext:
         fut: asyncio.Future[int] = self._loop.create_future()
         free = self._free
         if free and not self._overflow:
-            slot = free.pop()
-            if opcode >= IOCB_CMD_PREADV:
-                addr = self._iov_addr(slot, keep[1])
+            self._enqueue(fut, opcode, fd, addr, nbytes, offset, rw_flags, keep)
             pending = self._pending
-            # The kernel copies iocbs during io_submit, so the batch array is reused:
-            # entry i of a batch sits at i * IOCB_SIZE; aio_data names the slot.
-            _IOCB.pack_into(
-                self._iocbs_view, len(pending) * IOCB_SIZE,
-                slot, 0, rw_flags, opcode, 0, fd, addr, nbytes, offset, 0,
-                IOCB_FLAG_RESFD, self._efd,
-            )  # fmt: skip
-            self._futs[slot] = fut
-            self._keep[slot] = keep
-            pending.append(slot)
             if len(pending) >= self.submit_batch and len(pending) >= self._inflight:
                 # The device has little to do: start it on these now rather than at the
                 # end of the iteration (batches grow as the device gets busier).
@@ -295,6 +283,26 @@ class AioContext:
         else:
             self._overflow.append((fut, opcode, fd, addr, nbytes, offset, rw_flags, keep))
         return fut
+
+    def _enqueue(
+        self, fut: asyncio.Future[int], opcode: int, fd: int, addr: int, nbytes: int,
+        offset: int, rw_flags: int, keep: Any,
+    ) -> None:
+        """Put a request in a free slot and append its iocb to the pending batch."""
+        slot = self._free.pop()
+        if opcode >= IOCB_CMD_PREADV:
+            addr = self._iov_addr(slot, keep[1])
+        pending = self._pending
+        # The kernel copies iocbs during io_submit, so the batch array is reused:
+        # entry i of a batch sits at i * IOCB_SIZE; aio_data names the slot.
+        _IOCB.pack_into(
+            self._iocbs_view, len(pending) * IOCB_SIZE,
+            slot, 0, rw_flags, opcode, 0, fd, addr, nbytes, offset, 0,
+            IOCB_FLAG_RESFD, self._efd,
+        )  # fmt: skip
+        self._futs[slot] = fut
+        self._keep[slot] = keep
+        pending.append(slot)
 
     def _flush(self) -> None:
         """The end-of-iteration submission scheduled by the first request of a batch."""
@@ -397,18 +405,7 @@ class AioContext:
             fut, opcode, fd, addr, nbytes, offset, rw_flags, keep = overflow.popleft()
             if fut.done():
                 continue
-            slot = free.pop()
-            if opcode >= IOCB_CMD_PREADV:
-                addr = self._iov_addr(slot, keep[1])
-            pending = self._pending
-            _IOCB.pack_into(
-                self._iocbs_view, len(pending) * IOCB_SIZE,
-                slot, 0, rw_flags, opcode, 0, fd, addr, nbytes, offset, 0,
-                IOCB_FLAG_RESFD, self._efd,
-            )  # fmt: skip
-            self._futs[slot] = fut
-            self._keep[slot] = keep
-            pending.append(slot)
+            self._enqueue(fut, opcode, fd, addr, nbytes, offset, rw_flags, keep)
 
     # -------------------------------------------------------------- closing
     def close(self) -> None:
