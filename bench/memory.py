@@ -22,22 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from blktap.proto import control as ctl
+from blktap.control import client, minors
+from blktap.control.rundir import RunDir
 
 BIN = Path(sys.executable).parent
 NBDMAGIC, IHAVEOPT, REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x3E889045565A9
 OPT_GO, REP_ACK, INFO_EXPORT = 7, 1, 0
-
-
-def request(path: str, msg: ctl.Message) -> None:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(path)
-        s.sendall(ctl.encode(msg))
-        reader = ctl.ReplyReader(msg.type)
-        while (reply := reader.feed(s.recv(65536))) is None:
-            pass
-    if reply.is_error:
-        raise SystemExit(f"{msg.type.name}: {os.strerror(reply.errno)}")
 
 
 def recv_exact(s: socket.socket, n: int) -> bytes:
@@ -91,7 +81,7 @@ def main() -> int:
     conns: list[socket.socket] = []
     try:
         assert proc.stdout is not None
-        ctl_path = proc.stdout.readline().decode().strip()
+        proc.stdout.readline()  # the control socket path: tapdisk is listening
         baseline = rss_kib(proc.pid)
         if args.type == "aio":
             image = os.path.join(run_dir, "disk.raw")
@@ -101,14 +91,13 @@ def main() -> int:
             image = os.path.join(run_dir, "disk.vhd")
             subprocess.run([str(BIN / "vhd-util"), "create", "-n", image, "-s", "1024"],
                            check=True)
-        os.makedirs(os.path.join(run_dir, "tapdisk"), mode=0o700)
-        Path(run_dir, "tapdisk", "tapdisk-0").touch()
-        request(ctl_path, ctl.request(ctl.MessageType.ATTACH, 0))
-        request(ctl_path, ctl.request(ctl.MessageType.OPEN, 0, ctl.Params(
-            flags=ctl.OpenFlag(0), devnum=0, domid=0, path=f"{args.type}:{image}")))
+        rundir = RunDir(Path(run_dir), Path(run_dir) / "dev")
+        minor = minors.allocate(rundir)
+        client.attach(rundir, proc.pid, minor)
+        client.open(rundir, proc.pid, minor, f"{args.type}:{image}")
         time.sleep(0.2)
         idle = rss_kib(proc.pid)
-        nbd = os.path.join(run_dir, f"nbd{proc.pid}.0")
+        nbd = str(rundir.nbd_socket(proc.pid, minor))
         for i in range(args.connections):
             s = nbd_connect(nbd)
             nbd_read(s, i << 20, 1 << 20)

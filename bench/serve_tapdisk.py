@@ -16,25 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from blktap.proto import control as ctl
-
-
-def request(path: str, msg: ctl.Message) -> ctl.Message:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(path)
-        s.sendall(ctl.encode(msg))
-        reader = ctl.ReplyReader(msg.type)
-        while (reply := reader.feed(s.recv(65536))) is None:
-            pass
-    if reply.is_error:
-        raise SystemExit(f"{msg.type.name} failed: {os.strerror(reply.errno)}")
-    return reply.message
+from blktap.control import client, minors
+from blktap.control.options import OpenOptions
+from blktap.control.rundir import RunDir
 
 
 def main() -> int:
@@ -52,21 +41,15 @@ def main() -> int:
     proc = subprocess.Popen([tapdisk, "-D"], stdout=subprocess.PIPE, env=env)
     try:
         assert proc.stdout is not None
-        ctl_path = proc.stdout.readline().decode().strip()
-        os.makedirs(os.path.join(run_dir, "tapdisk"), mode=0o700)
-        open(os.path.join(run_dir, "tapdisk", "tapdisk-0"), "w").close()
-        request(ctl_path, ctl.request(ctl.MessageType.ATTACH, 0))
-        flags = ctl.OpenFlag(0)
-        if args.no_direct:
-            flags |= ctl.OpenFlag.NO_O_DIRECT
-        if args.read_only:
-            flags |= ctl.OpenFlag.RDONLY
-        request(ctl_path, ctl.request(ctl.MessageType.OPEN, 0,
-                                      ctl.Params(flags=flags, devnum=0, domid=0,
-                                                 path=args.image)))
+        proc.stdout.readline()  # the control socket path: tapdisk is listening
+        rundir = RunDir(Path(run_dir), Path(run_dir) / "dev")
+        minor = minors.allocate(rundir)
+        client.attach(rundir, proc.pid, minor)
+        client.open(rundir, proc.pid, minor, args.image,
+                    OpenOptions(read_only=args.read_only, no_o_direct=args.no_direct))
         if os.path.lexists(args.socket):
             os.unlink(args.socket)
-        os.symlink(os.path.join(run_dir, f"nbd{proc.pid}.0"), args.socket)
+        os.symlink(rundir.nbd_socket(proc.pid, minor), args.socket)
         # Become a small shell that cleans up on SIGTERM, so that the memory nbd-compare
         # sums over the server's processes is the tapdisk's, not this Python wrapper's.
         script = ('trap \'kill "$1"; rm -f "$2"; rm -rf "$3"; exit 0\' TERM INT HUP; '
