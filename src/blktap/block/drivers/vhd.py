@@ -215,6 +215,13 @@ class VhdImage:
                     out.append((foff, boff, size))
         return out
 
+    def _held_at(self, block: int, within: int, length: int) -> int:
+        """The file offset of ``length`` bytes at ``within`` in ``block`` when this file
+        holds all of them, else -1 (the fast path of reads and writes)."""
+        if block in self._full or self._held(block, within, length) == 1:
+            return self._bat[block] * SECTOR_SIZE + self._bm_size + within
+        return -1
+
     # -------------------------------------------------------------------- reads
     async def read(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with this image's view of ``offset``: one ``preadv`` per run of
@@ -224,11 +231,8 @@ class VhdImage:
         if self._sparse:
             block = offset >> self._shift
             within = offset & self._mask
-            if within + length <= self._bs and (
-                block in self._full or self._held(block, within, length) == 1
-            ):
+            if within + length <= self._bs and (foff := self._held_at(block, within, length)) >= 0:
                 # The common case: inside one block that holds the range, one call.
-                foff = self._bat[block] * SECTOR_SIZE + self._bm_size + within
                 if self._engine is not None:
                     await self._engine.read(foff, buf)
                     return
@@ -287,11 +291,8 @@ class VhdImage:
         if self._sparse:
             block = offset >> self._shift
             within = offset & self._mask
-            if within + length <= self._bs and (
-                block in self._full or self._held(block, within, length) == 1
-            ):
+            if within + length <= self._bs and (foff := self._held_at(block, within, length)) >= 0:
                 # Sectors this file holds already: no metadata changes, one call, no lock.
-                foff = self._bat[block] * SECTOR_SIZE + self._bm_size + within
                 self._unsynced = True
                 if self._engine is not None:
                     await self._engine.write(foff, data)
