@@ -4,7 +4,8 @@ Each connection runs the sans-IO codec (:mod:`blktap.proto.nbd`) under an
 ``asyncio.BufferedProtocol``. Requests are parsed many per read and each is run with
 :func:`blktap.util.eager.start` (no Task per request); replies go out of order, as soon as
 their request completes, and the replies completed during one read (or one
-loop turn) leave in a single ``writelines`` (one ``writev``). READ data is never copied:
+loop turn, or one burst of AIO completions: :class:`blktap.util.eager.Batch`) leave in a
+single ``writelines`` (one ``writev``). READ data is never copied:
 the reply is ``[header, buffer]`` with the buffer the VBD read into.
 
 Buffers come from a :class:`BufferPool` (page-aligned, as O_DIRECT needs). A READ buffer
@@ -56,6 +57,7 @@ from blktap.proto.nbd import (
     ServerCodec,
 )
 from blktap.util.buffers import BufferPool
+from blktap.util.eager import defer as eager_defer
 from blktap.util.eager import start as eager_start
 from blktap.vbd import VBD
 
@@ -659,8 +661,9 @@ class _Connection(asyncio.BufferedProtocol):
             if self._maybe_close():
                 return
             if not self._flush_scheduled:
+                # With the other replies of this burst of completions, or next loop turn.
                 self._flush_scheduled = True
-                self._loop.call_soon(self._flush)
+                eager_defer(self._loop, self._flush)
             self._update_reading()
 
     # ------------------------------------------------------------------ output

@@ -5,9 +5,11 @@ One :class:`AioContext` serves every image of an event loop (as the C tapdisk ha
 
 * requests queued during one loop iteration go to the kernel together, in one
   ``io_submit`` scheduled with ``loop.call_soon`` once per batch, or in a few growing
-  batches when the device is idle (see ``submit_batch``);
+  batches when the device is busy with fewer (see ``submit_batch``); a request that
+  finds nothing in flight goes to the kernel at once;
 * every iocb carries ``IOCB_FLAG_RESFD`` so that completions bump an eventfd the loop
-  watches (``loop.add_reader``); one wake-up reaps every completed event at once;
+  watches (``loop.add_reader``); one wake-up reaps every completed event at once, as one
+  :class:`blktap.util.eager.Batch` (eager waiters resume there and then);
 * a batch's iocbs are packed with a precompiled ``struct.Struct`` into one preallocated
   array whose pointer array never changes (the kernel copies iocbs at submission): a
   request allocates no ctypes object of its own;
@@ -16,8 +18,9 @@ One :class:`AioContext` serves every image of an event loop (as the C tapdisk ha
 * at most ``depth`` requests are in the kernel; more wait in a FIFO and go in as slots
   free up. ``EAGAIN`` from ``io_submit`` leaves requests queued for a later retry.
 
-The futures resolve to the kernel's result (bytes transferred, possibly short) or fail
-with ``OSError`` carrying the errno of a negative result. A request's buffer must stay
+The futures (:class:`~blktap.util.eager.EagerFuture`) resolve to the kernel's result
+(bytes transferred, possibly short) or fail with ``OSError`` carrying the errno of a
+negative result. A request's buffer must stay
 valid until its future is done; the ``keep`` argument holds a reference for that long.
 """
 
@@ -37,6 +40,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from blktap.errors import Shutdown
+from blktap.util.eager import Batch, EagerFuture
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +165,7 @@ class AioContext:
         self._timeout_arg = ctypes.c_void_p(ctypes.addressof(self._zero_timeout))
 
         # Per-slot state: the future to resolve and what must stay alive meanwhile.
-        self._futs: list[asyncio.Future[int] | None] = [None] * depth
+        self._futs: list[EagerFuture[int] | None] = [None] * depth
         self._keep: list[Any] = [None] * depth
         self._free = list(range(depth - 1, -1, -1))
         self._pending: list[int] = []  # filled slots not yet accepted by io_submit
@@ -169,6 +173,7 @@ class AioContext:
         self._inflight = 0
         self._flush_scheduled = False
         self._retry_handle: asyncio.TimerHandle | None = None
+        self._batch = Batch(loop)
         try:
             loop.add_reader(self._efd, self._on_eventfd)
         except BaseException:
@@ -211,19 +216,19 @@ class AioContext:
         return len(self._pending) + len(self._overflow)
 
     # ------------------------------------------------------------ requests
-    def pread(self, fd: int, addr: int, nbytes: int, offset: int, keep: Any) -> asyncio.Future[int]:
+    def pread(self, fd: int, addr: int, nbytes: int, offset: int, keep: Any) -> EagerFuture[int]:
         """Read ``nbytes`` at ``offset`` into memory at ``addr`` (kept alive by ``keep``)."""
         return self._submit(IOCB_CMD_PREAD, fd, addr, nbytes, offset, 0, keep)
 
     def pwrite(
         self, fd: int, addr: int, nbytes: int, offset: int, keep: Any, rw_flags: int = 0
-    ) -> asyncio.Future[int]:
+    ) -> EagerFuture[int]:
         """Write ``nbytes`` from ``addr`` at ``offset``; ``rw_flags`` may hold RWF_DSYNC."""
         return self._submit(IOCB_CMD_PWRITE, fd, addr, nbytes, offset, rw_flags, keep)
 
     def preadv(
         self, fd: int, iov: Sequence[tuple[int, int]], offset: int, keep: Any
-    ) -> asyncio.Future[int]:
+    ) -> EagerFuture[int]:
         """Scatter-read at ``offset`` into the ``(address, length)`` pairs of ``iov``.
 
         At most IOV_PER_REQUEST pairs (ValueError otherwise); ``keep`` keeps every buffer
@@ -233,7 +238,7 @@ class AioContext:
 
     def pwritev(
         self, fd: int, iov: Sequence[tuple[int, int]], offset: int, keep: Any, rw_flags: int = 0
-    ) -> asyncio.Future[int]:
+    ) -> EagerFuture[int]:
         """Gather-write the ``(address, length)`` pairs of ``iov`` at ``offset``."""
         return self._submit_vec(IOCB_CMD_PWRITEV, fd, iov, offset, rw_flags, keep)
 
@@ -245,7 +250,7 @@ class AioContext:
         offset: int,
         rw_flags: int,
         keep: Any,
-    ) -> asyncio.Future[int]:
+    ) -> EagerFuture[int]:
         if not 0 < len(iov) <= IOV_PER_REQUEST:
             raise ValueError(f"{len(iov)} buffers in one request (1..{IOV_PER_REQUEST})")
         # The iovec array is written into the slot's area once the slot is known.
@@ -259,21 +264,22 @@ class AioContext:
             pos += _IOVEC.size
         return self._iovs_base + slot * IOV_PER_REQUEST * _IOVEC.size
 
-    def fdsync(self, fd: int) -> asyncio.Future[int]:
+    def fdsync(self, fd: int) -> EagerFuture[int]:
         """fdatasync ``fd`` asynchronously (fails with EINVAL where the kernel lacks it)."""
         return self._submit(IOCB_CMD_FDSYNC, fd, 0, 0, 0, 0, None)
 
     def _submit(
         self, opcode: int, fd: int, addr: int, nbytes: int, offset: int, rw_flags: int, keep: Any
-    ) -> asyncio.Future[int]:
+    ) -> EagerFuture[int]:
         if self._closed:
             raise Shutdown("the AIO context is closed", errno=errno.ESHUTDOWN)
-        fut: asyncio.Future[int] = self._loop.create_future()
+        fut: EagerFuture[int] = EagerFuture(loop=self._loop)
         free = self._free
         if free and not self._overflow:
             self._enqueue(fut, opcode, fd, addr, nbytes, offset, rw_flags, keep)
             pending = self._pending
-            if len(pending) >= self.submit_batch and len(pending) >= self._inflight:
+            inflight = self._inflight
+            if not inflight or (len(pending) >= self.submit_batch and len(pending) >= inflight):
                 # The device has little to do: start it on these now rather than at the
                 # end of the iteration (batches grow as the device gets busier).
                 self._submit_pending()
@@ -285,7 +291,7 @@ class AioContext:
         return fut
 
     def _enqueue(
-        self, fut: asyncio.Future[int], opcode: int, fd: int, addr: int, nbytes: int,
+        self, fut: EagerFuture[int], opcode: int, fd: int, addr: int, nbytes: int,
         offset: int, rw_flags: int, keep: Any,
     ) -> None:
         """Put a request in a free slot and append its iocb to the pending batch."""
@@ -344,7 +350,10 @@ class AioContext:
         self._keep[slot] = None
         self._free.append(slot)
         if fut is not None and not fut.done():
+            # Woken next turn: this runs inside _submit_pending, which a waiter resumed
+            # here could re-enter.
             fut.set_exception(OSError(err, os.strerror(err)))
+            self._loop.call_soon(fut.wake)
 
     def _retry(self) -> None:
         self._retry_handle = None
@@ -352,12 +361,19 @@ class AioContext:
 
     # --------------------------------------------------------- completions
     def _on_eventfd(self) -> None:
-        with contextlib.suppress(BlockingIOError):
+        try:
             os.read(self._efd, 8)
-        self.reap()
+        except BlockingIOError:  # spurious: every completion bumps the counter
+            return
+        with self._batch:
+            self.reap()
 
     def reap(self) -> int:
-        """Resolve the futures of every completed request; returns how many."""
+        """Resolve the futures of every completed request; returns how many.
+
+        Eager waiters resume inside (see :mod:`blktap.util.eager`) and may queue or
+        submit new requests, even reap again: the events are copied out first.
+        """
         total = 0
         events = self._events_view
         while self._inflight:
@@ -378,17 +394,19 @@ class AioContext:
             futs = self._futs
             keep = self._keep
             free = self._free
+            done = []
             for slot, _obj, res, _res2 in _EVENT.iter_unpack(events[: n * EVENT_SIZE]):
                 fut = futs[slot]
                 futs[slot] = None
                 keep[slot] = None
                 free.append(slot)
-                if fut is None or fut.done():  # cancelled by its waiter
-                    continue
+                if fut is not None and not fut.done():  # else cancelled by its waiter
+                    done.append((fut, res))
+            for fut, res in done:
                 if res >= 0:
-                    fut.set_result(res)
+                    fut.resolve(res)
                 else:
-                    fut.set_exception(OSError(-res, os.strerror(-res)))
+                    fut.fail(OSError(-res, os.strerror(-res)))
             if n < self.depth:
                 break
         if self._overflow:
@@ -437,11 +455,11 @@ class AioContext:
             self._futs[slot] = None
             self._keep[slot] = None
             if fut is not None and not fut.done():
-                fut.set_exception(Shutdown("the AIO context was closed"))
+                fut.fail(Shutdown("the AIO context was closed"))
         while self._overflow:
             fut = self._overflow.popleft()[0]
             if not fut.done():
-                fut.set_exception(Shutdown("the AIO context was closed"))
+                fut.fail(Shutdown("the AIO context was closed"))
         self._pending.clear()
 
     def _destroy(self, keep: list[Any]) -> None:
