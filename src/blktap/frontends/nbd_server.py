@@ -68,6 +68,7 @@ STATUS_QUERY_MAX = 256 * 1024 * 1024
 less than the request: the spec allows it, the client asks again)."""
 
 _EMPTY = memoryview(b"")
+_FLUSH_N = int(os.environ.get("FLUSHN", "1000000"))
 # Plain ints: IntFlag arithmetic runs Python code on every request.
 _FUA = int(CommandFlag.FUA)
 _NO_HOLE = int(CommandFlag.NO_HOLE)
@@ -435,7 +436,7 @@ class _Connection(asyncio.BufferedProtocol):
                                 backlog.append(ev)
                             else:
                                 self._dispatch(ev)
-                                if self._out_bytes >= FLUSH_BYTES:
+                                if self._out_bytes >= FLUSH_BYTES or len(self._out) >= _FLUSH_N:
                                     self._flush()
                         elif type(ev) is Negotiated:
                             self._negotiated(ev)

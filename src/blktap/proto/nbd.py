@@ -260,6 +260,8 @@ class Request(NamedTuple):
 
 Event = Negotiated | Aborted | Request
 _new_tuple = tuple.__new__
+_WRITE_COMMAND: Final = Command.WRITE
+_WRITE: Final = int(Command.WRITE)
 
 
 class State(enum.Enum):
@@ -596,6 +598,10 @@ class ServerCodec:
             pos = self._request(head, 0, data, pos, events)
         unpack = REQUEST.unpack_from
         fast = self._fast
+        write_flags = self._allowed[Command.WRITE]
+        alloc = self._alloc
+        if pos < end and type(data) is not memoryview:
+            data = memoryview(data)  # payloads are sliced out of it without a copy
         while pos < end:
             if self.state is not State.TRANSMISSION:
                 return events  # DISC: ignore whatever follows
@@ -614,6 +620,21 @@ class ServerCodec:
                 # The fast path: a valid request without payload (built without the
                 # NamedTuple's Python-level __new__, which costs more than the tuple).
                 events.append(_new_tuple(Request, (entry[0], flags, cookie, offset, length, None)))
+                continue
+            if (
+                cmd == _WRITE
+                and magic == REQUEST_MAGIC
+                and not flags & ~write_flags
+                and length <= end - pos
+                and length <= MAX_BLOCK
+            ):
+                # A valid WRITE whose payload is all here: copied out at once, without
+                # _fill_payload's state.
+                payload = alloc(length)
+                payload[:] = data[pos : pos + length]
+                pos += length
+                events.append(_new_tuple(Request, (_WRITE_COMMAND, flags, cookie, offset, length,
+                                                   payload)))
                 continue
             pos = self._request(data, pos - _REQ_SIZE, data, pos, events)
         return events
