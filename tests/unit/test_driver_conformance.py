@@ -135,6 +135,40 @@ def test_read_after_write_at_many_offsets(
     run(body())
 
 
+def test_synchronous_forms_match_the_model(
+    case: DriverCase, image_path: str, initial: bytes
+) -> None:
+    """Drivers that offer read_now/write_now (blktap.block.driver) do with them what read
+    and write do; the others offer neither (both None or absent)."""
+    rng = random.Random(7)
+    model = bytearray(initial)
+
+    async def body() -> None:
+        image = await case.open(image_path)
+        try:
+            read_now = getattr(image, "read_now", None)
+            write_now = getattr(image, "write_now", None)
+            assert (read_now is None) == (write_now is None)
+            if read_now is None or write_now is None:
+                return
+            for i in range(40):
+                start = rng.randrange(SIZE // SECTOR_SIZE)
+                count = rng.randint(1, min(16, SIZE // SECTOR_SIZE - start))
+                offset, length = start * SECTOR_SIZE, count * SECTOR_SIZE
+                data = rng.randbytes(length)
+                write_now(offset, memoryview(data), i % 4 == 0)
+                model[offset : offset + length] = data
+                back = memoryview(bytearray(length))
+                read_now(offset, back)
+                assert bytes(back) == data
+            assert await read_all(image) == model
+        finally:
+            await image.close()
+        assert await stored(case, image_path) == (model if case.persistent else initial)
+
+    run(body())
+
+
 def test_unaligned_and_read_only_buffers(
     case: DriverCase, image_path: str, initial: bytes
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,61 @@ def test_requests_are_validated_at_the_entry(image: str) -> None:
             with pytest.raises(ReadOnly):
                 await op
         await ro.close()
+
+    run(main())
+
+
+def test_synchronous_io_serves_what_it_can_and_declines_the_rest(image: str) -> None:
+    """read_now/write_now: buffered raw images are served at once, with the same
+    statistics as read/write; anything else is declined (False) and left untouched."""
+
+    async def main() -> None:
+        vbd = await opened(image)
+        buf = memoryview(bytearray(4096))
+        assert vbd.read_now(8192, buf)
+        assert bytes(buf) == bytes(range(256)) * 16
+        assert vbd.write_now(0, memoryview(b"\x5a" * 1024), fua=True)
+        check = memoryview(bytearray(1024))
+        await vbd.read(0, check)
+        assert bytes(check) == b"\x5a" * 1024
+        stats = vbd.stats()
+        assert stats["secs"] == [8 + 2, 2] and stats["errors"] == [0, 0]
+        assert stats["images"][0]["hits"] == [2, 1]
+        # Declined: unaligned, out of range (validated by read/write), while paused.
+        untouched = bytes(buf)
+        assert not vbd.read_now(100, buf[:512])
+        assert not vbd.read_now(SIZE, buf[:512])
+        assert not vbd.write_now(SIZE - 512, memoryview(bytes(1024)))
+        await vbd.pause()
+        assert not vbd.read_now(0, buf[:512]) and not vbd.write_now(0, buf[:512])
+        assert bytes(buf) == untouched
+        await vbd.resume()
+        assert vbd.read_now(0, buf[:512])
+        await vbd.close()
+        assert not vbd.read_now(0, buf[:512])
+
+        ro = await opened(image, read_only=True)  # writes go the checked way
+        assert not ro.write_now(0, memoryview(bytes(512)))
+        assert ro.read_now(0, buf[:512])
+        await ro.close()
+        direct = await opened(image, direct=True)  # Linux AIO waits: never synchronous
+        assert not direct.read_now(0, buf[:512]) and not direct.write_now(0, buf[:512])
+        await direct.close()
+
+    run(main())
+
+
+def test_synchronous_io_errors_are_counted_and_raised(image: str) -> None:
+    async def main() -> None:
+        vbd = await opened(image)
+        os.truncate(image, 0)
+        # The file shrank under the VBD: a read past its end is short -> EIO.
+        with pytest.raises(OSError) as info:
+            vbd.read_now(SIZE - 4096, memoryview(bytearray(4096)))
+        assert info.value.errno == errno.EIO
+        stats = vbd.stats()
+        assert stats["errors"] == [1, 0] and stats["images"][0]["fail"] == [1, 0]
+        await vbd.close()
 
     run(main())
 

@@ -108,6 +108,11 @@ class Image(Protocol):
     # all UNALLOCATED, -1 when mixed or unknown (the chain then asks ``allocation``).
     # Drivers of sparse formats with parents (vhd) provide it; the chain looks it up
     # with getattr, so it is not part of the Protocol.
+    #
+    # Optional too: ``read_now(offset, buf)`` and ``write_now(offset, data, fua)``, the
+    # same I/O as :meth:`read`/:meth:`write` done synchronously, for drivers whose I/O
+    # never waits for the event loop (buffered files, memory). The VBD serves requests
+    # through them without a coroutine when they are not None.
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Like :meth:`allocation` but may also report ZERO ranges (sparse holes).

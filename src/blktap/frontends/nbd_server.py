@@ -490,16 +490,32 @@ class _Connection(asyncio.BufferedProtocol):
             buf = self._get_buf(length)
             self._inflight += 1
             self._inflight_bytes += length
-            eager_start(vbd.read(req.offset, buf),
-                        lambda _r, exc: self._finish_read(req, buf, exc))
+            try:
+                done = vbd.read_now(req.offset, buf)
+            except Exception as exc:
+                self._finish_read(req, buf, exc)
+                return
+            if done:
+                self._finish_read(req, buf, None)
+            else:
+                eager_start(vbd.read(req.offset, buf),
+                            lambda _r, exc: self._finish_read(req, buf, exc))
         elif command is Command.WRITE:
             data = req.data
             assert data is not None
             self._inflight += 1
             self._inflight_bytes += req.length
             if req.length:
-                coro: Coroutine[Any, Any, Any] = vbd.write(
-                    req.offset, data, bool(req.flags & _FUA))
+                fua = bool(req.flags & _FUA)
+                try:
+                    done = vbd.write_now(req.offset, data, fua)
+                except Exception as exc:
+                    self._finish_write(req, data, exc)
+                    return
+                if done:
+                    self._finish_write(req, data, None)
+                    return
+                coro: Coroutine[Any, Any, Any] = vbd.write(req.offset, data, fua)
             else:
                 coro = _check_writable(vbd)
             eager_start(coro, lambda _r, exc: self._finish_write(req, data, exc))

@@ -35,6 +35,7 @@ import logging
 import os
 import stat
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from blktap.block.driver import SECTOR_SIZE, Alloc, Extent, ImageInfo, OpenOptions, register
@@ -168,6 +169,11 @@ class AioImage:
         tail = size % offset_align if direct else 0
         self._tail_start = size - tail if tail else _NO_TAIL
         self._tail_fd: int | None = None
+        # Buffered I/O never waits for the loop: offer it synchronously too.
+        self.read_now: Callable[[int, memoryview], None] | None = (
+            None if aio is not None else self._read_buffered)
+        self.write_now: Callable[[int, memoryview, bool], None] | None = (
+            None if aio is not None else self._write_buffered)
 
     # ---------------------------------------------------------------- status
     def allocation(self, offset: int, length: int) -> list[Extent]:
@@ -213,6 +219,9 @@ class AioImage:
         return out
 
     # ----------------------------------------------------------------- reads
+    def _read_buffered(self, offset: int, buf: memoryview) -> None:
+        _pread_full(self._fd, buf, offset)
+
     async def read(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` from ``offset``. Raises OSError (EIO for a short read).
 
@@ -338,6 +347,12 @@ class AioImage:
                         await self._direct_rest(True, addr, n, offset, obj, res, flags)
                     return
         await self._write_slow(offset, data, fua)
+
+    def _write_buffered(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        if self.read_only:
+            self._check_writable()
+        self._written = True
+        _pwrite_full(self._fd, data, offset, os.RWF_DSYNC if fua else 0)
 
     async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
         n = len(data)

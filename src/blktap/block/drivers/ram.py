@@ -85,12 +85,21 @@ class RamImage:
     async def read(self, offset: int, buf: memoryview) -> None:
         buf[:] = self._view[offset : offset + len(buf)]
 
+    def read_now(self, offset: int, buf: memoryview) -> None:
+        """:meth:`read`, synchronously (see blktap.block.driver)."""
+        buf[:] = self._view[offset : offset + len(buf)]
+
     def _check_writable(self) -> None:
         if self.read_only:
             raise ReadOnly(f"{self.path}: the ram image is open read-only")
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         """Copy ``data`` into memory (``fua`` changes nothing: memory is all there is)."""
+        self._check_writable()
+        self._view[offset : offset + len(data)] = data
+
+    def write_now(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        """:meth:`write`, synchronously (see blktap.block.driver)."""
         self._check_writable()
         self._view[offset : offset + len(data)] = data
 
