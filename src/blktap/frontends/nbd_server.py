@@ -74,6 +74,8 @@ _FUA = int(CommandFlag.FUA)
 _NO_HOLE = int(CommandFlag.NO_HOLE)
 _FAST_ZERO = int(CommandFlag.FAST_ZERO)
 _REQ_ONE = int(CommandFlag.REQ_ONE)
+_READ = Command.READ
+_WRITE = Command.WRITE
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,8 +451,14 @@ class _Connection(asyncio.BufferedProtocol):
             finally:
                 self._batching = False
             self._flush()
-            if not self._maybe_close():
-                self._update_reading()
+            if self._draining:
+                if self._maybe_close():
+                    return
+            elif self._reading and not (backlog or self._writing_paused
+                                        or self._inflight >= max_inflight
+                                        or self._inflight_bytes >= max_bytes):
+                return  # still reading, nothing to stop it: _update_reading would do nothing
+            self._update_reading()
         except Exception:
             self.log.exception("minor %d: NBD connection %s failed", self.vbd.minor, self.peer)
             self.abort()
@@ -479,12 +487,13 @@ class _Connection(asyncio.BufferedProtocol):
         self.requests += 1
         command = req.command
         vbd = self.vbd
-        if command is Command.READ:
+        if command is _READ:
             length = req.length
+            codec = self.codec
+            assert codec is not None
             if not length:
-                assert self.codec is not None
                 self.reads += 1
-                self._out.append(self.codec.read_reply_header(req.cookie, req.offset, 0))
+                self._out.append(codec.read_reply_header(req.cookie, req.offset, 0))
                 self._replied()
                 return
             buf = self._get_buf(length)
@@ -496,11 +505,21 @@ class _Connection(asyncio.BufferedProtocol):
                 self._finish_read(req, buf, exc)
                 return
             if done:
-                self._finish_read(req, buf, None)
+                # _finish_read's success path, inline (the most common request). The
+                # caller (a batch or _pump) sends the reply: no _replied needed.
+                self._inflight -= 1
+                self._inflight_bytes -= length
+                self.reads += 1
+                self.bytes_read += length
+                out = self._out
+                out.append(codec.read_reply_header(req.cookie, req.offset, length))
+                out.append(buf)
+                self._out_bytes += length
+                self._sending.append(buf)
             else:
                 eager_start(vbd.read(req.offset, buf),
                             lambda _r, exc: self._finish_read(req, buf, exc))
-        elif command is Command.WRITE:
+        elif command is _WRITE:
             data = req.data
             assert data is not None
             self._inflight += 1

@@ -220,7 +220,8 @@ class AioImage:
 
     # ----------------------------------------------------------------- reads
     def _read_buffered(self, offset: int, buf: memoryview) -> None:
-        _pread_full(self._fd, buf, offset)
+        if os.preadv(self._fd, (buf,), offset) != len(buf):
+            _pread_full(self._fd, buf, offset)  # short (rare): again, to the end
 
     async def read(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` from ``offset``. Raises OSError (EIO for a short read).
