@@ -600,6 +600,48 @@ def test_thousands_of_pipelined_requests_with_a_small_window(
     assert s.run(s.server.statistics).reads == count
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_writes_that_wait_keep_their_own_data(
+        serve: Callable[..., ServedImage], direct: bool) -> None:
+    """WRITE payloads are lent from the receive buffer (no copy) only while they are
+    written at once; writes that wait (a paused VBD, AIO, a full window) must keep their
+    own copy while the receive buffer fills with the next requests."""
+    s = serve(direct=direct, max_inflight=150)
+    c = RawClient(s.socket)
+
+    def writes(first: int, n: int) -> bytes:
+        return b"".join(request(1, i, i * 512, 512) + bytes([i % 251]) * 512
+                        for i in range(first, first + n))
+
+    try:
+        c.handshake()
+        s.call(s.vbd.pause())
+        # Each send is read into the start of the receive buffer, over the one before:
+        # 100 writes wait in the VBD, 50 more, then the window is full (backlog).
+        for first in (0, 100, 200):
+            c.sock.sendall(writes(first, 100))
+            time.sleep(0.2)
+        s.call(s.vbd.resume())
+        seen = set()
+        for _ in range(300):
+            magic, error, cookie = struct.unpack(">IIQ", c.recv_exact(16))
+            assert (magic, error) == (SIMPLE_MAGIC, 0)
+            seen.add(cookie)
+        assert seen == set(range(300))
+        # Running: writes go at once (buffered) or to AIO while the next ones arrive.
+        for first in range(300, 2300, 200):
+            c.sock.sendall(writes(first, 200))
+        for _ in range(2000):
+            assert struct.unpack(">IIQ", c.recv_exact(16))[:2] == (SIMPLE_MAGIC, 0)
+    finally:
+        c.close()
+    s.call(s.vbd.flush())
+    with open(s.image, "rb") as f:
+        data = f.read(2300 * 512)
+    for i in range(2300):
+        assert data[i * 512 : (i + 1) * 512] == bytes([i % 251]) * 512, f"block {i}"
+
+
 def test_large_reads_to_a_slow_reader_are_not_corrupted(
         workdir: str, serve: Callable[..., ServedImage]) -> None:
     mib = 1 << 20

@@ -418,6 +418,30 @@ def test_write_payload_goes_into_alloc_buffers() -> None:
     assert codec.payload_pending == 2
 
 
+def test_borrowed_payloads_are_views_of_the_fed_bytes_unless_split() -> None:
+    given: list[memoryview] = []
+
+    def alloc(n: int) -> memoryview:
+        buf = memoryview(bytearray(n))
+        given.append(buf)
+        return buf
+
+    codec = ServerCodec(ExportInfo(SIZE), alloc, borrow_payloads=True)
+    codec.feed(struct.pack(">I", C_FIXED | C_NO_ZEROES) + opt(OPT_EXPORT_NAME))
+    received = bytearray(req(CMD_WRITE, 1, 0, 3) + b"abc" + req(CMD_WRITE, 2, 512, 2) + b"xy")
+    first, second = codec.feed(memoryview(received))
+    assert isinstance(first, Request) and isinstance(second, Request)
+    assert first.data is not None and second.data is not None
+    assert bytes(first.data) == b"abc" and bytes(second.data) == b"xy"
+    assert first.data.obj is received and second.data.obj is received  # lent, no copy
+    assert not given
+    # A payload that is not whole in one feed is gathered in a buffer of the codec's.
+    assert codec.feed(req(CMD_WRITE, 3, 0, 4) + b"ab") == []
+    [third] = codec.feed(b"cd")
+    assert isinstance(third, Request) and third.data is given[0]
+    assert bytes(third.data) == b"abcd"
+
+
 def simple_replies(out: bytes) -> list[tuple[int, int]]:
     """(error, cookie) of each simple reply in ``out``."""
     res = []

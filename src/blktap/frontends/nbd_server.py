@@ -75,6 +75,7 @@ _NO_HOLE = int(CommandFlag.NO_HOLE)
 _FAST_ZERO = int(CommandFlag.FAST_ZERO)
 _REQ_ONE = int(CommandFlag.REQ_ONE)
 _READ = Command.READ
+_reply_ok = ServerCodec.reply_ok
 _WRITE = Command.WRITE
 
 
@@ -293,7 +294,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._max_inflight = server.max_inflight
         self._max_bytes = server.max_inflight_bytes
         self._fast_zero = False
-        self._rbuf = memoryview(bytearray(RECV_BUFFER))
+        self._rbuf_bytes = bytearray(RECV_BUFFER)
+        self._rbuf = memoryview(self._rbuf_bytes)
         self._into_payload = False
         self._pumping = False
         self._out_bytes = 0  # READ data in self._out
@@ -329,7 +331,9 @@ class _Connection(asyncio.BufferedProtocol):
         vbd = self.vbd
         export = ExportInfo(size=vbd.size, read_only=vbd.read_only,
                             description=f"blktap VBD minor {vbd.minor}")
-        self.codec = ServerCodec(export, self._get_buf)
+        # WRITE payloads are lent from the receive buffer: a write done synchronously
+        # needs no copy; any other is copied out (_own) before the buffer is reused.
+        self.codec = ServerCodec(export, self._get_buf, borrow_payloads=True)
         # Room for a few large READ replies before the transport asks us to pause.
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         sock = transport.get_extra_info("socket")
@@ -435,6 +439,8 @@ class _Connection(asyncio.BufferedProtocol):
                             if (backlog or self._writing_paused
                                     or self._inflight >= max_inflight
                                     or self._inflight_bytes >= max_bytes):
+                                # A payload lent from the receive buffer stays valid
+                                # here: reading stops until the backlog is empty.
                                 backlog.append(ev)
                             else:
                                 self._dispatch(ev)
@@ -532,8 +538,17 @@ class _Connection(asyncio.BufferedProtocol):
                     self._finish_write(req, data, exc)
                     return
                 if done:
-                    self._finish_write(req, data, None)
+                    # _finish_write's success path, inline (as for READ above).
+                    self._inflight -= 1
+                    self._inflight_bytes -= req.length
+                    if data.obj is not self._rbuf_bytes:
+                        self._put_buf(data)
+                    self.writes += 1
+                    self.bytes_written += req.length
+                    self._out.append(_reply_ok(req.cookie))
                     return
+                if data.obj is self._rbuf_bytes:
+                    data = self._own(data)  # the write waits: the receive buffer moves on
                 coro: Coroutine[Any, Any, Any] = vbd.write(req.offset, data, fua)
             else:
                 coro = _check_writable(vbd)
@@ -599,7 +614,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._inflight -= 1
             self._inflight_bytes -= req.length
             codec = self.codec
-            if len(data):
+            if len(data) and data.obj is not self._rbuf_bytes:  # else lent, not ours
                 if self._lost:
                     self.pool.put(data)
                 else:
@@ -741,6 +756,12 @@ class _Connection(asyncio.BufferedProtocol):
             self._free_bytes -= length
             return bufs.pop()
         return self.pool.get(length)
+
+    def _own(self, lent: memoryview) -> memoryview:
+        """A copy of a payload lent from the receive buffer, in a buffer of our own."""
+        buf = self._get_buf(len(lent))
+        buf[:] = lent
+        return buf
 
     def _put_buf(self, buf: memoryview) -> None:
         # Kept per connection by exact length (cheaper than the pool's size classes), up

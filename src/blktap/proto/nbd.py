@@ -294,7 +294,10 @@ class ServerCodec:
     """The server side of one NBD connection.
 
     ``alloc(length)`` provides the buffer a WRITE payload is received into (use page-aligned
-    pool buffers for O_DIRECT). ``greeting()`` must be sent first. After a ProtocolError the
+    pool buffers for O_DIRECT). With ``borrow_payloads``, a WRITE payload that arrives
+    whole within one :meth:`feed` is instead a view of the bytes given to ``feed`` (no
+    copy): the caller must be done with it, or copy it, before it reuses that buffer.
+    ``greeting()`` must be sent first. After a ProtocolError the
     codec is FAILED: every later ``feed`` raises again; send :attr:`output` (it may hold an
     error reply) and disconnect.
     """
@@ -303,8 +306,10 @@ class ServerCodec:
         self,
         export: ExportInfo,
         alloc: Callable[[int], memoryview] = _default_alloc,
+        borrow_payloads: bool = False,
     ) -> None:
         self.export = export
+        self.borrow_payloads = borrow_payloads
         self.state = State.CLIENT_FLAGS
         self.output = bytearray()
         """Bytes the server must send (option replies, codec-made error replies)."""
@@ -600,6 +605,7 @@ class ServerCodec:
         fast = self._fast
         write_flags = self._allowed[Command.WRITE]
         alloc = self._alloc
+        borrow = self.borrow_payloads
         if pos < end and type(data) is not memoryview:
             data = memoryview(data)  # payloads are sliced out of it without a copy
         while pos < end:
@@ -628,10 +634,13 @@ class ServerCodec:
                 and length <= end - pos
                 and length <= MAX_BLOCK
             ):
-                # A valid WRITE whose payload is all here: copied out at once, without
-                # _fill_payload's state.
-                payload = alloc(length)
-                payload[:] = data[pos : pos + length]
+                # A valid WRITE whose payload is all here: lent or copied out at once,
+                # without _fill_payload's state.
+                if borrow:
+                    payload = data[pos : pos + length]
+                else:
+                    payload = alloc(length)
+                    payload[:] = data[pos : pos + length]
                 pos += length
                 events.append(_new_tuple(Request, (_WRITE_COMMAND, flags, cookie, offset, length,
                                                    payload)))

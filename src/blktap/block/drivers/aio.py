@@ -353,7 +353,9 @@ class AioImage:
         if self.read_only:
             self._check_writable()
         self._written = True
-        _pwrite_full(self._fd, data, offset, os.RWF_DSYNC if fua else 0)
+        flags = os.RWF_DSYNC if fua else 0
+        if os.pwritev(self._fd, (data,), offset, flags) != len(data):
+            _pwrite_full(self._fd, data, offset, flags)  # short (rare): again, whole
 
     async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
         n = len(data)
