@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blktap.block.chain import Chain, ImageStats, StatusExtent
-from blktap.block.driver import SECTOR_SIZE, Image, OpenOptions
+from blktap.block.driver import SECTOR_SIZE, SYNC_WRITE_MAX, Image, OpenOptions
 from blktap.errors import BlktapError, Busy, InvalidArgument, NoSpace, ReadOnly, Shutdown
 
 log = logging.getLogger(__name__)
@@ -325,10 +325,12 @@ class VBD:
         return True
 
     def write_now(self, offset: int, data: memoryview, fua: bool = False) -> bool:
-        """:meth:`write` at once, under the same conditions as :meth:`read_now`."""
+        """:meth:`write` at once, under the same conditions as :meth:`read_now`, for
+        writes smaller than SYNC_WRITE_MAX."""
         now = self._now
         length = len(data)
-        if (now is None or self.state is not _RUNNING or (offset | length) & _SECTOR_MASK
+        if (now is None or length >= SYNC_WRITE_MAX or self.state is not _RUNNING
+                or (offset | length) & _SECTOR_MASK
                 or self.options.read_only or offset < 0 or offset + length > self._size):
             return False
         stats = now[2]

@@ -22,6 +22,10 @@ from typing import Protocol
 from blktap.errors import NotFound
 
 SECTOR_SIZE = 512
+SYNC_WRITE_MAX = 256 * 1024
+"""Writes of this many bytes or more never go through ``write_now`` (see Image): copying
+them takes long enough that the driver's ``write`` may hand it to a worker thread while
+the event loop receives the next requests."""
 
 
 class Alloc(enum.IntEnum):
@@ -112,7 +116,8 @@ class Image(Protocol):
     # Optional too: ``read_now(offset, buf)`` and ``write_now(offset, data, fua)``, the
     # same I/O as :meth:`read`/:meth:`write` done synchronously, for drivers whose I/O
     # never waits for the event loop (buffered files, memory). The VBD serves requests
-    # through them without a coroutine when they are not None.
+    # through them without a coroutine when they are not None (writes smaller than
+    # SYNC_WRITE_MAX only).
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Like :meth:`allocation` but may also report ZERO ranges (sparse holes).

@@ -13,7 +13,9 @@ unless the OPEN message carries NO_O_DIRECT):
   refuses ``O_DIRECT`` the image falls back to buffered mode (logged once per
   filesystem).
 * **buffered** — plain synchronous ``os.preadv``/``os.pwritev`` from the coroutine, which
-  then completes without waiting (a page-cache hit costs one system call).
+  then completes without waiting (a page-cache hit costs one system call); also offered
+  as ``read_now``/``write_now``. Writes of ``SYNC_WRITE_MAX`` or more are copied into the
+  page cache by a worker thread, overlapping the event loop's work.
 
 ``fua`` writes are written with ``RWF_DSYNC``. ``flush`` is ``fdatasync`` (an AIO
 ``IOCB_CMD_FDSYNC`` where the kernel has it, otherwise in a worker thread).
@@ -28,6 +30,7 @@ written, synced or otherwise modified: its timestamps stay as they were.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import errno
 import fcntl
@@ -38,7 +41,15 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from blktap.block.driver import SECTOR_SIZE, Alloc, Extent, ImageInfo, OpenOptions, register
+from blktap.block.driver import (
+    SECTOR_SIZE,
+    SYNC_WRITE_MAX,
+    Alloc,
+    Extent,
+    ImageInfo,
+    OpenOptions,
+    register,
+)
 from blktap.errors import ImageFormatError, ReadOnly
 from blktap.util.buffers import aligned
 from blktap.util.linux_aio import RWF_DSYNC, AioContext, AioUnavailable
@@ -331,7 +342,14 @@ class AioImage:
         self._written = True
         aio = self._aio
         if aio is None:
-            _pwrite_full(self._fd, data, offset, os.RWF_DSYNC if fua else 0)
+            flags = os.RWF_DSYNC if fua else 0
+            if len(data) >= SYNC_WRITE_MAX:
+                # A large copy into the page cache runs in a worker thread (the system
+                # call releases the GIL) while the loop receives the next requests.
+                await asyncio.get_running_loop().run_in_executor(
+                    _copier(), _pwrite_full, self._fd, data, offset, flags)
+            else:
+                _pwrite_full(self._fd, data, offset, flags)
             return
         n = len(data)
         if not self._rmw and not (offset | n) & self._amask and offset + n <= self._tail_start:
@@ -548,6 +566,18 @@ def _pread_full(fd: int, buf: memoryview, offset: int) -> None:
             raise OSError(errno.EIO, f"short read at {offset + done} (end of file)")
         n = os.preadv(fd, (buf[done:],), offset + done)
         done += n
+
+
+_copier_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _copier() -> concurrent.futures.ThreadPoolExecutor:
+    """The one worker thread of the process for large buffered writes (created on first
+    use; one is enough to overlap the copy with the event loop, and keeps them in order)."""
+    global _copier_pool
+    if _copier_pool is None:
+        _copier_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aio-copy")
+    return _copier_pool
 
 
 def _pwrite_full(fd: int, data: memoryview, offset: int, flags: int) -> None:
