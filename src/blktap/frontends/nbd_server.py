@@ -456,7 +456,8 @@ class _Connection(asyncio.BufferedProtocol):
                     self._pump()
             finally:
                 self._batching = False
-            self._flush()
+            if self._out or self._held:
+                self._flush()
             if self._draining:
                 if self._maybe_close():
                     return
@@ -709,13 +710,14 @@ class _Connection(asyncio.BufferedProtocol):
         if backlog and not self._pumping:
             self._pump()
         if not self._batching and not self._pumping:
-            if self._maybe_close():
+            if self._draining and self._maybe_close():
                 return
             if not self._flush_scheduled:
                 # With the other replies of this burst of completions, or next loop turn.
                 self._flush_scheduled = True
                 eager_defer(self._loop, self._flush)
-            self._update_reading()
+            if not self._reading:  # a completion can only end a reason to stop reading
+                self._update_reading()
 
     # ------------------------------------------------------------------ output
     def _take_codec_output(self) -> None:
