@@ -219,6 +219,7 @@ def test_cancelled_waiter_does_not_break_the_context(direct_fd: int) -> None:
 
 def test_close_fails_unsubmitted_requests_and_refuses_new_ones(direct_fd: int) -> None:
     async def body() -> None:
+        before = open_fds()
         ctx = AioContext(asyncio.get_running_loop(), depth=2)
         buf = aligned(4096)
         a, keep = addr(buf)
@@ -234,6 +235,13 @@ def test_close_fails_unsubmitted_requests_and_refuses_new_ones(direct_fd: int) -
                 await fut
         with pytest.raises(Shutdown):
             ctx.pread(direct_fd, a, 4096, 0, keep)
+        # With the first request still in the kernel, io_destroy and the eventfd's close
+        # finish in a background thread: wait for it (no later test sees that fd go).
+        for _ in range(200):
+            if open_fds() == before:
+                break
+            await asyncio.sleep(0.01)
+        assert open_fds() == before
 
     run(body())
 
