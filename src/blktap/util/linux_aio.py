@@ -115,11 +115,12 @@ class AioContext:
     ) -> None:
         """Create a context for ``depth`` in-flight requests, watched by ``loop``.
 
-        Requests go to the kernel at the end of the loop iteration that queued them, or
-        earlier, as soon as at least ``submit_batch`` of them wait and they are at least
-        as many as those already in the kernel: after a burst of completions the device
-        starts on the first new requests while the rest are still being prepared
-        (batches of 4, 4, 8, 16, ...), and a busy device gets whole-iteration batches.
+        A request that finds nothing in the kernel goes there at once. Others go at the
+        end of the loop iteration that queued them, or earlier, as soon as at least
+        ``submit_batch`` of them wait and they are at least as many as those already in
+        the kernel: the device starts on the first requests while the rest are still
+        being prepared (batches of 1, 4, 5, 10, 20, ...), and a busy device gets
+        whole-iteration batches.
 
         Raises AioUnavailable (an OSError) when the kernel refuses (ENOSYS, EAGAIN when
         fs.aio-max-nr is exhausted). Nothing is left open after a failure.
