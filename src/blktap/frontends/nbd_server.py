@@ -512,17 +512,10 @@ class _Connection(asyncio.BufferedProtocol):
                 self._finish_read(req, buf, exc)
                 return
             if done:
-                # _finish_read's success path, inline (the most common request). The
-                # caller (a batch or _pump) sends the reply: no _replied needed.
+                # The caller (a batch or _pump) sends the reply: no _replied needed.
                 self._inflight -= 1
                 self._inflight_bytes -= length
-                self.reads += 1
-                self.bytes_read += length
-                out = self._out
-                out.append(codec.read_reply_header(req.cookie, req.offset, length))
-                out.append(buf)
-                self._out_bytes += length
-                self._sending.append(buf)
+                self._queue_read_reply(codec, req, buf)
             else:
                 eager_start(vbd.read(req.offset, buf),
                             lambda _r, exc: self._finish_read(req, buf, exc))
@@ -595,20 +588,26 @@ class _Connection(asyncio.BufferedProtocol):
             if self._lost or codec is None:
                 self.pool.put(buf)
                 return
-            self.reads += 1
             if exc is None:
-                self.bytes_read += length
-                out = self._out
-                out.append(codec.read_reply_header(req.cookie, req.offset, length))
-                out.append(buf)
-                self._out_bytes += length
-                self._sending.append(buf)
+                self._queue_read_reply(codec, req, buf)
             else:
+                self.reads += 1
                 self._out.append(self._error_reply(req, exc, read=True))
                 self._put_buf(buf)
             self._replied()
         except Exception:
             self._callback_failed()
+
+    def _queue_read_reply(self, codec: ServerCodec, req: Request, buf: memoryview) -> None:
+        """Queue a successful READ's reply: its header, then ``buf`` itself (no copy)."""
+        length = req.length
+        self.reads += 1
+        self.bytes_read += length
+        out = self._out
+        out.append(codec.read_reply_header(req.cookie, req.offset, length))
+        out.append(buf)
+        self._out_bytes += length
+        self._sending.append(buf)
 
     def _finish_write(self, req: Request, data: memoryview, exc: BaseException | None) -> None:
         try:
