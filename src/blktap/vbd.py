@@ -99,8 +99,9 @@ class VBD:
         self.secondary: str | None = None
         self._chain: Chain | None = None
         self._direct: tuple[Image, ImageStats] | None = None
-        self._now: tuple[Callable[[int, memoryview], None],
-                         Callable[[int, memoryview, bool], None], ImageStats] | None = None
+        self._read_now: Callable[[int, memoryview], bool] | None = None
+        self._write_now: Callable[[int, memoryview, bool], bool] | None = None
+        self._now_stats = ImageStats()  # the one image's, while _read/_write_now are set
         self._size = 0
         self._inflight = 0
         self._drained: asyncio.Future[None] | None = None
@@ -269,14 +270,12 @@ class VBD:
             if chain is not None and len(chain.images) == 1 and chain.leaf.fully_allocated
             else None
         )
-        # And without a coroutine when the driver's I/O never waits (read_now/write_now).
-        self._now = None
+        # And without a coroutine when the driver's I/O need not wait (read_now/write_now).
+        image = None
         if self._direct is not None:
-            image, stats = self._direct
-            read_now = getattr(image, "read_now", None)
-            write_now = getattr(image, "write_now", None)
-            if read_now is not None and write_now is not None:
-                self._now = (read_now, write_now, stats)
+            image, self._now_stats = self._direct
+        self._read_now = getattr(image, "read_now", None)
+        self._write_now = getattr(image, "write_now", None)
 
     async def _admit(self) -> Chain:
         """Wait until the VBD runs; count the request in flight; return the chain."""
@@ -305,44 +304,48 @@ class VBD:
 
     def read_now(self, offset: int, buf: memoryview) -> bool:
         """Serve the read at once when it can complete without waiting: an aligned
-        request on a running VBD whose one fully allocated image has synchronous I/O
-        (``read_now`` in blktap.block.driver). Returns False, having done nothing, when
-        the caller must use :meth:`read`; raises as :meth:`read` does."""
-        now = self._now
+        request on a running VBD whose one fully allocated image does synchronous I/O
+        now (``read_now`` in blktap.block.driver). Returns False, having done nothing,
+        when the caller must use :meth:`read`; raises as :meth:`read` does."""
+        now = self._read_now
         length = len(buf)
         if (now is None or self.state is not _RUNNING or (offset | length) & _SECTOR_MASK
                 or offset < 0 or offset + length > self._size):
             return False
-        stats = now[2]
-        stats.hits[0] += 1
         try:
-            now[0](offset, buf)
+            if not now(offset, buf):
+                return False
         except BaseException:
-            stats.fail[0] += 1
-            self.errors[0] += 1
+            self._failed_now(0)
             raise
+        self._now_stats.hits[0] += 1
         self.sectors[0] += length >> 9
         return True
 
     def write_now(self, offset: int, data: memoryview, fua: bool = False) -> bool:
         """:meth:`write` at once, under the same conditions as :meth:`read_now`, for
         writes smaller than SYNC_WRITE_MAX."""
-        now = self._now
+        now = self._write_now
         length = len(data)
         if (now is None or length >= SYNC_WRITE_MAX or self.state is not _RUNNING
                 or (offset | length) & _SECTOR_MASK
                 or self.options.read_only or offset < 0 or offset + length > self._size):
             return False
-        stats = now[2]
-        stats.hits[1] += 1
         try:
-            now[1](offset, data, fua)
+            if not now(offset, data, fua):
+                return False
         except BaseException:
-            stats.fail[1] += 1
-            self.errors[1] += 1
+            self._failed_now(1)
             raise
+        self._now_stats.hits[1] += 1
         self.sectors[1] += length >> 9
         return True
+
+    def _failed_now(self, rw: int) -> None:
+        stats = self._now_stats
+        stats.hits[rw] += 1
+        stats.fail[rw] += 1
+        self.errors[rw] += 1
 
     async def read(self, offset: int, buf: memoryview) -> None:
         length = len(buf)

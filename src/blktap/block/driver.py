@@ -115,9 +115,10 @@ class Image(Protocol):
     #
     # Optional too: ``read_now(offset, buf)`` and ``write_now(offset, data, fua)``, the
     # same I/O as :meth:`read`/:meth:`write` done synchronously, for drivers whose I/O
-    # never waits for the event loop (buffered files, memory). The VBD serves requests
-    # through them without a coroutine when they are not None (writes smaller than
-    # SYNC_WRITE_MAX only).
+    # need not wait for the event loop (buffered files, memory, an idle fast device).
+    # Each returns True when done, or False having done nothing: the caller then uses
+    # the coroutine. The VBD serves requests through them without a coroutine when
+    # they are not None (writes smaller than SYNC_WRITE_MAX only).
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Like :meth:`allocation` but may also report ZERO ranges (sparse holes).

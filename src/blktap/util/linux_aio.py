@@ -74,6 +74,12 @@ IOCB_SIZE = _IOCB.size
 _EVENT = struct.Struct("<QQqq")
 EVENT_SIZE = _EVENT.size
 
+# struct aio_ring (fs/aio.c): id, nr, head, tail, magic, compat and incompat features,
+# header length (u32 each), then nr io_events. Mapped at the address io_setup returns.
+_RING = struct.Struct("<IIIIIIII")
+_RING_HEADER = _RING.size
+_RING_MAGIC = 0xA10A10A1
+
 DEFAULT_DEPTH = 256
 IOV_PER_REQUEST = 64
 """Most (address, length) pairs one preadv/pwritev request may carry."""
@@ -95,6 +101,20 @@ def _syscall_numbers() -> tuple[int, int, int, int]:
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
+
+
+def _map_ring(ctx: int) -> tuple[memoryview | None, Any, Any]:
+    """The completion ring of context ``ctx`` for user-space reaping, with its head and
+    tail words; (None, None, None) where io_getevents must be used instead."""
+    if platform.machine() != "x86_64":
+        return None, None, None  # elsewhere reading it needs memory barriers
+    _id, nr, _head, _tail, magic, _compat, incompat, header_length = _RING.unpack(
+        ctypes.string_at(ctx, _RING_HEADER))
+    if magic != _RING_MAGIC or incompat or header_length != _RING_HEADER:
+        return None, None, None
+    ring = (ctypes.c_char * (_RING_HEADER + nr * EVENT_SIZE)).from_address(ctx)
+    return (memoryview(ring).cast("B"), ctypes.c_uint.from_address(ctx + 8),
+            ctypes.c_uint.from_address(ctx + 12))
 
 
 class AioContext:
@@ -175,6 +195,8 @@ class AioContext:
         self._flush_scheduled = False
         self._retry_handle: asyncio.TimerHandle | None = None
         self._batch = Batch(loop)
+        self._ring, self._ring_head, self._ring_tail = _map_ring(self._ctx)
+        self._blocked = False  # a caller did its I/O synchronously this loop iteration
         try:
             loop.add_reader(self._efd, self._on_eventfd)
         except BaseException:
@@ -215,6 +237,24 @@ class AioContext:
     def queued(self) -> int:
         """Requests accepted by this object but not yet submitted to the kernel."""
         return len(self._pending) + len(self._overflow)
+
+    def may_block(self) -> bool:
+        """May the caller do one I/O synchronously, blocking the loop, instead of
+        submitting it here?
+
+        Yes when none of this context's requests are in the kernel or waiting to go
+        there, and no other caller got a yes in this loop iteration: requests that
+        arrive together still go to the kernel together. A yes counts as used: ask
+        right before doing the I/O.
+        """
+        if self._inflight or self._pending or self._overflow or self._blocked or self._closed:
+            return False
+        self._blocked = True
+        self._loop.call_soon(self._unblock)
+        return True
+
+    def _unblock(self) -> None:
+        self._blocked = False
 
     # ------------------------------------------------------------ requests
     def pread(self, fd: int, addr: int, nbytes: int, offset: int, keep: Any) -> EagerFuture[int]:
@@ -376,27 +416,20 @@ class AioContext:
         submit new requests, even reap again: the events are copied out first.
         """
         total = 0
-        events = self._events_view
+        if self._closed:
+            return 0  # the ring is gone with the context
         while self._inflight:
-            n = _syscall(
-                self._nr_getevents, self._ctx_arg, 0, self.depth, self._events_arg,
-                self._timeout_arg,
-            )  # fmt: skip
-            if n < 0:
-                err = ctypes.get_errno()
-                if err == errno.EINTR:
-                    continue
-                log.error("io_getevents: %s", os.strerror(err))
+            events = self._take_events()
+            if not events:
                 break
-            if n == 0:
-                break
+            n = len(events) // EVENT_SIZE
             self._inflight -= n
             total += n
             futs = self._futs
             keep = self._keep
             free = self._free
             done = []
-            for slot, _obj, res, _res2 in _EVENT.iter_unpack(events[: n * EVENT_SIZE]):
+            for slot, _obj, res, _res2 in _EVENT.iter_unpack(events):
                 fut = futs[slot]
                 futs[slot] = None
                 keep[slot] = None
@@ -408,14 +441,45 @@ class AioContext:
                     fut.resolve(res)
                 else:
                     fut.fail(OSError(-res, os.strerror(-res)))
-            if n < self.depth:
-                break
+            if self._ring is None and n < self.depth:
+                break  # io_getevents returned all there was: no need to ask again
         if self._overflow:
             self._admit_overflow()
         if self._pending and not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         return total
+
+    def _take_events(self) -> bytes:
+        """Copy out and consume the completed events (none: empty)."""
+        ring = self._ring
+        if ring is not None:
+            # User-space reaping, as the kernel's io_getevents does it: events from head
+            # to tail, then head moves on (x86: loads are not reordered with loads, and
+            # the kernel publishes an event before the tail that covers it).
+            head = self._ring_head.value
+            tail = self._ring_tail.value
+            if head == tail:
+                return b""
+            start = _RING_HEADER + head * EVENT_SIZE
+            end = _RING_HEADER + tail * EVENT_SIZE
+            if head < tail:
+                out = bytes(ring[start:end])
+            else:  # wrapped around the end of the ring
+                out = bytes(ring[start:]) + bytes(ring[_RING_HEADER:end])
+            self._ring_head.value = tail
+            return out
+        while True:
+            n = _syscall(
+                self._nr_getevents, self._ctx_arg, 0, self.depth, self._events_arg,
+                self._timeout_arg,
+            )  # fmt: skip
+            if n >= 0:
+                return bytes(self._events_view[: n * EVENT_SIZE])
+            err = ctypes.get_errno()
+            if err != errno.EINTR:
+                log.error("io_getevents: %s", os.strerror(err))
+                return b""
 
     def _admit_overflow(self) -> None:
         free = self._free
@@ -439,6 +503,7 @@ class AioContext:
             return
         self.reap()
         self._closed = True
+        self._ring = self._ring_head = self._ring_tail = None  # unmapped by io_destroy
         if self._retry_handle is not None:
             self._retry_handle.cancel()
             self._retry_handle = None

@@ -38,6 +38,7 @@ import logging
 import os
 import stat
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +83,14 @@ _statx = getattr(_libc, "statx", None)
 
 _ZERO_CHUNK = 1 << 20
 _NO_TAIL = 1 << 63
+SYNC_READ_MAX = 64 * 1024
+"""Direct reads larger than this always go to the kernel asynchronously."""
+SYNC_READ_SLOW_NS = 200_000
+"""When synchronous direct reads take longer than this on average (a slow or busy
+device)..."""
+SYNC_READ_BACKOFF_NS = 2_000_000_000
+"""... makes direct reads asynchronous again for this long (then one is tried again)."""
+_now_ns = time.perf_counter_ns
 _BOUNCE_KEEP = 32  # free bounce buffers kept per size class
 _BOUNCE_MAX = 1 << 20  # larger ones are not kept
 
@@ -180,11 +189,14 @@ class AioImage:
         tail = size % offset_align if direct else 0
         self._tail_start = size - tail if tail else _NO_TAIL
         self._tail_fd: int | None = None
-        # Buffered I/O never waits for the loop: offer it synchronously too.
-        self.read_now: Callable[[int, memoryview], None] | None = (
-            None if aio is not None else self._read_buffered)
-        self.write_now: Callable[[int, memoryview, bool], None] | None = (
+        # Buffered I/O never waits for the loop: offer it synchronously too. So are
+        # direct reads while the device is idle and fast (see _read_direct_now).
+        self.read_now: Callable[[int, memoryview], bool] = (
+            self._read_direct_now if aio is not None else self._read_buffered)
+        self.write_now: Callable[[int, memoryview, bool], bool] | None = (
             None if aio is not None else self._write_buffered)
+        self._sync_reads_from = 0  # perf_counter_ns before which direct reads go async
+        self._sync_read_ns = 0  # how long synchronous direct reads take, on average
 
     # ---------------------------------------------------------------- status
     def allocation(self, offset: int, length: int) -> list[Extent]:
@@ -230,9 +242,48 @@ class AioImage:
         return out
 
     # ----------------------------------------------------------------- reads
-    def _read_buffered(self, offset: int, buf: memoryview) -> None:
+    def _read_buffered(self, offset: int, buf: memoryview) -> bool:
         if os.preadv(self._fd, (buf,), offset) != len(buf):
             _pread_full(self._fd, buf, offset)  # short (rare): again, to the end
+        return True
+
+    def _read_direct_now(self, offset: int, buf: memoryview) -> bool:
+        """An O_DIRECT read done synchronously, blocking the event loop, when that is
+        faster than asking the kernel asynchronously: nothing else of ours is in flight
+        (AioContext.may_block), the request is aligned, and the device answered the
+        last such read within SYNC_READ_SLOW_NS.
+
+        One request at a time (queue depth 1) is where this pays: on a fast device the
+        read costs the same, and the AIO round trip (submission, eventfd wake-up,
+        completion, Python resuming a coroutine after it) is what a client waits for.
+        When they get slower, reads go asynchronous for SYNC_READ_BACKOFF_NS: a slow
+        device blocks the loop for a few reads every few seconds, no more.
+        Returns False, having done nothing, otherwise.
+        """
+        n = len(buf)
+        if (n > SYNC_READ_MAX or (offset | n) & self._amask or offset + n > self._tail_start
+                or _now_ns() < self._sync_reads_from):
+            return False
+        aio = self._aio
+        assert aio is not None
+        if not aio.may_block():
+            return False
+        start = _now_ns()
+        try:
+            got = os.preadv(self._fd, (buf,), offset)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return False  # e.g. memory not aligned for O_DIRECT: read() bounces it
+            raise
+        # A moving average of how long these reads take (one outlier weighs little).
+        took = min(_now_ns() - start, 4 * SYNC_READ_SLOW_NS)
+        average = self._sync_read_ns = self._sync_read_ns + ((took - self._sync_read_ns) >> 3)
+        if average > SYNC_READ_SLOW_NS:
+            self._sync_reads_from = start + SYNC_READ_BACKOFF_NS
+            self._sync_read_ns = 0
+        if got != n:
+            raise OSError(errno.EIO, f"{self.path}: short read ({got} of {n} bytes at {offset})")
+        return True
 
     async def read(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` from ``offset``. Raises OSError (EIO for a short read).
@@ -367,13 +418,14 @@ class AioImage:
                     return
         await self._write_slow(offset, data, fua)
 
-    def _write_buffered(self, offset: int, data: memoryview, fua: bool = False) -> None:
+    def _write_buffered(self, offset: int, data: memoryview, fua: bool = False) -> bool:
         if self.read_only:
             self._check_writable()
         self._written = True
         flags = os.RWF_DSYNC if fua else 0
         if os.pwritev(self._fd, (data,), offset, flags) != len(data):
             _pwrite_full(self._fd, data, offset, flags)  # short (rare): again, whole
+        return True
 
     async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
         n = len(data)

@@ -85,9 +85,10 @@ class RamImage:
     async def read(self, offset: int, buf: memoryview) -> None:
         buf[:] = self._view[offset : offset + len(buf)]
 
-    def read_now(self, offset: int, buf: memoryview) -> None:
+    def read_now(self, offset: int, buf: memoryview) -> bool:
         """:meth:`read`, synchronously (see blktap.block.driver)."""
         buf[:] = self._view[offset : offset + len(buf)]
+        return True
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -98,10 +99,11 @@ class RamImage:
         self._check_writable()
         self._view[offset : offset + len(data)] = data
 
-    def write_now(self, offset: int, data: memoryview, fua: bool = False) -> None:
+    def write_now(self, offset: int, data: memoryview, fua: bool = False) -> bool:
         """:meth:`write`, synchronously (see blktap.block.driver)."""
         self._check_writable()
         self._view[offset : offset + len(data)] = data
+        return True
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         self._check_writable()
