@@ -132,6 +132,7 @@ def test_synchronous_io_serves_what_it_can_and_declines_the_rest(image: str) -> 
         assert direct.read_now(8192, page) and page == big[8192 : 8192 + 4096]
         assert not direct.read_now(0, page)  # the same loop iteration
         await asyncio.sleep(0)
+        untouched = bytes(buf)
         assert not direct.read_now(0, buf[:512])  # unaligned memory: read() bounces it
         assert bytes(buf) == untouched
         assert not direct.write_now(0, page[:512])
