@@ -741,7 +741,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._out_bytes = 0
             total = sum(map(len, out))
             self._queued += total
-            if self._fd >= 0 and len(out) <= _IOV_MAX and not transport.get_write_buffer_size():
+            if (self._fd >= 0 and len(out) <= _IOV_MAX and not transport.get_write_buffer_size()
+                    and not transport.is_closing()):  # a closing transport's fd may be gone
                 # Nothing waits in the transport: write the socket ourselves, as it would
                 # (one writev), without its per-write bookkeeping; it takes what is left.
                 try:

@@ -9,14 +9,18 @@ One :class:`AioContext` serves every image of an event loop (as the C tapdisk ha
   finds nothing in flight goes to the kernel at once;
 * every iocb carries ``IOCB_FLAG_RESFD`` so that completions bump an eventfd the loop
   watches (``loop.add_reader``); one wake-up reaps every completed event at once, as one
-  :class:`blktap.util.eager.Batch` (eager waiters resume there and then);
+  :class:`blktap.util.eager.Batch` (eager waiters resume there and then); on x86_64 the
+  events are read straight from the completion ring the kernel maps into the process
+  (as QEMU and fio do), elsewhere with ``io_getevents``;
 * a batch's iocbs are packed with a precompiled ``struct.Struct`` into one preallocated
   array whose pointer array never changes (the kernel copies iocbs at submission): a
   request allocates no ctypes object of its own;
 * vectored requests (``preadv``/``pwritev``, IOCB_CMD_PREADV/PWRITEV) write their iovec
   array into a per-slot area, also preallocated;
 * at most ``depth`` requests are in the kernel; more wait in a FIFO and go in as slots
-  free up. ``EAGAIN`` from ``io_submit`` leaves requests queued for a later retry.
+  free up. ``EAGAIN`` from ``io_submit`` leaves requests queued for a later retry;
+* :meth:`AioContext.may_block` tells a caller when doing one I/O synchronously instead
+  would cost nothing in parallelism (nothing of ours in flight).
 
 The futures (:class:`~blktap.util.eager.EagerFuture`) resolve to the kernel's result
 (bytes transferred, possibly short) or fail with ``OSError`` carrying the errno of a

@@ -11,7 +11,8 @@ unless the OPEN message carries NO_O_DIRECT):
   reads through a bounce buffer, writes by read-modify-write, with overlapping writes
   serialised so that two writes sharing a block both survive. When the filesystem
   refuses ``O_DIRECT`` the image falls back to buffered mode (logged once per
-  filesystem).
+  filesystem). A read that finds the device idle (nothing of ours in flight) and fast is
+  done synchronously instead, as ``read_now``: at queue depth 1 that answers sooner.
 * **buffered** — plain synchronous ``os.preadv``/``os.pwritev`` from the coroutine, which
   then completes without waiting (a page-cache hit costs one system call); also offered
   as ``read_now``/``write_now``. Writes of ``SYNC_WRITE_MAX`` or more are copied into the
