@@ -334,6 +334,65 @@ def test_buffered_reads_complete_eagerly_direct_reads_later(tmp_path: Path) -> N
     run(body())
 
 
+def test_direct_reads_go_synchronous_while_fast_and_back_off_when_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """read_now of an O_DIRECT image: served (True) while the device is idle and its
+    reads are fast on average; once they are slow, declined (False, buffer untouched:
+    read() sends them to the kernel) until the back-off ends."""
+    from blktap.util.buffers import aligned
+
+    content = os.urandom(65536)
+    path = make_file(tmp_path, content)
+    clock = [0]
+    monkeypatch.setattr(aio_module, "_now_ns", lambda: clock[0])
+
+    async def body() -> None:
+        image = await open_aio(path, OpenOptions(direct=True))
+        try:
+            assert image.direct and image.read_now is not None
+            buf = aligned(4096)
+
+            def read_now(offset: int, takes_ns: int) -> bool:
+                # Each synchronous read "takes" takes_ns on the patched clock.
+                real = os.preadv
+
+                def timed(fd: int, bufs: Any, off: int) -> int:
+                    clock[0] += takes_ns
+                    return real(fd, bufs, off)
+
+                monkeypatch.setattr(os, "preadv", timed)
+                try:
+                    return bool(image.read_now(offset, buf))
+                finally:
+                    monkeypatch.setattr(os, "preadv", real)
+
+            for i in range(20):  # fast: every one served at once
+                assert read_now(4096 * (i % 16), 30_000)
+                assert buf == content[4096 * (i % 16) : 4096 * (i % 16 + 1)]
+                await asyncio.sleep(0)  # one per loop iteration (AioContext.may_block)
+            slow = 0
+            while read_now(0, 2_000_000):  # the device turns slow: a few reads tell
+                slow += 1
+                await asyncio.sleep(0)
+            assert 1 <= slow <= 4
+            buf[:] = b"\xa5" * 4096
+            clock[0] += aio_module.SYNC_READ_BACKOFF_NS // 2
+            assert not read_now(8192, 30_000) and buf == b"\xa5" * 4096  # backing off
+            assert await read(image, 8192, 4096) == content[8192:12288]  # read(): async
+            clock[0] += aio_module.SYNC_READ_BACKOFF_NS
+            await asyncio.sleep(0)
+            assert read_now(8192, 30_000) and buf == content[8192:12288]  # tried again
+            # Large reads always go to the kernel.
+            large = aligned(aio_module.SYNC_READ_MAX * 2)
+            await asyncio.sleep(0)
+            assert not image.read_now(0, large)
+        finally:
+            await image.close()
+
+    run(body())
+
+
 def test_o_direct_refused_falls_back_to_buffered_and_logs_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

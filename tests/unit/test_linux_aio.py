@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import errno
 import os
+import platform
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ import uvloop
 
 from blktap.errors import Shutdown
 from blktap.util.buffers import aligned
+from blktap.util import linux_aio
 from blktap.util.linux_aio import RWF_DSYNC, AioContext
 from tests.conformance import open_fds
 
@@ -375,5 +377,59 @@ def test_cancelled_requests_waiting_for_a_slot_are_skipped(
             assert ctx.inflight == 0 and ctx.queued == 0
         finally:
             ctx.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "io_getevents"])
+def test_completions_reaped_from_the_ring_or_by_system_call(
+    direct_fd: int, data_file: tuple[str, bytes], ring: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Completions read from the mapped ring (x86_64) or with io_getevents give the same
+    results; many times the ring's size goes round it (its head wraps)."""
+    content = data_file[1]
+    if not ring:
+        monkeypatch.setattr(linux_aio, "_map_ring", lambda ctx: (None, None, None))
+
+    async def body() -> None:
+        ctx = AioContext(asyncio.get_running_loop(), depth=8)
+        try:
+            if ring and platform.machine() == "x86_64":
+                assert ctx._ring is not None
+            else:
+                assert ctx._ring is None
+            bufs = [aligned(4096) for _ in range(6)]
+            keeps = [addr(b) for b in bufs]
+            for round_ in range(60):  # 360 completions through a ring of 127 events
+                offsets = [((round_ * 6 + i) * 4096) % len(content) for i in range(6)]
+                futs = [ctx.pread(direct_fd, a, 4096, off, keep)
+                        for (a, keep), off in zip(keeps, offsets, strict=True)]
+                assert await asyncio.gather(*futs) == [4096] * 6
+                for buf, off in zip(bufs, offsets, strict=True):
+                    assert bytes(buf) == content[off : off + 4096]
+        finally:
+            ctx.close()
+
+    run(body())
+
+
+def test_may_block_once_per_loop_iteration_and_only_when_idle(direct_fd: int) -> None:
+    async def body() -> None:
+        ctx = AioContext(asyncio.get_running_loop())
+        try:
+            assert ctx.may_block()
+            assert not ctx.may_block()  # the same iteration: the next request goes async
+            await asyncio.sleep(0)
+            buf = aligned(4096)
+            a, keep = addr(buf)
+            fut = ctx.pread(direct_fd, a, 4096, 0, keep)
+            assert not ctx.may_block()  # something of ours is in the kernel
+            await fut
+            await asyncio.sleep(0)
+            assert ctx.may_block()
+        finally:
+            ctx.close()
+        await asyncio.sleep(0)
+        assert not ctx.may_block()  # closed
 
     run(body())

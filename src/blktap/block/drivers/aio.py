@@ -263,7 +263,7 @@ class AioImage:
         """
         n = len(buf)
         if (n > SYNC_READ_MAX or (offset | n) & self._amask or offset + n > self._tail_start
-                or _now_ns() < self._sync_reads_from):
+                or (self._sync_reads_from and _now_ns() < self._sync_reads_from)):
             return False
         aio = self._aio
         assert aio is not None
@@ -282,6 +282,8 @@ class AioImage:
         if average > SYNC_READ_SLOW_NS:
             self._sync_reads_from = start + SYNC_READ_BACKOFF_NS
             self._sync_read_ns = 0
+        elif self._sync_reads_from:
+            self._sync_reads_from = 0  # the back-off is over
         if got != n:
             raise OSError(errno.EIO, f"{self.path}: short read ({got} of {n} bytes at {offset})")
         return True
@@ -629,7 +631,7 @@ def _copier() -> concurrent.futures.ThreadPoolExecutor:
     use; one is enough to overlap the copy with the event loop, and keeps them in order)."""
     global _copier_pool
     if _copier_pool is None:
-        _copier_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aio-copy")
+        _copier_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="aio-copy")
     return _copier_pool
 
 
