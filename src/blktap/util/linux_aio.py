@@ -445,8 +445,9 @@ class AioContext:
                     fut.resolve(res)
                 else:
                     fut.fail(OSError(-res, os.strerror(-res)))
-            if self._ring is None and n < self.depth:
-                break  # io_getevents returned all there was: no need to ask again
+            if (self._ring is None and n < self.depth) or self._closed:
+                # io_getevents returned all there was, or a waiter closed the context.
+                break
         if self._overflow:
             self._admit_overflow()
         if self._pending and not self._flush_scheduled:
