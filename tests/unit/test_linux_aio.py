@@ -15,8 +15,8 @@ import pytest
 import uvloop
 
 from blktap.errors import Shutdown
-from blktap.util.buffers import aligned
 from blktap.util import linux_aio
+from blktap.util.buffers import aligned
 from blktap.util.linux_aio import RWF_DSYNC, AioContext
 from tests.conformance import open_fds
 

@@ -251,15 +251,16 @@ class AioImage:
     def _read_direct_now(self, offset: int, buf: memoryview) -> bool:
         """An O_DIRECT read done synchronously, blocking the event loop, when that is
         faster than asking the kernel asynchronously: nothing else of ours is in flight
-        (AioContext.may_block), the request is aligned, and the device answered the
-        last such read within SYNC_READ_SLOW_NS.
+        (AioContext.may_block), the request is aligned and at most SYNC_READ_MAX bytes,
+        and such reads have taken less than SYNC_READ_SLOW_NS on average.
 
         One request at a time (queue depth 1) is where this pays: on a fast device the
         read costs the same, and the AIO round trip (submission, eventfd wake-up,
         completion, Python resuming a coroutine after it) is what a client waits for.
         When they get slower, reads go asynchronous for SYNC_READ_BACKOFF_NS: a slow
-        device blocks the loop for a few reads every few seconds, no more.
-        Returns False, having done nothing, otherwise.
+        device blocks the loop for a few reads every few seconds, no more. Returns
+        False, having done nothing, otherwise (also when O_DIRECT refuses the memory:
+        read() bounces it).
         """
         n = len(buf)
         if (n > SYNC_READ_MAX or (offset | n) & self._amask or offset + n > self._tail_start
@@ -631,7 +632,7 @@ def _copier() -> concurrent.futures.ThreadPoolExecutor:
     use; one is enough to overlap the copy with the event loop, and keeps them in order)."""
     global _copier_pool
     if _copier_pool is None:
-        _copier_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="aio-copy")
+        _copier_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aio-copy")
     return _copier_pool
 
 
