@@ -427,6 +427,20 @@ def test_may_block_once_per_loop_iteration_and_only_when_idle(direct_fd: int) ->
             await fut
             await asyncio.sleep(0)
             assert ctx.may_block()
+            await asyncio.sleep(0)
+            # Requests that keep finding others in flight (several clients): no, even
+            # at a moment when the kernel has none of ours...
+            bufs = [aligned(4096) for _ in range(4)]
+            keeps = [addr(b) for b in bufs]
+            for _ in range(20):
+                await asyncio.gather(*(ctx.pread(direct_fd, a, 4096, 0, k) for a, k in keeps))
+            await asyncio.sleep(0)
+            assert ctx.inflight == 0 and not ctx.may_block()
+            # ... until requests come one at a time again.
+            for _ in range(60):
+                await ctx.pread(direct_fd, a, 4096, 0, keep)
+            await asyncio.sleep(0)
+            assert ctx.may_block()
         finally:
             ctx.close()
         await asyncio.sleep(0)

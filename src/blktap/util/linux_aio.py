@@ -89,6 +89,7 @@ IOV_PER_REQUEST = 64
 """Most (address, length) pairs one preadv/pwritev request may carry."""
 _IOVEC = struct.Struct("<QQ")  # struct iovec: base, len
 DEFAULT_SUBMIT_BATCH = 4
+_BUSY_DEPTH = 128  # may_block: no, once submissions find half a request in flight on average
 
 
 class AioUnavailable(OSError):
@@ -201,6 +202,7 @@ class AioContext:
         self._batch = Batch(loop)
         self._ring, self._ring_head, self._ring_tail = _map_ring(self._ctx)
         self._blocked = False  # a caller did its I/O synchronously this loop iteration
+        self._depth_seen = 0  # see _submit and may_block
         try:
             loop.add_reader(self._efd, self._on_eventfd)
         except BaseException:
@@ -247,11 +249,14 @@ class AioContext:
         submitting it here?
 
         Yes when none of this context's requests are in the kernel or waiting to go
-        there, and no other caller got a yes in this loop iteration: requests that
-        arrive together still go to the kernel together. A yes counts as used: ask
-        right before doing the I/O.
+        there, requests submitted lately found few others in flight (the load is one
+        request at a time, not several clients whose requests merely happen to leave
+        the kernel empty for a moment), and no other caller got a yes in this loop
+        iteration: requests that arrive together still go to the kernel together. A yes
+        counts as used: ask right before doing the I/O.
         """
-        if self._inflight or self._pending or self._overflow or self._blocked or self._closed:
+        if (self._inflight or self._pending or self._overflow or self._blocked
+                or self._depth_seen >= _BUSY_DEPTH or self._closed):
             return False
         self._blocked = True
         self._loop.call_soon(self._unblock)
@@ -319,6 +324,8 @@ class AioContext:
         if self._closed:
             raise Shutdown("the AIO context is closed", errno=errno.ESHUTDOWN)
         fut: EagerFuture[int] = EagerFuture(loop=self._loop)
+        # How many requests a new one usually finds in the kernel (x256, moving average).
+        self._depth_seen += ((self._inflight << 8) - self._depth_seen) >> 4
         free = self._free
         if free and not self._overflow:
             self._enqueue(fut, opcode, fd, addr, nbytes, offset, rw_flags, keep)

@@ -262,14 +262,14 @@ class AioImage:
         False, having done nothing, otherwise (also when O_DIRECT refuses the memory:
         read() bounces it).
         """
-        n = len(buf)
-        if (n > SYNC_READ_MAX or (offset | n) & self._amask or offset + n > self._tail_start
-                or (self._sync_reads_from and _now_ns() < self._sync_reads_from)):
-            return False
         aio = self._aio
         assert aio is not None
-        if not aio.may_block():
-            return False
+        n = len(buf)
+        if (aio.inflight or n > SYNC_READ_MAX or (offset | n) & self._amask
+                or offset + n > self._tail_start
+                or (self._sync_reads_from and _now_ns() < self._sync_reads_from)
+                or not aio.may_block()):
+            return False  # the kernel has requests of ours (the usual case under load), ...
         start = _now_ns()
         try:
             got = os.preadv(self._fd, (buf,), offset)
