@@ -250,8 +250,9 @@ class AioImage:
 
     def _read_direct_now(self, offset: int, buf: memoryview) -> bool:
         """An O_DIRECT read done synchronously, blocking the event loop, when that is
-        faster than asking the kernel asynchronously: nothing else of ours is in flight
-        (AioContext.may_block), the request is aligned and at most SYNC_READ_MAX bytes,
+        faster than asking the kernel asynchronously: nothing of ours is in flight and
+        the load is one request at a time (AioContext.may_block; checked first, cheaply,
+        with ``inflight``), the request is aligned and at most SYNC_READ_MAX bytes,
         and such reads have taken less than SYNC_READ_SLOW_NS on average.
 
         One request at a time (queue depth 1) is where this pays: on a fast device the
@@ -269,7 +270,7 @@ class AioImage:
                 or offset + n > self._tail_start
                 or (self._sync_reads_from and _now_ns() < self._sync_reads_from)
                 or not aio.may_block()):
-            return False  # the kernel has requests of ours (the usual case under load), ...
+            return False  # declined: read() sends it to the kernel
         start = _now_ns()
         try:
             got = os.preadv(self._fd, (buf,), offset)
