@@ -4,9 +4,10 @@ Each connection runs the sans-IO codec (:mod:`blktap.proto.nbd`) under an
 ``asyncio.BufferedProtocol``. Requests are parsed many per read and each is run with
 :func:`blktap.util.eager.start` (no Task per request); replies go out of order, as soon as
 their request completes, and the replies completed during one read (or one
-loop turn, or one burst of AIO completions: :class:`blktap.util.eager.Batch`) leave in a
-single ``writelines`` (one ``writev``). READ data is never copied:
-the reply is ``[header, buffer]`` with the buffer the VBD read into.
+loop turn, or one burst of AIO completions: :class:`blktap.util.eager.Batch`) leave in
+one ``writev``: the connection's own while the transport holds nothing, else the
+transport's ``writelines``. READ data is never copied: the reply is ``[header, buffer]``
+with the buffer the VBD read into.
 
 Buffers come from a :class:`BufferPool` (page-aligned, as O_DIRECT needs). A READ buffer
 goes back to the pool only once the transport's write buffer is empty, since the event
@@ -68,7 +69,7 @@ STATUS_QUERY_MAX = 256 * 1024 * 1024
 less than the request: the spec allows it, the client asks again)."""
 
 _EMPTY = memoryview(b"")
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_IOV_MAX = os.sysconf("SC_IOV_MAX")  # most buffers one writev takes
 # Plain ints: IntFlag arithmetic runs Python code on every request.
 _FUA = int(CommandFlag.FUA)
 _NO_HOLE = int(CommandFlag.NO_HOLE)

@@ -20,7 +20,8 @@ One :class:`AioContext` serves every image of an event loop (as the C tapdisk ha
 * at most ``depth`` requests are in the kernel; more wait in a FIFO and go in as slots
   free up. ``EAGAIN`` from ``io_submit`` leaves requests queued for a later retry;
 * :meth:`AioContext.may_block` tells a caller when doing one I/O synchronously instead
-  would cost nothing in parallelism (nothing of ours in flight).
+  would cost nothing in parallelism (nothing of ours in flight, and the load lately one
+  request at a time).
 
 The futures (:class:`~blktap.util.eager.EagerFuture`) resolve to the kernel's result
 (bytes transferred, possibly short) or fail with ``OSError`` carrying the errno of a
