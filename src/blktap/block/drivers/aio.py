@@ -393,19 +393,18 @@ class AioImage:
         Raises ReadOnly, OSError; on failure (or cancellation) the range's contents are
         undefined and bytes outside it are untouched.
         """
+        aio = self._aio
+        if aio is None and len(data) < SYNC_WRITE_MAX:
+            self._write_buffered(offset, data, fua)
+            return
         if self.read_only:
             self._check_writable()
         self._written = True
-        aio = self._aio
         if aio is None:
-            flags = os.RWF_DSYNC if fua else 0
-            if len(data) >= SYNC_WRITE_MAX:
-                # A large copy into the page cache runs in a worker thread (the system
-                # call releases the GIL) while the loop receives the next requests.
-                await asyncio.get_running_loop().run_in_executor(
-                    _copier(), _pwrite_full, self._fd, data, offset, flags)
-            else:
-                _pwrite_full(self._fd, data, offset, flags)
+            # A large copy into the page cache runs in a worker thread (the system call
+            # releases the GIL) while the loop receives the next requests.
+            await asyncio.get_running_loop().run_in_executor(
+                _copier(), _pwrite_full, self._fd, data, offset, os.RWF_DSYNC if fua else 0)
             return
         n = len(data)
         if not self._rmw and not (offset | n) & self._amask and offset + n <= self._tail_start:
