@@ -400,7 +400,8 @@ def test_every_command(feed: Feeder, structured: bool) -> None:
     assert codec.feed(req(CMD_READ)) == []
 
 
-def test_write_payload_goes_into_alloc_buffers() -> None:
+def recording_alloc() -> tuple[list[memoryview], Callable[[int], memoryview]]:
+    """A payload allocator for the codec that records every buffer it hands out."""
     given: list[memoryview] = []
 
     def alloc(n: int) -> memoryview:
@@ -408,6 +409,11 @@ def test_write_payload_goes_into_alloc_buffers() -> None:
         given.append(buf)
         return buf
 
+    return given, alloc
+
+
+def test_write_payload_goes_into_alloc_buffers() -> None:
+    given, alloc = recording_alloc()
     codec = ServerCodec(ExportInfo(SIZE), alloc)
     codec.feed(struct.pack(">I", C_FIXED | C_NO_ZEROES) + opt(OPT_EXPORT_NAME))
     [ev] = codec.feed(req(CMD_WRITE, 1, 0, 3) + b"abc")
@@ -419,13 +425,7 @@ def test_write_payload_goes_into_alloc_buffers() -> None:
 
 
 def test_borrowed_payloads_are_views_of_the_fed_bytes_unless_split() -> None:
-    given: list[memoryview] = []
-
-    def alloc(n: int) -> memoryview:
-        buf = memoryview(bytearray(n))
-        given.append(buf)
-        return buf
-
+    given, alloc = recording_alloc()
     codec = ServerCodec(ExportInfo(SIZE), alloc, borrow_payloads=True)
     codec.feed(struct.pack(">I", C_FIXED | C_NO_ZEROES) + opt(OPT_EXPORT_NAME))
     received = bytearray(req(CMD_WRITE, 1, 0, 3) + b"abc" + req(CMD_WRITE, 2, 512, 2) + b"xy")
