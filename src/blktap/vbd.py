@@ -51,6 +51,8 @@ STATE_BITS: dict[VBDState, int] = {
     VBDState.CLOSING: _SHUTDOWN_REQ,
 }
 
+THREAD_READ_POLL = 0.0002
+"""Seconds between looks at whether other threads still read (pause, close)."""
 _RUNNING = VBDState.RUNNING  # a module constant: the enum attribute lookup costs ~0.2 us
 _SECTOR_MASK = SECTOR_SIZE - 1
 
@@ -64,6 +66,52 @@ _TRANSITIONS: dict[str, tuple[frozenset[VBDState], VBDState]] = {
         VBDState.CLOSING,
     ),
 }
+
+
+class ThreadReader:
+    """Reads of a VBD from one thread other than the event loop's (an NBD connection's
+    lane): get it with :meth:`VBD.thread_reader`, give it back with
+    :meth:`VBD.release_thread_reader` once that thread no longer uses it.
+
+    :meth:`read` serves what ``VBD.read_now`` would (an aligned read of a running VBD
+    whose one image holds every byte) when the image offers ``read_blocking``, and
+    declines everything else, failures included: the caller then sends the request
+    through the loop, which answers and counts it as usual. The VBD waits for a read in
+    progress here before it closes the image (pause, close); the counters are this
+    thread's alone and the VBD adds them to its own.
+    """
+
+    __slots__ = ("_vbd", "busy", "reads", "sectors")
+
+    def __init__(self, vbd: VBD) -> None:
+        self._vbd = vbd
+        self.busy = False
+        self.reads = 0
+        self.sectors = 0
+
+    def read(self, offset: int, buf: memoryview) -> bool:
+        """Fill ``buf`` from ``offset``, blocking this thread; False having done nothing
+        when the loop must serve it (never raises for the request's failure)."""
+        # Busy before the state is looked at; the loop changes the state before it
+        # looks at busy: one of the two sees the other (the GIL orders them).
+        self.busy = True
+        try:
+            vbd = self._vbd
+            read = vbd._read_blocking
+            length = len(buf)
+            if (read is None or vbd.state is not _RUNNING or (offset | length) & _SECTOR_MASK
+                    or offset < 0 or offset + length > vbd._size):
+                return False
+            try:
+                if not read(offset, buf):
+                    return False
+            except Exception:
+                return False  # the loop tries again and reports the failure
+            self.reads += 1
+            self.sectors += length >> 9
+            return True
+        finally:
+            self.busy = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +150,8 @@ class VBD:
         self._read_now: Callable[[int, memoryview], bool] | None = None
         self._write_now: Callable[[int, memoryview, bool], bool] | None = None
         self._now_stats = ImageStats()  # the one image's, while _read/_write_now are set
+        self._read_blocking: Callable[[int, memoryview], bool] | None = None
+        self._thread_readers: set[ThreadReader] = set()
         self._size = 0
         self._inflight = 0
         self._drained: asyncio.Future[None] | None = None
@@ -167,6 +217,7 @@ class VBD:
         self._transition("pause")
         self._running = asyncio.get_running_loop().create_future()
         await self._drain()
+        await self._threads_idle()
         chain = self._chain
         self._set_chain(None)
         self.state = VBDState.PAUSED
@@ -230,6 +281,7 @@ class VBD:
         self._wake_waiters(Shutdown(f"minor {self.minor} is closing"))
         if not force:
             await self._drain()
+        await self._threads_idle()  # even forced: their reads use the image's descriptor
         chain = self._chain
         self._set_chain(None)
         try:
@@ -251,6 +303,34 @@ class VBD:
             if self._drained is None or self._drained.done():
                 self._drained = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._drained)
+
+    async def _threads_idle(self) -> None:
+        """Wait until no thread reads the image; then count their reads as ours."""
+        readers = self._thread_readers
+        while any(r.busy for r in readers):
+            await asyncio.sleep(THREAD_READ_POLL)
+        for reader in readers:
+            self._take_counts(reader)
+
+    def thread_reader(self) -> ThreadReader | None:
+        """A :class:`ThreadReader` for one thread, or None when the image cannot be read
+        from another thread (no ``read_blocking``: the loop serves everything)."""
+        if self._read_blocking is None:
+            return None
+        reader = ThreadReader(self)
+        self._thread_readers.add(reader)
+        return reader
+
+    def release_thread_reader(self, reader: ThreadReader) -> None:
+        """Forget ``reader`` (its thread no longer uses it), keeping its counts."""
+        self._thread_readers.discard(reader)
+        self._take_counts(reader)
+
+    def _take_counts(self, reader: ThreadReader) -> None:
+        # Only while its thread does not read (released, or the VBD not running).
+        self._now_stats.hits[0] += reader.reads
+        self.sectors[0] += reader.sectors
+        reader.reads = reader.sectors = 0
 
     def _wake_waiters(self, exc: BaseException | None) -> None:
         fut, self._running = self._running, None
@@ -275,6 +355,7 @@ class VBD:
         if self._direct is not None:
             image, self._now_stats = self._direct
         self._read_now = getattr(image, "read_now", None)
+        self._read_blocking = getattr(image, "read_blocking", None)
         self._write_now = getattr(image, "write_now", None)
 
     async def _admit(self) -> Chain:
@@ -451,10 +532,12 @@ class VBD:
         """The STATS JSON object of this VBD, with the C tapdisk's keys."""
         images: list[dict[str, Any]] = []
         if self._chain is not None:
+            # Reads by other threads are the one image's (ThreadReader needs _direct).
+            thread_reads = sum(r.reads for r in self._thread_readers)
             for image, st in zip(self._chain.images, self._chain.stats, strict=True):
                 images.append({
                     "name": image.path,
-                    "hits": list(st.hits),
+                    "hits": [st.hits[0] + thread_reads, st.hits[1]],
                     "fail": list(st.fail),
                     "driver": {"type": DISK_TYPE_IDS.get(image.type_name, -1),
                                "name": image.type_name, "status": 0},
@@ -464,7 +547,8 @@ class VBD:
             "minor": self.minor,
             "state": self.state_bits,
             "read_only": self.options.read_only,
-            "secs": list(self.sectors),
+            "secs": [self.sectors[0] + sum(r.sectors for r in self._thread_readers),
+                     self.sectors[1]],
             "errors": list(self.errors),
             "images": images,
             "reqs_outstanding": self._inflight,

@@ -119,6 +119,12 @@ class Image(Protocol):
     # Each returns True when done, or False having done nothing: the caller then uses
     # the coroutine. The VBD serves requests through them without a coroutine when
     # they are not None (writes smaller than SYNC_WRITE_MAX only).
+    #
+    # And ``read_blocking(offset, buf)``: the same read for a thread other than the event
+    # loop's (an NBD connection's lane, blktap.frontends.nbd_lane), which may block as
+    # long as the device takes and touches no state of the loop. True when done, False
+    # having done nothing (the caller then asks the loop). Called only while the image
+    # is open: the VBD waits for such reads before it closes the image.
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Like :meth:`allocation` but may also report ZERO ranges (sparse holes).

@@ -48,6 +48,7 @@ from typing import Any, cast
 
 from blktap.block.chain import StatusExtent
 from blktap.errors import BlktapError, InvalidArgument, ProtocolError, errno_of
+from blktap.frontends.nbd_lane import LANE_READ_MAX, Lane, LaneResult
 from blktap.proto.nbd import (
     Aborted,
     Command,
@@ -249,6 +250,13 @@ past this many bytes (so that the transport's flow control applies within a batc
 FREE_BUFFER_BYTES = 256 * 1024
 """Each connection keeps up to this many bytes of idle buffers for reuse (larger ones go
 back to the shared pool, which bounds what all connections keep together)."""
+LANE_AFTER = 8
+"""Lone READs in a row (each alone, nothing else in flight) after which a connection
+hands its socket to a lane (blktap.frontends.nbd_lane)."""
+LANE_SHORT = 64
+"""A lane that served fewer READs than this doubles the run the next one waits for..."""
+LANE_AFTER_MAX = 4096
+"""... up to this many."""
 RECV_BUFFER = 256 * 1024
 """Size of each connection's receive buffer (requests are parsed from it in place)."""
 DIRECT_PAYLOAD_MIN = 64 * 1024
@@ -301,6 +309,12 @@ class _Connection(asyncio.BufferedProtocol):
         self._into_payload = False
         self._pumping = False
         self._out_bytes = 0  # READ data in self._out
+        # The lane (nbd_lane): lone READs in a row so far, how many start one, and
+        # the running lane. -1: this connection never uses one.
+        self._lone = -1
+        self._lane_after = LANE_AFTER
+        self._lane: Lane | None = None
+        self._abort_after_lane = False
         # Counters (same order as Statistics' fields).
         self.requests = 0
         self.reads = 0
@@ -311,8 +325,11 @@ class _Connection(asyncio.BufferedProtocol):
         self.protocol_errors = 0
 
     def counters(self) -> tuple[int, ...]:
-        return (1, self.requests, self.reads, self.writes, self.bytes_read,
-                self.bytes_written, self.errors, self.protocol_errors)
+        lane = self._lane
+        served, served_bytes = (lane.requests, lane.bytes_read) if lane else (0, 0)
+        return (1, self.requests + served, self.reads + served, self.writes,
+                self.bytes_read + served_bytes, self.bytes_written, self.errors,
+                self.protocol_errors)
 
     def statistics(self) -> Statistics:
         return Statistics(*self.counters())
@@ -353,6 +370,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self._lane is not None:
+            self._lane.stop()  # it returns its buffer to the pool when it is done
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -436,6 +455,13 @@ class _Connection(asyncio.BufferedProtocol):
                 max_bytes = self._max_bytes
                 # Requests that complete at once must not pump the backlog from inside
                 # this loop (it would reorder and recurse): see _pump.
+                if self._lone >= 0:
+                    # A lone READ: alone in what arrived, nothing else in flight.
+                    if (len(events) == 1 and not self._inflight and not backlog
+                            and type(events[0]) is Request and events[0].command is _READ):
+                        self._lone += 1
+                    else:
+                        self._lone = 0
                 self._pumping = True
                 try:
                     for ev in events:
@@ -481,6 +507,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._timer = None
         chain = self.vbd.chain
         self._fast_zero = bool(getattr(chain.leaf, "zero_is_fast", False)) if chain else False
+        if self._fd >= 0:
+            self._lone = 0
         self.log.debug("minor %d: NBD client %s: export %r, structured=%s, flags=%#x",
                        self.vbd.minor, self.peer, ev.export_name, ev.structured,
                        ev.transmission_flags)
@@ -733,6 +761,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._lone >= self._lane_after and not self._batching and not self._pumping:
+            eager_defer(self._loop, self._maybe_start_lane)  # once this flush is done
         transport = self.transport
         if transport is None or self._lost:
             return
@@ -800,6 +830,7 @@ class _Connection(asyncio.BufferedProtocol):
         if transport is None or self._lost:
             return
         stop = (self._draining or self._writing_paused or bool(self._backlog)
+                or self._lane is not None
                 or self._inflight >= self._max_inflight
                 or self._inflight_bytes >= self._max_bytes)
         if stop and self._reading:
@@ -818,12 +849,16 @@ class _Connection(asyncio.BufferedProtocol):
             self.log.debug("minor %d: closing NBD client %s: %s", self.vbd.minor,
                            self.peer, reason)
         self._draining = True
+        if self._lane is not None:
+            self._lane.stop()  # _lane_returned closes
+            return
         self._update_reading()
         self._maybe_close()
 
     def _maybe_close(self) -> bool:
         """Close when draining and every request is answered; True if it did."""
-        if self._draining and not self._inflight and not self._backlog and not self._lost:
+        if (self._draining and not self._inflight and not self._backlog and not self._lost
+                and self._lane is None):
             self._flush()
             self._close_now()
             return True
@@ -835,8 +870,88 @@ class _Connection(asyncio.BufferedProtocol):
 
     def abort(self) -> None:
         """Drop the connection now, without sending what is buffered."""
+        if self._lane is not None:
+            self._abort_after_lane = True
+            self._lane.stop()  # _lane_returned aborts
+            return
         if self.transport is not None and not self._lost:
             self.transport.abort()
+
+    # ------------------------------------------------------------------- lane
+    def _maybe_start_lane(self) -> None:
+        """Hand the socket to a lane (nbd_lane) if the client still sends lone READs and
+        nothing of ours is in flight, waiting or unsent."""
+        transport = self.transport
+        codec = self.codec
+        if (self._lone < self._lane_after or self._lane is not None or transport is None
+                or codec is None or self._lost or self._draining or self._writing_paused
+                or self._inflight or self._backlog or self._out or self._held
+                or self._batching or self._pumping or transport.get_write_buffer_size()
+                or transport.is_closing()):
+            return
+        reader = self.vbd.thread_reader()
+        if reader is None:  # not now (paused), or not this image: ask again much later
+            self._lone = 0
+            self._lane_after = LANE_AFTER_MAX
+            return
+        buf = self.pool.get(LANE_READ_MAX)
+        try:
+            lane = Lane(self._loop, self._fd, reader, buf, codec.read_reply_header,
+                        codec.structured, self._lane_returned)
+        except OSError as exc:  # out of descriptors: serve from the loop
+            self.vbd.release_thread_reader(reader)
+            self.pool.put(buf)
+            self._lone = -1
+            self.log.warning("minor %d: NBD client %s: no lane: %s", self.vbd.minor,
+                             self.peer, exc)
+            return
+        self._lane = lane
+        self._update_reading()  # the lane reads the socket now
+        lane.start()
+
+    def _lane_returned(self, result: LaneResult) -> None:
+        lane = self._lane
+        assert lane is not None
+        self._lane = None
+        self.vbd.release_thread_reader(lane.reader)
+        self.pool.put(lane.buf)
+        served = lane.requests
+        self.requests += served
+        self.reads += served
+        self.bytes_read += lane.bytes_read
+        # A lane that served few requests cost a thread for little: wait longer next time.
+        self._lane_after = (LANE_AFTER if served >= LANE_SHORT
+                            else min(self._lane_after * 2, LANE_AFTER_MAX))
+        self._lone = 0
+        if self._lost:
+            return
+        try:
+            if result.unsent:
+                self._out.extend(result.unsent)
+                self._flush()
+            if result.error is not None:
+                self.log.debug("minor %d: NBD client %s: %s", self.vbd.minor, self.peer,
+                               result.error)
+                self._abort_after_lane = True
+            if self._abort_after_lane:
+                self.abort()
+                return
+            if self._draining:
+                self._update_reading()
+                self._maybe_close()
+                return
+            if result.eof:
+                self.shutdown(None)
+                return
+            if result.received:
+                n = len(result.received)
+                self._rbuf[:n] = result.received
+                self._into_payload = False
+                self.buffer_updated(n)
+            self._update_reading()
+        except Exception:
+            self.log.exception("minor %d: NBD connection %s failed", self.vbd.minor, self.peer)
+            self.abort()
 
 
 def _unsent(out: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:

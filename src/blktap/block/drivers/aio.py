@@ -196,6 +196,10 @@ class AioImage:
             self._read_direct_now if aio is not None else self._read_buffered)
         self.write_now: Callable[[int, memoryview, bool], bool] | None = (
             None if aio is not None else self._write_buffered)
+        # Any thread may read as the loop's synchronous reads do, minus their rules for
+        # when blocking the loop is worth it (see _read_direct_blocking).
+        self.read_blocking: Callable[[int, memoryview], bool] = (
+            self._read_direct_blocking if aio is not None else self._read_buffered)
         self._sync_reads_from = 0  # perf_counter_ns before which direct reads go async
         self._sync_read_ns = 0  # how long synchronous direct reads take, on average
 
@@ -286,6 +290,23 @@ class AioImage:
             self._sync_read_ns = 0
         elif self._sync_reads_from:
             self._sync_reads_from = 0  # the back-off is over
+        if got != n:
+            raise OSError(errno.EIO, f"{self.path}: short read ({got} of {n} bytes at {offset})")
+        return True
+
+    def _read_direct_blocking(self, offset: int, buf: memoryview) -> bool:
+        """A direct read for a thread other than the loop's (``read_blocking``): an
+        aligned request within the aligned part of the image, read with one ``preadv``.
+        Declines (False) what needs a bounce buffer or the tail descriptor."""
+        n = len(buf)
+        if (offset | n) & self._amask or offset + n > self._tail_start:
+            return False
+        try:
+            got = os.preadv(self._fd, (buf,), offset)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return False  # memory O_DIRECT refuses: read() bounces it
+            raise
         if got != n:
             raise OSError(errno.EIO, f"{self.path}: short read ({got} of {n} bytes at {offset})")
         return True
