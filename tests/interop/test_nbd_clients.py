@@ -8,6 +8,7 @@ The server runs in a background thread with its own event loop, serving a VBD op
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,8 @@ from typing import Any
 import pytest
 
 from blktap.block.driver import OpenOptions
-from blktap.frontends.nbd_server import NbdServer
+from blktap.frontends.nbd_server import SOCKET_BUFFER, NbdServer
+from blktap.util.buffers import aligned
 from blktap.vbd import VBD, ImageSpec
 from tests.helpers import short_tempdir
 
@@ -697,3 +699,233 @@ def test_stop_with_a_request_stuck_in_a_paused_vbd(
         c.close()
     assert not [r for r in caplog.records
                 if r.name.startswith("blktap.frontends") and r.levelname == "ERROR"]
+
+
+# ------------------------------------------------------------------------- lanes
+def lane_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "nbd-lane"]
+
+
+def read_reply(c: RawClient, length: int) -> tuple[int, int, bytes]:
+    """(error, cookie, data) of a simple READ reply (no data after an error)."""
+    magic, error, cookie = struct.unpack(">IIQ", c.recv_exact(16))
+    assert magic == SIMPLE_MAGIC
+    return error, cookie, c.recv_exact(length) if not error else b""
+
+
+def lone_reads(c: RawClient, image: bytes, reads: list[tuple[int, int]], first: int = 0) -> None:
+    """Each READ sent alone, its reply awaited and checked against ``image``."""
+    for n, (offset, length) in enumerate(reads, first):
+        c.sock.sendall(request(0, n, offset, length))
+        assert read_reply(c, length) == (0, n, image[offset : offset + length]), (offset, length)
+
+
+def random_image(workdir: str, size: int = 8 << 20) -> tuple[str, bytes]:
+    data = os.urandom(size)
+    path = os.path.join(workdir, "random.raw")
+    with open(path, "wb") as f:
+        f.write(data)
+    return path, data
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_lone_reads_go_to_a_lane_and_anything_else_comes_back(
+        workdir: str, serve: Callable[..., ServedImage], direct: bool) -> None:
+    """A client sending one READ at a time gets them served by the connection's lane
+    (nbd_lane); a write, two requests at once, a read the lane declines (too large,
+    unaligned, past the end) or a disconnect are served by the loop as before, and the
+    statistics count every read once."""
+    path, image = random_image(workdir)
+    s = serve(path, direct=direct)
+    c = RawClient(s.socket)
+    sizes = [4096, 512, 65536, 4096, 262144, 8192, 1024, 131072]
+    reads = [((i * 7919 * 4096) % (len(image) - 262144), sizes[i % len(sizes)])
+             for i in range(200)]
+    try:
+        c.handshake()
+        lone_reads(c, image, reads)
+        stats = s.run(s.server.statistics)
+        assert stats.reads == 200 and stats.requests == 200
+        assert stats.bytes_read == sum(n for _o, n in reads)
+        assert 200 - stats.lane_reads <= 10, "the lane starts after a few lone reads"
+        assert len(lane_threads()) == 1
+        vbd_stats = s.run(s.vbd.stats)
+        assert vbd_stats["secs"][0] == stats.bytes_read // 512
+        assert vbd_stats["images"][0]["hits"][0] == 200
+        # Two requests at once: handed back, both answered.
+        c.sock.sendall(request(0, 1000, 0, 4096) + request(0, 1001, 4096, 4096))
+        replies = sorted([read_reply(c, 4096), read_reply(c, 4096)])
+        assert replies == [(0, 1000, image[:4096]), (0, 1001, image[4096:8192])]
+        # The loop serves a while, then a lane again; a write hands it back.
+        lone_reads(c, image, reads[:20], first=2000)
+        assert lane_threads()
+        c.sock.sendall(request(1, 3000, 8192, 4096) + b"\xab" * 4096)
+        assert struct.unpack(">IIQ", c.recv_exact(16)) == (SIMPLE_MAGIC, 0, 3000)
+        image = image[:8192] + b"\xab" * 4096 + image[12288:]
+        # Reads the lane declines: larger than it takes, unaligned, past the end.
+        lone_reads(c, image, reads[:20], first=4000)
+        lone_reads(c, image, [(0, 1 << 20), (8000, 5000), (100, 1)], first=5000)
+        c.sock.sendall(request(0, 6000, len(image) - 4096, 8192))
+        assert read_reply(c, 8192) == (22, 6000, b"")  # EINVAL
+        lone_reads(c, image, reads[:20], first=7000)
+        stats = s.run(s.server.statistics)
+        assert stats.reads == 200 + 2 + 20 + 20 + 3 + 1 + 20 and stats.writes == 1
+        assert stats.errors == 1
+        c.sock.sendall(request(2, 8000))  # DISC: no reply, the server closes
+        assert c.closed_by_server()
+    finally:
+        c.close()
+    deadline = time.monotonic() + 10
+    while (lane_threads() or s.run(lambda: s.server.connections)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not lane_threads() and s.run(lambda: s.server.connections) == 0
+
+
+LANE_STRUCTURED = """
+h = nbd.NBD()
+h.set_request_structured_replies(STRUCTURED)
+h.set_strict_mode(0)  # pread takes DF only without the strict flag check
+h.connect_uri(URI)
+ok = True
+for i in range(300):
+    offset = (i * 7919 * 4096) % (SIZE - 65536)
+    length = (4096, 65536, 512)[i % 3]
+    flags = nbd.CMD_FLAG_DF if STRUCTURED and i % 2 else 0
+    with open(IMAGE, "rb") as f:
+        f.seek(offset)
+        want = f.read(length)
+    ok = ok and h.pread(length, offset, flags) == want
+result = [h.get_structured_replies_negotiated(), ok]
+h.shutdown()
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_lane_replies_to_libnbd(workdir: str, serve: Callable[..., ServedImage],
+                                structured: bool) -> None:
+    path, image = random_image(workdir)
+    s = serve(path)
+    res = libnbd(f"URI = {s.uri!r}\nSIZE = {len(image)}\nIMAGE = {path!r}\n"
+                 f"STRUCTURED = {structured}\n" + LANE_STRUCTURED)
+    assert res == [structured, True]
+    assert s.run(s.server.statistics).lane_reads >= 280
+
+
+def start_lane(s: ServedImage, c: RawClient, image: bytes) -> None:
+    c.handshake()
+    lone_reads(c, image, [(i * 4096, 4096) for i in range(12)])
+    assert lane_threads() and s.run(s.server.statistics).lane_reads > 0
+
+
+def test_pause_while_a_lane_waits_holds_its_reads_until_resume(
+        workdir: str, serve: Callable[..., ServedImage]) -> None:
+    path, image = random_image(workdir)
+    s = serve(path)
+    c = RawClient(s.socket)
+    try:
+        start_lane(s, c, image)
+        s.call(s.vbd.pause())
+        c.sock.sendall(request(0, 77, 65536, 4096))
+        c.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            c.sock.recv(1)  # the read waits for the paused VBD: no reply, no error
+        c.sock.settimeout(10)
+        s.call(s.vbd.resume())
+        assert read_reply(c, 4096) == (0, 77, image[65536:69632])
+        lone_reads(c, image, [(i * 8192, 4096) for i in range(20)], first=100)
+        assert lane_threads()
+        # The resumed image's counts start again: the read that waited and 20 more.
+        assert s.run(s.vbd.stats)["images"][0]["hits"][0] == 21
+    finally:
+        c.close()
+
+
+def test_vbd_pause_waits_for_a_thread_read_in_progress(
+        workdir: str, serve: Callable[..., ServedImage]) -> None:
+    """The VBD closes its image only once no thread is inside a read of it."""
+    path, _image = random_image(workdir)
+    s = serve(path)
+    reader = s.run(s.vbd.thread_reader)
+    try:
+        reader.busy = True  # as a lane thread inside ThreadReader.read
+        pause = asyncio.run_coroutine_threadsafe(s.vbd.pause(), s.loop)
+        time.sleep(0.3)
+        assert not pause.done() and s.vbd.chain is not None
+        reader.reads = 5  # what the thread counted before it left
+        reader.busy = False
+        pause.result(5)
+        assert s.vbd.chain is None
+        assert s.run(s.vbd.stats)["secs"][0] == 0
+        assert not reader.read(0, memoryview(bytearray(4096)))  # paused: declined
+        s.call(s.vbd.resume())
+        buf = aligned(4096)  # O_DIRECT: memory it takes
+        assert reader.read(0, buf) and bytes(buf) == _image[:4096]
+        assert reader.reads == 1 and s.run(s.vbd.stats)["secs"][0] == 8
+    finally:
+        s.run(lambda: s.vbd.release_thread_reader(reader))
+    assert s.run(s.vbd.stats)["secs"][0] == 8
+
+
+@pytest.mark.parametrize("how", ["stop", "disconnect"])
+def test_a_lane_ends_with_its_connection(workdir: str, serve: Callable[..., ServedImage],
+                                         how: str) -> None:
+    path, image = random_image(workdir)
+    s = serve(path)
+    c = RawClient(s.socket)
+    try:
+        start_lane(s, c, image)
+        if how == "stop":
+            start = time.monotonic()
+            s.call(s.server.stop(timeout=5.0))
+            assert time.monotonic() - start < 2
+            assert c.closed_by_server()
+        else:
+            c.close()
+        deadline = time.monotonic() + 10
+        while lane_threads() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not lane_threads()
+        assert s.run(lambda: s.server.connections) == 0
+        assert s.run(s.server.statistics).lane_reads > 0
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("stop", [False, True], ids=["read-slowly", "stop-meanwhile"])
+def test_lane_replies_to_a_client_that_does_not_read(
+        workdir: str, serve: Callable[..., ServedImage], stop: bool) -> None:
+    """Lone 256 KiB READs whose replies the client leaves unread fill the socket: the
+    lane waits for room, sending every reply whole and in order; stopped meanwhile, it
+    hands the rest of its reply to the loop, which sends it before closing."""
+    path, image = random_image(workdir)
+    s = serve(path)
+    c = RawClient(s.socket)
+    big = 256 * 1024
+    # More than the socket takes (SO_SNDBUF: SOCKET_BUFFER, doubled by the kernel).
+    offsets = [((i * 13) % 30) * big for i in range(3 * SOCKET_BUFFER // big)]
+    try:
+        start_lane(s, c, image)
+        for n, offset in enumerate(offsets):
+            c.sock.sendall(request(0, n, offset, big))
+            time.sleep(0.01)  # each arrives alone
+        if not stop:
+            for n, offset in enumerate(offsets):
+                assert read_reply(c, big) == (0, n, image[offset : offset + big])
+            return
+        stopping = asyncio.run_coroutine_threadsafe(s.server.stop(timeout=5.0), s.loop)
+        time.sleep(0.3)
+        stream = bytearray()
+        with contextlib.suppress(ConnectionResetError):  # requests left unread: reset
+            while chunk := c.sock.recv(1 << 20):
+                stream += chunk
+        stopping.result(10)
+        # Closed between replies: the one the lane was sending was finished.
+        size = 16 + big
+        assert len(stream) % size == 0 and len(stream) >= 2 * size, len(stream)
+        for n in range(len(stream) // size):
+            reply = stream[n * size : (n + 1) * size]
+            assert struct.unpack(">IIQ", reply[:16]) == (SIMPLE_MAGIC, 0, n)
+            assert reply[16:] == image[offsets[n] : offsets[n] + big], n
+    finally:
+        c.close()

@@ -393,6 +393,55 @@ def test_direct_reads_go_synchronous_while_fast_and_back_off_when_slow(
     run(body())
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_read_blocking_from_another_thread(tmp_path: Path, direct: bool) -> None:
+    """read_blocking (for NBD lanes) reads in whatever thread calls it, without the
+    loop's rules (busy device, size); in direct mode it declines, untouched, what
+    O_DIRECT cannot take as it is (unaligned, memory it refuses, the buffered tail)."""
+    import threading
+
+    from blktap.util.buffers import aligned
+
+    size = 4 * 65536 + 1536  # a tail past the last whole 4096-byte block
+    content = os.urandom(size)
+    path = make_file(tmp_path, content)
+
+    async def body() -> None:
+        if direct:  # with the coarser alignment, as test_coarser_alignment_... forces it
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            image: Any = AioImage(
+                path, fd, size=size, read_only=True, is_block=False, direct=True,
+                offset_align=4096, mem_align=4096, aio=AioContext.for_loop(),
+            )  # fmt: skip
+        else:
+            image = await open_aio(path, OpenOptions(direct=False))
+        results: list[tuple[bool, bytes]] = []
+
+        def in_thread(offset: int, buf: memoryview) -> None:
+            buf[:] = b"\xa5" * len(buf)
+            results.append((image.read_blocking(offset, buf), bytes(buf)))
+
+        cases = [(0, aligned(4096)), (65536, aligned(4 * 65536 - 65536)),
+                 (512, aligned(512)), (4096, memoryview(bytearray(4097))[1:]),
+                 (4 * 65536, aligned(1536))]
+        try:
+            for offset, buf in cases:
+                thread = threading.Thread(target=in_thread, args=(offset, buf))
+                thread.start()
+                thread.join()
+        finally:
+            await image.close()
+        for (offset, buf), (done, got) in zip(cases, results, strict=True):
+            n = len(buf)
+            want = content[offset : offset + n]
+            if direct and offset in (512, 4096, 4 * 65536):
+                assert not done and got == b"\xa5" * n, offset  # declined, untouched
+            else:
+                assert done and got == want, offset
+
+    run(body())
+
+
 def test_o_direct_refused_falls_back_to_buffered_and_logs_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

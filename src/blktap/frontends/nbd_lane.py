@@ -89,10 +89,15 @@ class Lane:
 
     def stop(self) -> None:
         """Make the lane return soon (after the request it may be serving). Idempotent;
-        call from the event loop."""
+        call from the event loop, before :meth:`close`."""
         if not self._stopping:
             self._stopping = True
             os.eventfd_write(self._wake, 1)
+
+    def close(self) -> None:
+        """Release the eventfd, once ``done`` was called (the thread has ended). Not in
+        the thread itself: the loop may still call :meth:`stop` until ``done`` runs."""
+        os.close(self._wake)
 
     # ------------------------------------------------------------- the thread
     def _main(self) -> None:
@@ -105,7 +110,6 @@ class Lane:
             result.error = OSError(errno.EIO, f"NBD lane failed: {exc!r}")
         finally:
             os.close(self._fd)
-            os.close(self._wake)
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 self._loop.call_soon_threadsafe(self._done, result)
 

@@ -43,7 +43,7 @@ import stat
 import sys
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, cast
 
 from blktap.block.chain import StatusExtent
@@ -93,6 +93,8 @@ class Statistics:
     bytes_written: int = 0
     errors: int = 0
     protocol_errors: int = 0
+    lane_reads: int = 0
+    """Of ``reads``, those a lane served (blktap.frontends.nbd_lane)."""
 
 
 class NbdServer:
@@ -125,7 +127,7 @@ class NbdServer:
         self.tcp_port: int | None = None
         self._servers: list[asyncio.base_events.Server] = []
         self._conns: set[_Connection] = set()
-        self._closed_totals = [0] * 8
+        self._closed_totals = [0] * len(fields(Statistics))
         self._sock_ino: tuple[int, int] | None = None
         self._stopping = False
         self._serial = 0  # connections accepted so far
@@ -323,13 +325,14 @@ class _Connection(asyncio.BufferedProtocol):
         self.bytes_written = 0
         self.errors = 0
         self.protocol_errors = 0
+        self.lane_reads = 0
 
     def counters(self) -> tuple[int, ...]:
         lane = self._lane
         served, served_bytes = (lane.requests, lane.bytes_read) if lane else (0, 0)
         return (1, self.requests + served, self.reads + served, self.writes,
                 self.bytes_read + served_bytes, self.bytes_written, self.errors,
-                self.protocol_errors)
+                self.protocol_errors, self.lane_reads + served)
 
     def statistics(self) -> Statistics:
         return Statistics(*self.counters())
@@ -913,11 +916,13 @@ class _Connection(asyncio.BufferedProtocol):
         lane = self._lane
         assert lane is not None
         self._lane = None
+        lane.close()
         self.vbd.release_thread_reader(lane.reader)
         self.pool.put(lane.buf)
         served = lane.requests
         self.requests += served
         self.reads += served
+        self.lane_reads += served
         self.bytes_read += lane.bytes_read
         # A lane that served few requests cost a thread for little: wait longer next time.
         self._lane_after = (LANE_AFTER if served >= LANE_SHORT
