@@ -439,6 +439,8 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             if self._into_payload:
                 events = codec.payload_received(nbytes)
+                if not events:
+                    return  # more of a WRITE payload, not all of it: nothing to do yet
             else:
                 events = codec.feed(self._rbuf[:nbytes])
         except ProtocolError as exc:

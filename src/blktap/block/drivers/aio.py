@@ -16,7 +16,8 @@ unless the OPEN message carries NO_O_DIRECT):
 * **buffered** — plain synchronous ``os.preadv``/``os.pwritev`` from the coroutine, which
   then completes without waiting (a page-cache hit costs one system call); also offered
   as ``read_now``/``write_now``. Writes of ``SYNC_WRITE_MAX`` or more are copied into the
-  page cache by a worker thread, overlapping the event loop's work.
+  page cache by a kernel worker (io_uring, :mod:`blktap.util.uring`) or, where io_uring
+  cannot be used, a worker thread, overlapping the event loop's work.
 
 ``fua`` writes are written with ``RWF_DSYNC``. ``flush`` is ``fdatasync`` (an AIO
 ``IOCB_CMD_FDSYNC`` where the kernel has it, otherwise in a worker thread).
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -53,6 +55,7 @@ from blktap.block.driver import (
     register,
 )
 from blktap.errors import ImageFormatError, ReadOnly
+from blktap.util import uring
 from blktap.util.buffers import aligned
 from blktap.util.linux_aio import RWF_DSYNC, AioContext, AioUnavailable
 
@@ -201,6 +204,8 @@ class AioImage:
         self.read_blocking: Callable[[int, memoryview], bool] = (
             self._read_direct_blocking if aio is not None else self._read_buffered)
         self._sync_reads_from = 0  # perf_counter_ns before which direct reads go async
+        self._uring: uring.Uring | None = None  # large buffered writes (on the first one)
+        self._uring_tried = False
         self._sync_read_ns = 0  # how long synchronous direct reads take, on average
 
     # ---------------------------------------------------------------- status
@@ -422,10 +427,28 @@ class AioImage:
             self._check_writable()
         self._written = True
         if aio is None:
-            # A large copy into the page cache runs in a worker thread (the system call
-            # releases the GIL) while the loop receives the next requests.
-            await asyncio.get_running_loop().run_in_executor(
-                _copier(), _pwrite_full, self._fd, data, offset, os.RWF_DSYNC if fua else 0)
+            # A large copy into the page cache runs in a kernel worker (io_uring) or,
+            # without io_uring, in a worker thread, while the loop receives the next
+            # requests.
+            flags = os.RWF_DSYNC if fua else 0
+            loop = asyncio.get_running_loop()
+            ring = self._uring
+            if ring is None and not self._uring_tried:
+                self._uring_tried = True
+                ring = self._uring = uring.for_loop(loop)
+            obj = None
+            if ring is not None:
+                with contextlib.suppress(TypeError):  # read-only memory: no address
+                    obj = _c_char_from_buffer(data)
+            if obj is None:
+                await loop.run_in_executor(_copier(), _pwrite_full, self._fd, data, offset,
+                                           flags)
+                return
+            assert ring is not None
+            n = len(data)
+            done = await ring.write(self._fd, _addressof(obj), n, offset, obj, flags)
+            if done < n:  # short (rare): the rest synchronously
+                _pwrite_full(self._fd, data[done:], offset + done, flags)
             return
         n = len(data)
         if not self._rmw and not (offset | n) & self._amask and offset + n <= self._tail_start:
@@ -627,6 +650,9 @@ class AioImage:
             if self._aio is not None:
                 self._aio.release()
                 self._aio = None
+            if self._uring is not None:
+                self._uring.release()
+                self._uring = None
             if self._tail_fd is not None:
                 os.close(self._tail_fd)
                 self._tail_fd = None
