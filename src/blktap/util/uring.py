@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # include/uapi/linux/io_uring.h, x86_64 system call numbers
 _NR_SETUP, _NR_ENTER, _NR_REGISTER = 425, 426, 427
-_OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
+_OFF_SQ_RING, _OFF_SQES = 0, 0x10000000  # (the CQ ring shares the SQ ring's mapping)
 _FEAT_SINGLE_MMAP = 1 << 0
 _REGISTER_EVENTFD = 4
 _OP_WRITE = 23
@@ -71,6 +71,8 @@ class Uring:
         except BaseException:
             self._unmap()
             os.close(fd)
+            if self._efd >= 0:
+                os.close(self._efd)
             raise
         self._futs: dict[int, tuple[EagerFuture[int], Any]] = {}
         # Requests past DEPTH: (tag, future, fd, addr, nbytes, offset, keep, rw_flags).
@@ -83,7 +85,7 @@ class Uring:
 
     def _setup(self, p: tuple[int, ...]) -> None:
         sq_entries, cq_entries, _flags, _cpu, _idle, features = p[:6]
-        (sq_head, sq_tail, sq_mask, _sq_entries, _sq_flags, _dropped, sq_array) = p[10:17]
+        (_sq_head, sq_tail, sq_mask, _sq_entries, _sq_flags, _dropped, sq_array) = p[10:17]
         (cq_head, cq_tail, cq_mask, _cq_entries, _overflow, cqes) = p[19:25]
         if not features & _FEAT_SINGLE_MMAP:
             raise OSError(errno.ENOSYS, "io_uring without IORING_FEAT_SINGLE_MMAP")
@@ -91,11 +93,11 @@ class Uring:
         rings = self._map(size, _OFF_SQ_RING)
         self._sqes = self._map(sq_entries * _SQE.size, _OFF_SQES)
         self._rings = rings
-        self._sq_head = ctypes.c_uint32.from_buffer(rings, sq_head)
+        # Without SQPOLL the kernel takes each SQE during our io_uring_enter: the
+        # submission queue never holds more than the one being submitted.
         self._sq_tail = ctypes.c_uint32.from_buffer(rings, sq_tail)
         self._sq_mask = ctypes.c_uint32.from_buffer(rings, sq_mask).value
         self._sq_entries = sq_entries
-        self._sq_array = sq_array
         self._cq_head = ctypes.c_uint32.from_buffer(rings, cq_head)
         self._cq_tail = ctypes.c_uint32.from_buffer(rings, cq_tail)
         self._cq_mask = ctypes.c_uint32.from_buffer(rings, cq_mask).value
@@ -219,7 +221,8 @@ class Uring:
                          name="uring-close", daemon=True).start()
 
     def _unmap(self) -> None:
-        self._sq_head = self._sq_tail = self._cq_head = self._cq_tail = None  # type: ignore[assignment]
+        # The ctypes views export the mapping's buffer: drop them so that it can close.
+        self._sq_tail = self._cq_head = self._cq_tail = None  # type: ignore[assignment]
         for m in self._maps:
             with contextlib.suppress(BufferError):
                 m.close()
