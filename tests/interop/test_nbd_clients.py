@@ -376,12 +376,14 @@ def test_fio_randrw_verify_qd32(serve: Callable[..., ServedImage]) -> None:
 
 def test_fio_verify_qd1_direct(serve: Callable[..., ServedImage]) -> None:
     """One request at a time on an O_DIRECT VBD: reads are done synchronously while the
-    device is idle (AioImage.read_now), writes through Linux AIO."""
+    device is idle (AioImage.read_now), writes through Linux AIO, and the verify phase's
+    reads (one at a time, nothing else) by the connection's lane (nbd_lane)."""
     s = serve(direct=True)
     res = fio(s.uri, "--rw=randrw", "--iodepth=1", "--size=8M", "--verify=crc32c",
               "--verify_fatal=1", "--do_verify=1")
     job = res["jobs"][0]
     assert job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0
+    assert s.run(s.server.statistics).lane_reads > 0
 
 
 def test_fio_eight_jobs_direct(serve: Callable[..., ServedImage]) -> None:
