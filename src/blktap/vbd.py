@@ -272,7 +272,9 @@ class VBD:
         raise last
 
     async def close(self, force: bool = False) -> None:
-        """Close the chain. Waits for in-flight I/O unless ``force``. Ends CLOSED."""
+        """Close the chain. Waits for in-flight I/O unless ``force`` (reads by other
+        threads, :class:`ThreadReader`, are waited for even then: they use the image's
+        descriptor). Ends CLOSED."""
         if self.state == VBDState.CLOSED:
             return
         if self.state == VBDState.PAUSING:

@@ -5,9 +5,10 @@ A client at queue depth 1 waits for each reply before it sends the next request,
 measures our whole path from its request to our reply. Through the event loop that path
 is long: the loop wakes, reads, parses, dispatches through layers written for many
 requests in flight, and (for O_DIRECT) either blocks the loop on the read or goes
-through AIO. A thread that waits in ``poll``, reads the request, ``preadv``\\ s and
-``writev``\\ s the reply takes a fraction of the Python steps, and its read blocks only
-itself: the loop keeps serving every other client (``preadv`` releases the GIL).
+through AIO. A thread that waits in ``poll``, reads the request, reads the data with
+``preadv`` and sends the reply with ``writev`` takes a fraction of the Python steps, and
+its read blocks only itself: the loop keeps serving every other client (``preadv``
+releases the GIL).
 
 The connection (blktap.frontends.nbd_server) starts a lane when its client has sent a
 run of lone READs (each one alone, with nothing else in flight), with its reading paused

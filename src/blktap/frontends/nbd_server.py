@@ -9,6 +9,10 @@ one ``writev``: the connection's own while the transport holds nothing, else the
 transport's ``writelines``. READ data is never copied: the reply is ``[header, buffer]``
 with the buffer the VBD read into.
 
+A client that sends one READ at a time (queue depth 1) gets its socket handed to a lane,
+a thread of its own that serves such READs with a few system calls and hands everything
+else back (:mod:`blktap.frontends.nbd_lane`).
+
 Buffers come from a :class:`BufferPool` (page-aligned, as O_DIRECT needs). A READ buffer
 goes back to the pool only once the transport's write buffer is empty, since the event
 loop may still hold a reference to it until then.
@@ -311,8 +315,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._into_payload = False
         self._pumping = False
         self._out_bytes = 0  # READ data in self._out
-        # The lane (nbd_lane): lone READs in a row so far, how many start one, and
-        # the running lane. -1: this connection never uses one.
+        # The lane (nbd_lane): lone READs in a row so far (-1: no lane here, as before
+        # negotiation, without a socket descriptor, or when none could be made), how
+        # many start one, and the running lane.
         self._lone = -1
         self._lane_after = LANE_AFTER
         self._lane: Lane | None = None
@@ -458,8 +463,6 @@ class _Connection(asyncio.BufferedProtocol):
                 backlog = self._backlog
                 max_inflight = self._max_inflight
                 max_bytes = self._max_bytes
-                # Requests that complete at once must not pump the backlog from inside
-                # this loop (it would reorder and recurse): see _pump.
                 if self._lone >= 0:
                     # A lone READ: alone in what arrived, nothing else in flight.
                     if (len(events) == 1 and not self._inflight and not backlog
@@ -467,6 +470,8 @@ class _Connection(asyncio.BufferedProtocol):
                         self._lone += 1
                     else:
                         self._lone = 0
+                # Requests that complete at once must not pump the backlog from inside
+                # this loop (it would reorder and recurse): see _pump.
                 self._pumping = True
                 try:
                     for ev in events:
