@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -204,9 +203,9 @@ class AioImage:
         self.read_blocking: Callable[[int, memoryview], bool] = (
             self._read_direct_blocking if aio is not None else self._read_buffered)
         self._sync_reads_from = 0  # perf_counter_ns before which direct reads go async
+        self._sync_read_ns = 0  # how long synchronous direct reads take, on average
         self._uring: uring.Uring | None = None  # large buffered writes (on the first one)
         self._uring_tried = False
-        self._sync_read_ns = 0  # how long synchronous direct reads take, on average
 
     # ---------------------------------------------------------------- status
     def allocation(self, offset: int, length: int) -> list[Extent]:
@@ -281,12 +280,8 @@ class AioImage:
                 or not aio.may_block()):
             return False  # declined: read() sends it to the kernel
         start = _now_ns()
-        try:
-            got = os.preadv(self._fd, (buf,), offset)
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:
-                return False  # e.g. memory not aligned for O_DIRECT: read() bounces it
-            raise
+        if not self._read_direct_blocking(offset, buf):
+            return False  # memory O_DIRECT refuses: read() bounces it
         # A moving average of how long these reads take (one outlier weighs little).
         took = min(_now_ns() - start, 4 * SYNC_READ_SLOW_NS)
         average = self._sync_read_ns = self._sync_read_ns + ((took - self._sync_read_ns) >> 3)
@@ -295,14 +290,13 @@ class AioImage:
             self._sync_read_ns = 0
         elif self._sync_reads_from:
             self._sync_reads_from = 0  # the back-off is over
-        if got != n:
-            raise OSError(errno.EIO, f"{self.path}: short read ({got} of {n} bytes at {offset})")
         return True
 
     def _read_direct_blocking(self, offset: int, buf: memoryview) -> bool:
-        """A direct read for a thread other than the loop's (``read_blocking``): an
-        aligned request within the aligned part of the image, read with one ``preadv``.
-        Declines (False) what needs a bounce buffer or the tail descriptor."""
+        """A direct read with one ``preadv``, in whatever thread calls it (this is
+        ``read_blocking``; ``_read_direct_now`` adds the loop's rules): an aligned request
+        within the aligned part of the image. Declines (False) what needs a bounce buffer
+        or the tail descriptor."""
         n = len(buf)
         if (offset | n) & self._amask or offset + n > self._tail_start:
             return False
@@ -436,19 +430,18 @@ class AioImage:
             if ring is None and not self._uring_tried:
                 self._uring_tried = True
                 ring = self._uring = uring.for_loop(loop)
-            obj = None
             if ring is not None:
-                with contextlib.suppress(TypeError):  # read-only memory: no address
-                    obj = _c_char_from_buffer(data)
-            if obj is None:
-                await loop.run_in_executor(_copier(), _pwrite_full, self._fd, data, offset,
-                                           flags)
-                return
-            assert ring is not None
-            n = len(data)
-            done = await ring.write(self._fd, _addressof(obj), n, offset, obj, flags)
-            if done < n:  # short (rare): the rest synchronously
-                _pwrite_full(self._fd, data[done:], offset + done, flags)
+                try:
+                    held = _c_char_from_buffer(data)
+                except TypeError:  # read-only memory: no address for the kernel
+                    pass
+                else:
+                    n = len(data)
+                    done = await ring.write(self._fd, _addressof(held), n, offset, held, flags)
+                    if done < n:  # short (rare): the rest synchronously
+                        _pwrite_full(self._fd, data[done:], offset + done, flags)
+                    return
+            await loop.run_in_executor(_copier(), _pwrite_full, self._fd, data, offset, flags)
             return
         n = len(data)
         if not self._rmw and not (offset | n) & self._amask and offset + n <= self._tail_start:
