@@ -140,17 +140,16 @@ class Lane:
             if not n:
                 result.eof = True
                 return
-            if n != _REQ_SIZE:
-                result.received = bytes(head[:n])
-                return
-            magic, flags, command, cookie, offset, length = unpack(head)
-            if (command != _READ or magic != REQUEST_MAGIC or flags & ~flags_ok
-                    or not 0 < length <= LANE_READ_MAX):
-                result.received = bytes(head[:n])
-                return
-            data = buf[:length]
-            if not read(offset, data):
-                result.received = bytes(head[:n])
+            if n == _REQ_SIZE:  # one request, alone: a READ the VBD serves here?
+                magic, flags, command, cookie, offset, length = unpack(head)
+                data = buf[:length]
+                served = (command == _READ and magic == REQUEST_MAGIC
+                          and not flags & ~flags_ok and 0 < length <= LANE_READ_MAX
+                          and read(offset, data))
+            else:
+                served = False
+            if not served:
+                result.received = bytes(head[:n])  # for the loop, unparsed
                 return
             header = reply_header(cookie, offset, length)
             try:
