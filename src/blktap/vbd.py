@@ -534,12 +534,13 @@ class VBD:
         """The STATS JSON object of this VBD, with the C tapdisk's keys."""
         images: list[dict[str, Any]] = []
         if self._chain is not None:
-            # Reads by other threads are the one image's (ThreadReader needs _direct).
+            # Reads by other threads count for the image they read (see _take_counts).
             thread_reads = sum(r.reads for r in self._thread_readers)
             for image, st in zip(self._chain.images, self._chain.stats, strict=True):
+                reads = st.hits[0] + (thread_reads if st is self._now_stats else 0)
                 images.append({
                     "name": image.path,
-                    "hits": [st.hits[0] + thread_reads, st.hits[1]],
+                    "hits": [reads, st.hits[1]],
                     "fail": list(st.fail),
                     "driver": {"type": DISK_TYPE_IDS.get(image.type_name, -1),
                                "name": image.type_name, "status": 0},
