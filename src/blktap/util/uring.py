@@ -26,6 +26,7 @@ import os
 import platform
 import struct
 import threading
+from collections import deque
 from typing import Any, ClassVar
 
 from blktap.util.eager import Batch, EagerFuture
@@ -76,7 +77,7 @@ class Uring:
             raise
         self._futs: dict[int, tuple[EagerFuture[int], Any]] = {}
         # Requests past DEPTH: (tag, future, fd, addr, nbytes, offset, keep, rw_flags).
-        self._waiting: list[tuple[int, EagerFuture[int], int, int, int, int, Any, int]] = []
+        self._waiting: deque[tuple[int, EagerFuture[int], int, int, int, int, Any, int]] = deque()
         self._serial = 0
         self._batch = Batch(loop)
         self._closed = False
@@ -174,7 +175,7 @@ class Uring:
         self._cq_head.value = head
         waiting = self._waiting
         while waiting and len(futs) < self._sq_entries:
-            self._submit(*waiting.pop(0))
+            self._submit(*waiting.popleft())
         for fut, res in done:
             if fut.done():
                 continue
