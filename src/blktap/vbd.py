@@ -51,8 +51,8 @@ STATE_BITS: dict[VBDState, int] = {
     VBDState.CLOSING: _SHUTDOWN_REQ,
 }
 
-THREAD_READ_POLL = 0.0002
-"""Seconds between looks at whether other threads still read (pause, close)."""
+THREAD_IO_POLL = 0.0002
+"""Seconds between looks at whether other threads still do I/O (pause, close)."""
 _RUNNING = VBDState.RUNNING  # a module constant: the enum attribute lookup costs ~0.2 us
 _SECTOR_MASK = SECTOR_SIZE - 1
 
@@ -68,26 +68,27 @@ _TRANSITIONS: dict[str, tuple[frozenset[VBDState], VBDState]] = {
 }
 
 
-class ThreadReader:
-    """Reads of a VBD from one thread other than the event loop's (an NBD connection's
-    lane): get it with :meth:`VBD.thread_reader`, give it back with
-    :meth:`VBD.release_thread_reader` once that thread no longer uses it.
+class ThreadIO:
+    """I/O of a VBD from one thread other than the event loop's (a thread of an NBD
+    connection's lane): get it with :meth:`VBD.thread_io`, give it back with
+    :meth:`VBD.release_thread_io` once that thread no longer uses it.
 
-    :meth:`read` serves what ``VBD.read_now`` would (an aligned read of a running VBD
-    whose one image holds every byte) when the image offers ``read_blocking``, and
-    declines everything else, failures included: the caller then sends the request
-    through the loop, which answers and counts it as usual. The VBD waits for a read in
-    progress here before it closes the image (pause, close); the counters are this
-    thread's alone and the VBD adds them to its own.
+    :meth:`read` and :meth:`write` serve what ``VBD.read_now``/``write_now`` would (an
+    aligned request of a running VBD whose one image holds every byte) when the image
+    offers ``read_blocking``/``write_blocking``, and decline everything else, failures
+    included: the caller then sends the request through the loop, which answers and
+    counts it as usual. The VBD waits for I/O in progress here before it closes the image
+    (pause, close); the counters are this thread's alone and the VBD adds them to its own.
     """
 
-    __slots__ = ("_vbd", "busy", "reads", "sectors")
+    __slots__ = ("_vbd", "busy", "reads", "sectors", "writes")
 
     def __init__(self, vbd: VBD) -> None:
         self._vbd = vbd
         self.busy = False
         self.reads = 0
-        self.sectors = 0
+        self.writes = 0
+        self.sectors = [0, 0]  # read, written
 
     def read(self, offset: int, buf: memoryview) -> bool:
         """Fill ``buf`` from ``offset``, blocking this thread; False having done nothing
@@ -108,7 +109,31 @@ class ThreadReader:
             except Exception:
                 return False  # the loop tries again and reports the failure
             self.reads += 1
-            self.sectors += length >> 9
+            self.sectors[0] += length >> 9
+            return True
+        finally:
+            self.busy = False
+
+    def write(self, offset: int, data: memoryview, fua: bool = False) -> bool:
+        """Write ``data`` at ``offset`` (durably with ``fua``), blocking this thread;
+        False having written nothing the caller may rely on: the loop must serve it
+        (never raises for the request's failure; a failed write is simply done again)."""
+        self.busy = True
+        try:
+            vbd = self._vbd
+            write = vbd._write_blocking
+            length = len(data)
+            if (write is None or vbd.state is not _RUNNING or vbd.options.read_only
+                    or (offset | length) & _SECTOR_MASK
+                    or offset < 0 or offset + length > vbd._size):
+                return False
+            try:
+                if not write(offset, data, fua):
+                    return False
+            except Exception:
+                return False  # the loop writes it again and reports the failure
+            self.writes += 1
+            self.sectors[1] += length >> 9
             return True
         finally:
             self.busy = False
@@ -151,7 +176,8 @@ class VBD:
         self._write_now: Callable[[int, memoryview, bool], bool] | None = None
         self._now_stats = ImageStats()  # the one image's, while _read/_write_now are set
         self._read_blocking: Callable[[int, memoryview], bool] | None = None
-        self._thread_readers: set[ThreadReader] = set()
+        self._write_blocking: Callable[[int, memoryview, bool], bool] | None = None
+        self._thread_ios: set[ThreadIO] = set()
         self._size = 0
         self._inflight = 0
         self._drained: asyncio.Future[None] | None = None
@@ -272,8 +298,8 @@ class VBD:
         raise last
 
     async def close(self, force: bool = False) -> None:
-        """Close the chain. Waits for in-flight I/O unless ``force`` (reads by other
-        threads, :class:`ThreadReader`, are waited for even then: they use the image's
+        """Close the chain. Waits for in-flight I/O unless ``force`` (I/O by other
+        threads, :class:`ThreadIO`, is waited for even then: it uses the image's
         descriptor). Ends CLOSED."""
         if self.state == VBDState.CLOSED:
             return
@@ -283,7 +309,7 @@ class VBD:
         self._wake_waiters(Shutdown(f"minor {self.minor} is closing"))
         if not force:
             await self._drain()
-        await self._threads_idle()  # even forced: their reads use the image's descriptor
+        await self._threads_idle()  # even forced: their I/O uses the image's descriptor
         chain = self._chain
         self._set_chain(None)
         try:
@@ -307,32 +333,41 @@ class VBD:
             await asyncio.shield(self._drained)
 
     async def _threads_idle(self) -> None:
-        """Wait until no thread reads the image; then count their reads as ours."""
-        readers = self._thread_readers
-        while any(r.busy for r in readers):
-            await asyncio.sleep(THREAD_READ_POLL)
-        for reader in readers:
-            self._take_counts(reader)
+        """Wait until no thread does I/O on the image; then count their I/O as ours."""
+        ios = self._thread_ios
+        while any(io.busy for io in ios):
+            await asyncio.sleep(THREAD_IO_POLL)
+        for io in ios:
+            self._take_counts(io)
 
-    def thread_reader(self) -> ThreadReader | None:
-        """A :class:`ThreadReader` for one thread, or None when the image cannot be read
-        from another thread (no ``read_blocking``: the loop serves everything)."""
-        if self._read_blocking is None:
+    def thread_io_possible(self, write: bool = False) -> bool:
+        """Whether the image can now be read (or, with ``write``, written) from another
+        thread: it offers ``read_blocking`` (``write_blocking``)."""
+        return (self._write_blocking if write else self._read_blocking) is not None
+
+    def thread_io(self, write: bool = False) -> ThreadIO | None:
+        """A :class:`ThreadIO` for one thread, or None when
+        :meth:`thread_io_possible` says no (the loop then serves everything)."""
+        if not self.thread_io_possible(write):
             return None
-        reader = ThreadReader(self)
-        self._thread_readers.add(reader)
-        return reader
+        io = ThreadIO(self)
+        self._thread_ios.add(io)
+        return io
 
-    def release_thread_reader(self, reader: ThreadReader) -> None:
-        """Forget ``reader`` (its thread no longer uses it), keeping its counts."""
-        self._thread_readers.discard(reader)
-        self._take_counts(reader)
+    def release_thread_io(self, io: ThreadIO) -> None:
+        """Forget ``io`` (its thread no longer uses it), keeping its counts."""
+        self._thread_ios.discard(io)
+        self._take_counts(io)
 
-    def _take_counts(self, reader: ThreadReader) -> None:
-        # Only while its thread does not read (released, or the VBD not running).
-        self._now_stats.hits[0] += reader.reads
-        self.sectors[0] += reader.sectors
-        reader.reads = reader.sectors = 0
+    def _take_counts(self, io: ThreadIO) -> None:
+        # Only while its thread does no I/O (released, or the VBD not running).
+        hits = self._now_stats.hits
+        hits[0] += io.reads
+        hits[1] += io.writes
+        self.sectors[0] += io.sectors[0]
+        self.sectors[1] += io.sectors[1]
+        io.reads = io.writes = 0
+        io.sectors = [0, 0]
 
     def _wake_waiters(self, exc: BaseException | None) -> None:
         fut, self._running = self._running, None
@@ -358,6 +393,7 @@ class VBD:
             image, self._now_stats = self._direct
         self._read_now = getattr(image, "read_now", None)
         self._read_blocking = getattr(image, "read_blocking", None)
+        self._write_blocking = getattr(image, "write_blocking", None)
         self._write_now = getattr(image, "write_now", None)
 
     async def _admit(self) -> Chain:
@@ -534,24 +570,27 @@ class VBD:
         """The STATS JSON object of this VBD, with the C tapdisk's keys."""
         images: list[dict[str, Any]] = []
         if self._chain is not None:
-            # Reads by other threads count for the image they read (see _take_counts).
-            thread_reads = sum(r.reads for r in self._thread_readers)
+            # I/O by other threads counts for the image it went to (see _take_counts).
+            ios = self._thread_ios
+            thread_hits = [sum(io.reads for io in ios), sum(io.writes for io in ios)]
             for image, st in zip(self._chain.images, self._chain.stats, strict=True):
-                reads = st.hits[0] + (thread_reads if st is self._now_stats else 0)
+                mine = st is self._now_stats
                 images.append({
                     "name": image.path,
-                    "hits": [reads, st.hits[1]],
+                    "hits": [st.hits[0] + (thread_hits[0] if mine else 0),
+                             st.hits[1] + (thread_hits[1] if mine else 0)],
                     "fail": list(st.fail),
                     "driver": {"type": DISK_TYPE_IDS.get(image.type_name, -1),
                                "name": image.type_name, "status": 0},
                 })
+        ios = self._thread_ios
         return {
             "name": str(self.spec) if self.spec else "",
             "minor": self.minor,
             "state": self.state_bits,
             "read_only": self.options.read_only,
-            "secs": [self.sectors[0] + sum(r.sectors for r in self._thread_readers),
-                     self.sectors[1]],
+            "secs": [self.sectors[0] + sum(io.sectors[0] for io in ios),
+                     self.sectors[1] + sum(io.sectors[1] for io in ios)],
             "errors": list(self.errors),
             "images": images,
             "reqs_outstanding": self._inflight,

@@ -848,9 +848,9 @@ def test_vbd_pause_waits_for_a_thread_read_in_progress(
     """The VBD closes its image only once no thread is inside a read of it."""
     path, _image = random_image(workdir)
     s = serve(path)
-    reader = s.run(s.vbd.thread_reader)
+    reader = s.run(s.vbd.thread_io)
     try:
-        reader.busy = True  # as a lane thread inside ThreadReader.read
+        reader.busy = True  # as a lane thread inside ThreadIO.read
         pause = asyncio.run_coroutine_threadsafe(s.vbd.pause(), s.loop)
         time.sleep(0.3)
         assert not pause.done() and s.vbd.chain is not None
@@ -865,7 +865,7 @@ def test_vbd_pause_waits_for_a_thread_read_in_progress(
         assert reader.read(0, buf) and bytes(buf) == _image[:4096]
         assert reader.reads == 1 and s.run(s.vbd.stats)["secs"][0] == 8
     finally:
-        s.run(lambda: s.vbd.release_thread_reader(reader))
+        s.run(lambda: s.vbd.release_thread_io(reader))
     assert s.run(s.vbd.stats)["secs"][0] == 8
 
 

@@ -125,6 +125,7 @@ class Image(Protocol):
     # long as the device takes and touches no state of the loop. True when done, False
     # having done nothing (the caller then asks the loop). Called only while the image
     # is open: the VBD waits for such reads before it closes the image.
+    # ``write_blocking(offset, data, fua)`` likewise for writes (raising on failure).
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Like :meth:`allocation` but may also report ZERO ranges (sparse holes).

@@ -52,7 +52,16 @@ from typing import Any, cast
 
 from blktap.block.chain import StatusExtent
 from blktap.errors import BlktapError, InvalidArgument, ProtocolError, errno_of
-from blktap.frontends.nbd_lane import LANE_READ_MAX, Lane, LaneResult
+from blktap.frontends.nbd_lane import (
+    LANE_READ_MAX,
+    WRITE_LANE_MAX,
+    WRITE_LANE_MIN,
+    WRITE_LANE_THREADS,
+    Lane,
+    LaneResult,
+    ReadLane,
+    WriteLane,
+)
 from blktap.proto.nbd import (
     Aborted,
     Command,
@@ -65,7 +74,7 @@ from blktap.proto.nbd import (
 from blktap.util.buffers import BufferPool
 from blktap.util.eager import defer as eager_defer
 from blktap.util.eager import start as eager_start
-from blktap.vbd import VBD
+from blktap.vbd import VBD, ThreadIO
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +108,8 @@ class Statistics:
     protocol_errors: int = 0
     lane_reads: int = 0
     """Of ``reads``, those a lane served (blktap.frontends.nbd_lane)."""
+    lane_writes: int = 0
+    """Of ``writes``, those a lane served."""
 
 
 class NbdServer:
@@ -258,9 +269,12 @@ FREE_BUFFER_BYTES = 256 * 1024
 back to the shared pool, which bounds what all connections keep together)."""
 LANE_AFTER = 8
 """Lone READs in a row (each alone, nothing else in flight) after which a connection
-hands its socket to a lane (blktap.frontends.nbd_lane)."""
+hands its socket to a read lane (blktap.frontends.nbd_lane)..."""
+WRITE_LANE_AFTER = 4
+"""... and large WRITEs in a row (each payload received straight into its buffer) after
+which it hands it to a write lane, once the requests in flight are answered."""
 LANE_SHORT = 64
-"""A lane that served fewer READs than this doubles the run the next one waits for..."""
+"""A lane that served fewer requests than this doubles the run the next one waits for..."""
 LANE_AFTER_MAX = 4096
 """... up to this many."""
 RECV_BUFFER = 256 * 1024
@@ -315,11 +329,15 @@ class _Connection(asyncio.BufferedProtocol):
         self._into_payload = False
         self._pumping = False
         self._out_bytes = 0  # READ data in self._out
-        # The lane (nbd_lane): lone READs in a row so far (-1: no lane here, as before
-        # negotiation, without a socket descriptor, or when none could be made), how
-        # many start one, and the running lane.
+        # The lanes (nbd_lane): lone READs and large WRITEs in a row so far (-1: no lane
+        # here, as before negotiation, without a socket descriptor, or when none could
+        # be made), how many start one, a write lane waiting for the requests in flight,
+        # and the running lane.
         self._lone = -1
         self._lane_after = LANE_AFTER
+        self._big = -1
+        self._write_lane_after = WRITE_LANE_AFTER
+        self._lane_wanted = False
         self._lane: Lane | None = None
         self._abort_after_lane = False
         # Counters (same order as Statistics' fields).
@@ -331,13 +349,17 @@ class _Connection(asyncio.BufferedProtocol):
         self.errors = 0
         self.protocol_errors = 0
         self.lane_reads = 0
+        self.lane_writes = 0
 
     def counters(self) -> tuple[int, ...]:
         lane = self._lane
-        served, served_bytes = (lane.requests, lane.bytes_read) if lane else (0, 0)
-        return (1, self.requests + served, self.reads + served, self.writes,
-                self.bytes_read + served_bytes, self.bytes_written, self.errors,
-                self.protocol_errors, self.lane_reads + served)
+        reads, writes, read_bytes, written_bytes = (
+            (lane.reads, lane.writes, lane.bytes_read, lane.bytes_written) if lane
+            else (0, 0, 0, 0))
+        return (1, self.requests + reads + writes, self.reads + reads, self.writes + writes,
+                self.bytes_read + read_bytes, self.bytes_written + written_bytes,
+                self.errors, self.protocol_errors, self.lane_reads + reads,
+                self.lane_writes + writes)
 
     def statistics(self) -> Statistics:
         return Statistics(*self.counters())
@@ -446,8 +468,12 @@ class _Connection(asyncio.BufferedProtocol):
                 events = codec.payload_received(nbytes)
                 if not events:
                     return  # more of a WRITE payload, not all of it: nothing to do yet
+                if self._big >= 0:
+                    self._count_big(cast(Request, events[0]))  # a payload's: a WRITE
             else:
                 events = codec.feed(self._rbuf[:nbytes])
+                if self._big > 0 and events:
+                    self._big = 0  # not a large WRITE received straight into its buffer
         except ProtocolError as exc:
             self.protocol_errors += 1
             self.log.warning("minor %d: NBD client %s broke the protocol: %s",
@@ -501,7 +527,7 @@ class _Connection(asyncio.BufferedProtocol):
             if self._draining:
                 if self._maybe_close():
                     return
-            elif self._reading and not (backlog or self._writing_paused
+            elif self._reading and not (backlog or self._writing_paused or self._lane_wanted
                                         or self._inflight >= max_inflight
                                         or self._inflight_bytes >= max_bytes):
                 return  # still reading, nothing to stop it: _update_reading would do nothing
@@ -519,6 +545,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._fast_zero = bool(getattr(chain.leaf, "zero_is_fast", False)) if chain else False
         if self._fd >= 0:
             self._lone = 0
+            self._big = 0
         self.log.debug("minor %d: NBD client %s: export %r, structured=%s, flags=%#x",
                        self.vbd.minor, self.peer, ev.export_name, ev.structured,
                        ev.transmission_flags)
@@ -771,7 +798,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._lone >= self._lane_after and not self._batching and not self._pumping:
+        if ((self._lone >= self._lane_after or self._lane_wanted)
+                and not self._batching and not self._pumping):
             eager_defer(self._loop, self._maybe_start_lane)  # once this flush is done
         transport = self.transport
         if transport is None or self._lost:
@@ -840,7 +868,7 @@ class _Connection(asyncio.BufferedProtocol):
         if transport is None or self._lost:
             return
         stop = (self._draining or self._writing_paused or bool(self._backlog)
-                or self._lane is not None
+                or self._lane is not None or self._lane_wanted
                 or self._inflight >= self._max_inflight
                 or self._inflight_bytes >= self._max_bytes)
         if stop and self._reading:
@@ -887,10 +915,27 @@ class _Connection(asyncio.BufferedProtocol):
         if self.transport is not None and not self._lost:
             self.transport.abort()
 
-    # ------------------------------------------------------------------- lane
+    # ------------------------------------------------------------------ lanes
+    def _count_big(self, req: Request) -> None:
+        """A WRITE whose payload was received straight into its buffer: one more large
+        WRITE in a row, or the end of a run."""
+        if req.length < WRITE_LANE_MIN or req.length > WRITE_LANE_MAX:
+            self._big = 0
+            return
+        self._big += 1
+        if self._big >= self._write_lane_after and not self._lane_wanted:
+            if self.vbd.thread_io_possible(write=True):
+                self._lane_wanted = True  # reading stops until the lane starts
+            else:  # not this image, or not now: ask again much later
+                self._big = 0
+                self._write_lane_after = LANE_AFTER_MAX
+
     def _maybe_start_lane(self) -> None:
-        """Hand the socket to a lane (nbd_lane) if the client still sends lone READs and
-        nothing of ours is in flight, waiting or unsent."""
+        """Hand the socket to a lane (nbd_lane) if the client still sends lone READs, or
+        large WRITEs were seen, and nothing of ours is in flight, waiting or unsent."""
+        if self._lane_wanted:
+            self._maybe_start_write_lane()
+            return
         transport = self.transport
         codec = self.codec
         if (self._lone < self._lane_after or self._lane is not None or transport is None
@@ -899,71 +944,139 @@ class _Connection(asyncio.BufferedProtocol):
                 or self._batching or self._pumping or transport.get_write_buffer_size()
                 or transport.is_closing()):
             return
-        reader = self.vbd.thread_reader()
-        if reader is None:  # not now (paused), or not this image: ask again much later
+        io = self.vbd.thread_io()
+        if io is None:  # not now (paused), or not this image: ask again much later
             self._lone = 0
             self._lane_after = LANE_AFTER_MAX
             return
         buf = self.pool.get(LANE_READ_MAX)
         try:
-            lane = Lane(self._loop, self._fd, reader, buf, codec.read_reply_header,
-                        codec.structured, self._lane_returned)
+            lane: Lane = ReadLane(self._loop, self._fd, io, buf, codec.read_reply_header,
+                                  codec.structured, self._lane_returned)
         except OSError as exc:  # out of descriptors: serve from the loop
-            self.vbd.release_thread_reader(reader)
-            self.pool.put(buf)
-            self._lone = -1
-            self.log.warning("minor %d: NBD client %s: no lane: %s", self.vbd.minor,
-                             self.peer, exc)
+            self._no_lane([io], [buf], exc)
             return
         self._lane = lane
         self._update_reading()  # the lane reads the socket now
         lane.start()
+
+    def _maybe_start_write_lane(self) -> None:
+        transport = self.transport
+        codec = self.codec
+        if (self._lane is not None or transport is None or codec is None or self._lost
+                or self._inflight or self._backlog or self._out
+                or self._batching or self._pumping):
+            return  # the flush after the last completion asks again
+        if (self._draining or self._writing_paused or self._held
+                or transport.get_write_buffer_size() or transport.is_closing()
+                or not codec.between_requests):
+            self._lane_wanted = False  # not a moment for it: read on
+            self._big = 0
+            self._update_reading()
+            return
+        ios = []
+        for _ in range(WRITE_LANE_THREADS):
+            io = self.vbd.thread_io(write=True)
+            if io is None:
+                break
+            ios.append(io)
+        bufs = [self.pool.get(WRITE_LANE_MAX) for _ in ios]
+        self._lane_wanted = False
+        try:
+            if len(ios) < WRITE_LANE_THREADS:
+                raise OSError(errno.EAGAIN, "the VBD takes no writes from threads now")
+            lane: Lane = WriteLane(self._loop, self._fd, ios, bufs, self._lane_returned)
+        except OSError as exc:  # paused meanwhile, out of descriptors: the loop serves
+            self._no_lane(ios, bufs, exc)
+            return
+        self._lane = lane
+        self._update_reading()
+        lane.start()
+
+    def _no_lane(self, ios: list[ThreadIO], bufs: list[memoryview], exc: OSError) -> None:
+        for io in ios:
+            self.vbd.release_thread_io(io)
+        for buf in bufs:
+            self.pool.put(buf)
+        if exc.errno == errno.EAGAIN:  # ask again much later
+            self._big = 0
+            self._write_lane_after = LANE_AFTER_MAX
+        else:
+            self._lone = self._big = -1
+            self.log.warning("minor %d: NBD client %s: no lane: %s", self.vbd.minor,
+                             self.peer, exc)
+        self._update_reading()
 
     def _lane_returned(self, result: LaneResult) -> None:
         lane = self._lane
         assert lane is not None
         self._lane = None
         lane.close()
-        self.vbd.release_thread_reader(lane.reader)
-        self.pool.put(lane.buf)
-        served = lane.requests
-        self.requests += served
-        self.reads += served
-        self.lane_reads += served
-        self.bytes_read += lane.bytes_read
-        # A lane that served few requests cost a thread for little: wait longer next time.
-        self._lane_after = (LANE_AFTER if served >= LANE_SHORT
-                            else min(self._lane_after * 2, LANE_AFTER_MAX))
-        self._lone = 0
-        if self._lost:
-            return
         try:
-            if result.unsent:
-                self._out.extend(result.unsent)
-                self._flush()
-            if result.error is not None:
-                self.log.debug("minor %d: NBD client %s: %s", self.vbd.minor, self.peer,
-                               result.error)
-                self._abort_after_lane = True
-            if self._abort_after_lane:
-                self.abort()
-                return
-            if self._draining:
-                self._update_reading()
-                self._maybe_close()
-                return
-            if result.eof:
-                self.shutdown(None)
-                return
-            if result.received:
-                n = len(result.received)
-                self._rbuf[:n] = result.received
-                self._into_payload = False
-                self.buffer_updated(n)
-            self._update_reading()
+            self._take_lane(lane, result)
         except Exception:
             self.log.exception("minor %d: NBD connection %s failed", self.vbd.minor, self.peer)
             self.abort()
+        finally:
+            # Only now: the requests handed back were in the lane's buffers.
+            for buf in lane.bufs:
+                self.pool.put(buf)
+
+    def _take_lane(self, lane: Lane, result: LaneResult) -> None:
+        for io in lane.ios:
+            self.vbd.release_thread_io(io)
+        served = lane.reads + lane.writes
+        self.requests += served
+        self.reads += lane.reads
+        self.writes += lane.writes
+        self.lane_reads += lane.reads
+        self.lane_writes += lane.writes
+        self.bytes_read += lane.bytes_read
+        self.bytes_written += lane.bytes_written
+        # A lane that served few requests cost threads for little: wait longer next time.
+        if isinstance(lane, WriteLane):
+            self._write_lane_after = (WRITE_LANE_AFTER if served >= LANE_SHORT
+                                      else min(self._write_lane_after * 2, LANE_AFTER_MAX))
+            self._big = 0
+        else:
+            self._lane_after = (LANE_AFTER if served >= LANE_SHORT
+                                else min(self._lane_after * 2, LANE_AFTER_MAX))
+            self._lone = 0
+        if self._lost:
+            return
+        if result.unsent:
+            self._out.extend(result.unsent)
+            self._flush()
+        if result.error is not None:
+            self.log.debug("minor %d: NBD client %s: %s", self.vbd.minor, self.peer,
+                           result.error)
+            self._abort_after_lane = True
+        if self._abort_after_lane:
+            self.abort()
+            return
+        if self._draining:
+            self._update_reading()
+            self._maybe_close()
+            return
+        for header, payload in result.requests:
+            self._feed(header)
+            self._feed(payload)
+        if result.received:
+            self._feed(result.received)
+        if result.eof:
+            self.shutdown(None)
+            return
+        self._update_reading()
+
+    def _feed(self, data: bytes | memoryview) -> None:
+        """Take ``data`` as if the transport had just received it."""
+        pos = 0
+        while pos < len(data) and not (self._lost or self._draining):
+            view = self.get_buffer(-1)
+            n = min(len(view), len(data) - pos)
+            view[:n] = data[pos : pos + n]
+            pos += n
+            self.buffer_updated(n)
 
 
 def _unsent(out: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:

@@ -748,6 +748,13 @@ class ServerCodec:
         """Bytes of a partly received WRITE payload already buffered."""
         return self._payload_filled if self._payload is not None else 0
 
+    @property
+    def between_requests(self) -> bool:
+        """In transmission with nothing of a next request buffered (no part of a header,
+        no partly received payload): the stream may be read elsewhere from here."""
+        return (self.state is State.TRANSMISSION and not self._partial
+                and self._payload is None)
+
     # ------------------------------------------------------------------- replies
     def reply_read(self, cookie: int, offset: int, data: memoryview) -> list[bytes | memoryview]:
         """Buffers to send for a successful READ: a header and ``data`` itself (not copied)."""

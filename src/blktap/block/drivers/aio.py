@@ -202,6 +202,10 @@ class AioImage:
         # when blocking the loop is worth it (see _read_direct_blocking).
         self.read_blocking: Callable[[int, memoryview], bool] = (
             self._read_direct_blocking if aio is not None else self._read_buffered)
+        # Buffered writes from any thread too (the page cache copy of a large one takes a
+        # while: the thread's, not the loop's); direct ones go through AIO only.
+        self.write_blocking: Callable[[int, memoryview, bool], bool] | None = (
+            None if aio is not None else self._write_buffered)
         self._sync_reads_from = 0  # perf_counter_ns before which direct reads go async
         self._sync_read_ns = 0  # how long synchronous direct reads take, on average
         self._uring: uring.Uring | None = None  # large buffered writes (on the first one)
