@@ -940,3 +940,223 @@ def test_lane_replies_to_a_client_that_does_not_read(
             seen.add(cookie)
     finally:
         c.close()
+
+
+# ------------------------------------------------------------------- write lanes
+MIB = 1 << 20
+
+
+def write_reply(c: RawClient) -> tuple[int, int]:
+    """(error, cookie) of a simple reply without data."""
+    magic, error, cookie = struct.unpack(">IIQ", c.recv_exact(16))
+    assert magic == SIMPLE_MAGIC
+    return error, cookie
+
+
+def big_writes(c: RawClient, image: bytearray, offsets: list[int], first: int = 0,
+               length: int = MIB, flags: int = 0) -> None:
+    """WRITEs of ``length`` random bytes at ``offsets`` (none overlapping), all sent at
+    once by another thread; every reply must be a success. ``image`` follows."""
+    payloads = [os.urandom(length) for _ in offsets]
+    sender = threading.Thread(target=lambda: c.sock.sendall(b"".join(
+        request(1, n, offset, length, flags) + payload
+        for n, (offset, payload) in enumerate(zip(offsets, payloads, strict=True), first))))
+    sender.start()
+    try:
+        cookies = sorted(write_reply(c) for _ in offsets)
+    finally:
+        sender.join(30)
+    assert cookies == [(0, n) for n in range(first, first + len(offsets))]
+    for offset, payload in zip(offsets, payloads, strict=True):
+        image[offset : offset + length] = payload
+
+
+def start_write_lane(s: ServedImage, c: RawClient, image: bytearray) -> None:
+    c.handshake()
+    big_writes(c, image, [(i * 5 % 16) * MIB for i in range(12)], first=10_000)
+    assert len(lane_threads()) == 2 and s.run(s.server.statistics).lane_writes > 0
+
+
+def file_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_large_writes_go_to_a_write_lane(workdir: str,
+                                         serve: Callable[..., ServedImage]) -> None:
+    """A client streaming 1 MiB WRITEs (many in flight) gets them written by the
+    connection's write lane (two threads: one receives while the other writes); replies,
+    data and every statistic as through the loop."""
+    path, data = random_image(workdir, 32 * MIB)
+    image = bytearray(data)
+    s = serve(path, direct=False)
+    c = RawClient(s.socket)
+    try:
+        c.handshake()
+        offsets = [(i * 7 % 32) * MIB for i in range(32)]  # each once: none overlaps
+        big_writes(c, image, offsets)
+        stats = s.run(s.server.statistics)
+        assert stats.writes == stats.requests == 32 and stats.bytes_written == 32 * MIB
+        assert 32 - stats.lane_writes <= 12, "the lane starts after a few large writes"
+        assert len(lane_threads()) == 2
+        vbd_stats = s.run(s.vbd.stats)
+        assert vbd_stats["secs"] == [0, 32 * MIB // 512]
+        assert vbd_stats["images"][0]["hits"] == [0, 32]
+        assert file_bytes(path) == image
+        # FUA writes are the lane's too.
+        before = stats.lane_writes
+        big_writes(c, image, offsets[:8], first=100, flags=1)
+        assert s.run(s.server.statistics).lane_writes == before + 8
+        assert file_bytes(path) == image
+    finally:
+        c.close()
+    deadline = time.monotonic() + 10
+    while lane_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not lane_threads()
+
+
+@pytest.mark.parametrize("case", ["read", "flush", "small-write", "unaligned-write",
+                                  "write-past-the-end", "huge-write", "two-at-once", "disc"])
+def test_a_write_lane_hands_back_anything_else(workdir: str,
+                                               serve: Callable[..., ServedImage],
+                                               case: str) -> None:
+    """While a write lane runs, anything but a large WRITE the VBD takes comes back to
+    the loop, which answers it as before (the lane's writes done first); then large
+    WRITEs go on."""
+    path, data = random_image(workdir, 32 * MIB)
+    image = bytearray(data)
+    s = serve(path, direct=False)
+    c = RawClient(s.socket)
+    try:
+        start_write_lane(s, c, image)
+        if case == "read":
+            c.sock.sendall(request(0, 1, 3 * MIB - 100, 4096))
+            assert read_reply(c, 4096) == (0, 1, bytes(image[3 * MIB - 100 : 3 * MIB + 3996]))
+        elif case == "flush":
+            c.sock.sendall(request(3, 1))
+            assert write_reply(c) == (0, 1)
+        elif case == "small-write":
+            c.sock.sendall(request(1, 1, 4096, 4096) + b"\x5a" * 4096)
+            assert write_reply(c) == (0, 1)
+            image[4096:8192] = b"\x5a" * 4096
+        elif case == "unaligned-write":  # the thread declines it: the loop writes it
+            payload = os.urandom(MIB)
+            c.sock.sendall(request(1, 1, 5 * MIB + 100, MIB) + payload)
+            assert write_reply(c) == (0, 1)
+            image[5 * MIB + 100 : 6 * MIB + 100] = payload
+        elif case == "write-past-the-end":
+            c.sock.sendall(request(1, 1, 32 * MIB - 4096, MIB) + b"\x01" * MIB)
+            assert write_reply(c) == (28, 1)  # ENOSPC (the spec's for writes), nothing written
+        elif case == "huge-write":  # more than a lane thread's buffer
+            payload = os.urandom(6 * MIB)
+            c.sock.sendall(request(1, 1, 16 * MIB, 6 * MIB) + payload)
+            assert write_reply(c) == (0, 1)
+            image[16 * MIB : 22 * MIB] = payload
+        elif case == "two-at-once":  # a large write, then a read of what it wrote
+            payload = os.urandom(MIB)
+            c.sock.sendall(request(1, 1, 30 * MIB, MIB) + payload
+                           + request(1, 2, 0, 512) + b"\x33" * 512)
+            assert sorted([write_reply(c), write_reply(c)]) == [(0, 1), (0, 2)]
+            image[30 * MIB : 31 * MIB] = payload
+            image[:512] = b"\x33" * 512
+        else:
+            c.sock.sendall(request(2, 1))  # DISC: no reply, the server closes
+            assert c.closed_by_server()
+            deadline = time.monotonic() + 10
+            while lane_threads() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not lane_threads() and file_bytes(path) == image
+            return
+        big_writes(c, image, [(i * 3 % 16) * MIB for i in range(12)], first=20_000)
+        assert file_bytes(path) == image
+        stats = s.run(s.server.statistics)
+        assert stats.writes == 24 + {"read": 0, "flush": 0, "two-at-once": 2}.get(case, 1)
+        assert stats.errors == (case == "write-past-the-end")
+    finally:
+        c.close()
+
+
+def test_no_write_lane_for_a_direct_vbd(workdir: str,
+                                        serve: Callable[..., ServedImage]) -> None:
+    """O_DIRECT writes go through Linux AIO from the loop: no write lane."""
+    path, data = random_image(workdir, 32 * MIB)
+    image = bytearray(data)
+    s = serve(path, direct=True)
+    c = RawClient(s.socket)
+    try:
+        c.handshake()
+        big_writes(c, image, [(i * 7 % 32) * MIB for i in range(32)])
+        assert s.run(s.server.statistics).lane_writes == 0 and not lane_threads()
+        assert file_bytes(path) == image
+    finally:
+        c.close()
+
+
+def test_pause_while_a_write_lane_runs_holds_its_writes_until_resume(
+        workdir: str, serve: Callable[..., ServedImage]) -> None:
+    """A write the lane receives while the VBD is paused comes back to the loop, where
+    it waits for the resume: no reply, no error, nothing lost."""
+    path, data = random_image(workdir, 32 * MIB)
+    image = bytearray(data)
+    s = serve(path, direct=False)
+    c = RawClient(s.socket)
+    try:
+        start_write_lane(s, c, image)
+        s.call(s.vbd.pause())
+        payload = os.urandom(MIB)
+        c.sock.sendall(request(1, 77, 20 * MIB, MIB) + payload)
+        c.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            c.sock.recv(1)
+        c.sock.settimeout(10)
+        s.call(s.vbd.resume())
+        assert write_reply(c) == (0, 77)
+        image[20 * MIB : 21 * MIB] = payload
+        big_writes(c, image, [(i * 3 % 16) * MIB for i in range(12)], first=100)
+        assert file_bytes(path) == image
+        stats = s.run(s.server.statistics)
+        assert stats.writes == 12 + 1 + 12
+        # The resumed image counts the write that waited and those after it.
+        assert s.run(s.vbd.stats)["images"][0]["hits"][1] == 13
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("how", ["stop", "stop-mid-payload", "disconnect"])
+def test_a_write_lane_ends_with_its_connection(workdir: str,
+                                               serve: Callable[..., ServedImage],
+                                               how: str) -> None:
+    path, data = random_image(workdir, 32 * MIB)
+    image = bytearray(data)
+    s = serve(path, direct=False)
+    c = RawClient(s.socket)
+    try:
+        start_write_lane(s, c, image)
+        if how == "disconnect":
+            c.close()
+        else:
+            if how == "stop-mid-payload":  # the lane hands back half a request
+                c.sock.sendall(request(1, 5, 0, MIB) + b"\x44" * (MIB // 2))
+                time.sleep(0.2)
+            start = time.monotonic()
+            s.call(s.server.stop(timeout=5.0))
+            assert time.monotonic() - start < 2
+            assert c.closed_by_server()
+        deadline = time.monotonic() + 10
+        while lane_threads() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not lane_threads()
+        assert s.run(lambda: s.server.connections) == 0
+        assert file_bytes(path) == image  # the half-received write was not written
+    finally:
+        c.close()
+
+
+def test_fio_large_writes_verify_buffered(serve: Callable[..., ServedImage]) -> None:
+    """fio's 1 MiB random writes, 8 in flight, then read back and checked: through the
+    write lane."""
+    s = serve(direct=False)
+    fio(s.uri, "--rw=randwrite", "--bs=1M", "--iodepth=8", "--size=32M", "--loops=2",
+        "--verify=crc32c", "--verify_fatal=1", "--do_verify=1")
+    assert s.run(s.server.statistics).lane_writes > 0

@@ -63,6 +63,7 @@ from blktap.frontends.nbd_lane import (
     WriteLane,
 )
 from blktap.proto.nbd import (
+    REQUEST,
     Aborted,
     Command,
     CommandFlag,
@@ -92,6 +93,7 @@ _REQ_ONE = int(CommandFlag.REQ_ONE)
 _READ = Command.READ
 _reply_ok = ServerCodec.reply_ok
 _WRITE = Command.WRITE
+_REQ_SIZE = REQUEST.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,8 +273,8 @@ LANE_AFTER = 8
 """Lone READs in a row (each alone, nothing else in flight) after which a connection
 hands its socket to a read lane (blktap.frontends.nbd_lane)..."""
 WRITE_LANE_AFTER = 4
-"""... and large WRITEs in a row (each payload received straight into its buffer) after
-which it hands it to a write lane, once the requests in flight are answered."""
+"""... and large WRITEs in a row after which it hands it to a write lane, once the
+requests in flight are answered."""
 LANE_SHORT = 64
 """A lane that served fewer requests than this doubles the run the next one waits for..."""
 LANE_AFTER_MAX = 4096
@@ -327,6 +329,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._rbuf_bytes = bytearray(RECV_BUFFER)
         self._rbuf = memoryview(self._rbuf_bytes)
         self._into_payload = False
+        self._header_next = False  # see get_buffer
         self._pumping = False
         self._out_bytes = 0  # READ data in self._out
         # The lanes (nbd_lane): lone READs and large WRITEs in a row so far (-1: no lane
@@ -453,9 +456,17 @@ class _Connection(asyncio.BufferedProtocol):
         codec = self.codec
         if codec is not None:
             rest = codec.payload_buffer()
-            if rest is not None and len(rest) >= DIRECT_PAYLOAD_MIN:
+            # In a run of large WRITEs even a small rest: the read ends with the payload.
+            if rest is not None and (len(rest) >= DIRECT_PAYLOAD_MIN or self._big > 0):
                 self._into_payload = True
                 return rest
+            if self._header_next:
+                # After a large WRITE, its successor's header alone: a large payload then
+                # goes straight to its buffer (no copy out of the receive buffer) and
+                # ends where a read ends, where a write lane may take the stream over.
+                self._header_next = False
+                self._into_payload = False
+                return self._rbuf[:_REQ_SIZE]
         self._into_payload = False
         return self._rbuf
 
@@ -468,12 +479,9 @@ class _Connection(asyncio.BufferedProtocol):
                 events = codec.payload_received(nbytes)
                 if not events:
                     return  # more of a WRITE payload, not all of it: nothing to do yet
-                if self._big >= 0:
-                    self._count_big(cast(Request, events[0]))  # a payload's: a WRITE
+                self._header_next = True
             else:
                 events = codec.feed(self._rbuf[:nbytes])
-                if self._big > 0 and events:
-                    self._big = 0  # not a large WRITE received straight into its buffer
         except ProtocolError as exc:
             self.protocol_errors += 1
             self.log.warning("minor %d: NBD client %s broke the protocol: %s",
@@ -610,6 +618,8 @@ class _Connection(asyncio.BufferedProtocol):
                     self.bytes_written += req.length
                     self._out.append(_reply_ok(req.cookie))
                     return
+                if self._big >= 0:
+                    self._count_big(req)
                 if data.obj is self._rbuf_bytes:
                     data = self._own(data)  # the write waits: the receive buffer moves on
                 coro: Coroutine[Any, Any, Any] = vbd.write(req.offset, data, fua)
@@ -621,6 +631,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.shutdown(None)
         else:
             self._inflight += 1
+            if self._big > 0:
+                self._big = 0  # the end of a run of large WRITEs
             if command is Command.BLOCK_STATUS:
                 if not req.length:
                     bad = InvalidArgument("block status of an empty range")
@@ -917,8 +929,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ lanes
     def _count_big(self, req: Request) -> None:
-        """A WRITE whose payload was received straight into its buffer: one more large
-        WRITE in a row, or the end of a run."""
+        """A WRITE not done at once: one more large WRITE in a row, or the end of a run
+        (so are other commands but READs and small WRITEs, which cost nothing here)."""
         if req.length < WRITE_LANE_MIN or req.length > WRITE_LANE_MAX:
             self._big = 0
             return
@@ -970,8 +982,9 @@ class _Connection(asyncio.BufferedProtocol):
         if (self._draining or self._writing_paused or self._held
                 or transport.get_write_buffer_size() or transport.is_closing()
                 or not codec.between_requests):
-            self._lane_wanted = False  # not a moment for it: read on
+            self._lane_wanted = False  # not a moment for it: read on, try much later
             self._big = 0
+            self._write_lane_after = LANE_AFTER_MAX
             self._update_reading()
             return
         ios = []
