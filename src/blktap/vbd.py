@@ -341,9 +341,11 @@ class VBD:
             self._take_counts(io)
 
     def thread_io_possible(self, write: bool = False) -> bool:
-        """Whether the image can now be read (or, with ``write``, written) from another
-        thread: it offers ``read_blocking`` (``write_blocking``)."""
-        return (self._write_blocking if write else self._read_blocking) is not None
+        """Whether the image can now be read (or, with ``write``, written: not read-only)
+        from another thread: it offers ``read_blocking`` (``write_blocking``)."""
+        if write:
+            return self._write_blocking is not None and not self.options.read_only
+        return self._read_blocking is not None
 
     def thread_io(self, write: bool = False) -> ThreadIO | None:
         """A :class:`ThreadIO` for one thread, or None when

@@ -1077,6 +1077,46 @@ def test_a_write_lane_hands_back_anything_else(workdir: str,
         c.close()
 
 
+def test_thread_io_writes_what_the_loop_would_and_declines_the_rest(
+        workdir: str, serve: Callable[..., ServedImage]) -> None:
+    """ThreadIO.write writes aligned, in-range data of a running, writable, buffered VBD
+    and declines, untouched, anything else; STATS count what it wrote once."""
+    path, data = random_image(workdir, 4 * MIB)
+    s = serve(path, direct=False)
+    io = s.run(lambda: s.vbd.thread_io(write=True))
+    try:
+        payload = memoryview(bytearray(os.urandom(MIB)))
+        assert not io.write(100, payload)  # unaligned
+        assert not io.write(3 * MIB + 512, payload)  # past the end
+        assert not io.write(-512, payload[:512])
+        assert file_bytes(path) == data
+        assert io.write(MIB, payload, fua=True)
+        assert file_bytes(path) == data[:MIB] + bytes(payload) + data[2 * MIB:]
+        assert io.writes == 1 and io.sectors == [0, MIB // 512]
+        s.call(s.vbd.pause())
+        assert not io.write(0, payload)  # paused
+        assert s.run(s.vbd.stats)["secs"] == [0, MIB // 512]  # taken at the pause
+        s.call(s.vbd.resume())
+        assert io.write(0, payload)
+        assert s.run(s.vbd.stats)["images"][0]["hits"] == [0, 1]  # the resumed image's
+    finally:
+        s.run(lambda: s.vbd.release_thread_io(io))
+    assert s.run(s.vbd.stats)["secs"] == [0, 2 * MIB // 512]
+
+
+def test_no_thread_writes_to_a_read_only_vbd(workdir: str) -> None:
+    async def check() -> tuple[bool, object]:
+        vbd = VBD(1)
+        await vbd.open(ImageSpec("aio", make_image(workdir)),
+                       OpenOptions(read_only=True, direct=False))
+        try:
+            return vbd.thread_io_possible(write=True), vbd.thread_io(write=True)
+        finally:
+            await vbd.close()
+
+    assert asyncio.run(check()) == (False, None)
+
+
 def test_no_write_lane_for_a_direct_vbd(workdir: str,
                                         serve: Callable[..., ServedImage]) -> None:
     """O_DIRECT writes go through Linux AIO from the loop: no write lane."""

@@ -424,6 +424,19 @@ def test_write_payload_goes_into_alloc_buffers() -> None:
     assert codec.payload_pending == 2
 
 
+def test_between_requests_only_with_nothing_of_a_request_buffered() -> None:
+    _given, alloc = recording_alloc()
+    codec = ServerCodec(ExportInfo(SIZE), alloc)
+    assert not codec.between_requests  # still negotiating
+    codec.feed(struct.pack(">I", C_FIXED | C_NO_ZEROES) + opt(OPT_EXPORT_NAME))
+    assert codec.between_requests
+    head = req(CMD_WRITE, 1, 0, 4)
+    assert codec.feed(head[:10]) == [] and not codec.between_requests  # part of a header
+    assert codec.feed(head[10:] + b"ab") == [] and not codec.between_requests  # payload
+    [ev] = codec.feed(b"cd")
+    assert isinstance(ev, Request) and codec.between_requests
+
+
 def test_borrowed_payloads_are_views_of_the_fed_bytes_unless_split() -> None:
     given, alloc = recording_alloc()
     codec = ServerCodec(ExportInfo(SIZE), alloc, borrow_payloads=True)

@@ -9,9 +9,10 @@ one ``writev``: the connection's own while the transport holds nothing, else the
 transport's ``writelines``. READ data is never copied: the reply is ``[header, buffer]``
 with the buffer the VBD read into.
 
-A client that sends one READ at a time (queue depth 1) gets its socket handed to a lane,
-a thread of its own that serves such READs with a few system calls and hands everything
-else back (:mod:`blktap.frontends.nbd_lane`).
+A client that sends one READ at a time (queue depth 1) gets its socket handed to a read
+lane, a thread of its own that serves such READs with a few system calls and hands
+everything else back; one that streams large WRITEs to a buffered image, to a write lane,
+two threads that take turns to receive them and write them (:mod:`blktap.frontends.nbd_lane`).
 
 Buffers come from a :class:`BufferPool` (page-aligned, as O_DIRECT needs). A READ buffer
 goes back to the pool only once the transport's write buffer is empty, since the event
@@ -482,6 +483,10 @@ class _Connection(asyncio.BufferedProtocol):
                 self._header_next = True
             else:
                 events = codec.feed(self._rbuf[:nbytes])
+                if self._big > 0 and events:
+                    # A run of large WRITEs reads each header alone and its payload
+                    # straight into its buffer: requests here end the run.
+                    self._big = 0
         except ProtocolError as exc:
             self.protocol_errors += 1
             self.log.warning("minor %d: NBD client %s broke the protocol: %s",
