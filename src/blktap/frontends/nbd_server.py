@@ -623,8 +623,11 @@ class _Connection(asyncio.BufferedProtocol):
                     self.bytes_written += req.length
                     self._out.append(_reply_ok(req.cookie))
                     return
-                if self._big >= 0:
-                    self._count_big(req)
+                if req.length >= WRITE_LANE_MIN:
+                    if self._big >= 0:
+                        self._count_big(req)
+                elif self._big > 0:
+                    self._big = 0  # a small WRITE ends a run of large ones
                 if data.obj is self._rbuf_bytes:
                     data = self._own(data)  # the write waits: the receive buffer moves on
                 coro: Coroutine[Any, Any, Any] = vbd.write(req.offset, data, fua)
@@ -934,9 +937,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ lanes
     def _count_big(self, req: Request) -> None:
-        """A WRITE not done at once: one more large WRITE in a row, or the end of a run
-        (so are other commands but READs and small WRITEs, which cost nothing here)."""
-        if req.length < WRITE_LANE_MIN or req.length > WRITE_LANE_MAX:
+        """A large WRITE: one more in a row, or (too large for a lane) the end of a run.
+        Other requests end a run too: see _dispatch and buffer_updated."""
+        if req.length > WRITE_LANE_MAX:
             self._big = 0
             return
         self._big += 1
