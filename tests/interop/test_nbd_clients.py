@@ -971,6 +971,20 @@ def big_writes(c: RawClient, image: bytearray, offsets: list[int], first: int = 
         image[offset : offset + length] = payload
 
 
+@contextlib.contextmanager
+def random_served(workdir: str, serve: Callable[..., ServedImage], direct: bool = False
+                  ) -> Iterator[tuple[str, bytearray, ServedImage, RawClient]]:
+    """A 32 MiB image of random bytes served (buffered unless ``direct``), what it holds
+    (for the test to follow), and a client connected to it (closed after)."""
+    path, data = random_image(workdir, 32 * MIB)
+    s = serve(path, direct=direct)
+    c = RawClient(s.socket)
+    try:
+        yield path, bytearray(data), s, c
+    finally:
+        c.close()
+
+
 def start_write_lane(s: ServedImage, c: RawClient, image: bytearray) -> None:
     c.handshake()
     big_writes(c, image, [(i * 5 % 16) * MIB for i in range(12)], first=10_000)
@@ -987,11 +1001,7 @@ def test_large_writes_go_to_a_write_lane(workdir: str,
     """A client streaming 1 MiB WRITEs (many in flight) gets them written by the
     connection's write lane (two threads: one receives while the other writes); replies,
     data and every statistic as through the loop."""
-    path, data = random_image(workdir, 32 * MIB)
-    image = bytearray(data)
-    s = serve(path, direct=False)
-    c = RawClient(s.socket)
-    try:
+    with random_served(workdir, serve) as (path, image, s, c):
         c.handshake()
         offsets = [(i * 7 % 32) * MIB for i in range(32)]  # each once: none overlaps
         big_writes(c, image, offsets)
@@ -1008,8 +1018,6 @@ def test_large_writes_go_to_a_write_lane(workdir: str,
         big_writes(c, image, offsets[:8], first=100, flags=1)
         assert s.run(s.server.statistics).lane_writes == before + 8
         assert file_bytes(path) == image
-    finally:
-        c.close()
     deadline = time.monotonic() + 10
     while lane_threads() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -1024,11 +1032,7 @@ def test_a_write_lane_hands_back_anything_else(workdir: str,
     """While a write lane runs, anything but a large WRITE the VBD takes comes back to
     the loop, which answers it as before (the lane's writes done first); then large
     WRITEs go on."""
-    path, data = random_image(workdir, 32 * MIB)
-    image = bytearray(data)
-    s = serve(path, direct=False)
-    c = RawClient(s.socket)
-    try:
+    with random_served(workdir, serve) as (path, image, s, c):
         start_write_lane(s, c, image)
         if case == "read":
             c.sock.sendall(request(0, 1, 3 * MIB - 100, 4096))
@@ -1073,8 +1077,6 @@ def test_a_write_lane_hands_back_anything_else(workdir: str,
         stats = s.run(s.server.statistics)
         assert stats.writes == 24 + {"read": 0, "flush": 0, "two-at-once": 2}.get(case, 1)
         assert stats.errors == (case == "write-past-the-end")
-    finally:
-        c.close()
 
 
 def test_thread_io_writes_what_the_loop_would_and_declines_the_rest(
@@ -1120,28 +1122,18 @@ def test_no_thread_writes_to_a_read_only_vbd(workdir: str) -> None:
 def test_no_write_lane_for_a_direct_vbd(workdir: str,
                                         serve: Callable[..., ServedImage]) -> None:
     """O_DIRECT writes go through Linux AIO from the loop: no write lane."""
-    path, data = random_image(workdir, 32 * MIB)
-    image = bytearray(data)
-    s = serve(path, direct=True)
-    c = RawClient(s.socket)
-    try:
+    with random_served(workdir, serve, direct=True) as (path, image, s, c):
         c.handshake()
         big_writes(c, image, [(i * 7 % 32) * MIB for i in range(32)])
         assert s.run(s.server.statistics).lane_writes == 0 and not lane_threads()
         assert file_bytes(path) == image
-    finally:
-        c.close()
 
 
 def test_pause_while_a_write_lane_runs_holds_its_writes_until_resume(
         workdir: str, serve: Callable[..., ServedImage]) -> None:
     """A write the lane receives while the VBD is paused comes back to the loop, where
     it waits for the resume: no reply, no error, nothing lost."""
-    path, data = random_image(workdir, 32 * MIB)
-    image = bytearray(data)
-    s = serve(path, direct=False)
-    c = RawClient(s.socket)
-    try:
+    with random_served(workdir, serve) as (path, image, s, c):
         start_write_lane(s, c, image)
         s.call(s.vbd.pause())
         payload = os.urandom(MIB)
@@ -1159,19 +1151,13 @@ def test_pause_while_a_write_lane_runs_holds_its_writes_until_resume(
         assert stats.writes == 12 + 1 + 12
         # The resumed image counts the write that waited and those after it.
         assert s.run(s.vbd.stats)["images"][0]["hits"][1] == 13
-    finally:
-        c.close()
 
 
 @pytest.mark.parametrize("how", ["stop", "stop-mid-payload", "disconnect"])
 def test_a_write_lane_ends_with_its_connection(workdir: str,
                                                serve: Callable[..., ServedImage],
                                                how: str) -> None:
-    path, data = random_image(workdir, 32 * MIB)
-    image = bytearray(data)
-    s = serve(path, direct=False)
-    c = RawClient(s.socket)
-    try:
+    with random_served(workdir, serve) as (path, image, s, c):
         start_write_lane(s, c, image)
         if how == "disconnect":
             c.close()
@@ -1189,8 +1175,6 @@ def test_a_write_lane_ends_with_its_connection(workdir: str,
         assert not lane_threads()
         assert s.run(lambda: s.server.connections) == 0
         assert file_bytes(path) == image  # the half-received write was not written
-    finally:
-        c.close()
 
 
 def test_fio_large_writes_verify_buffered(serve: Callable[..., ServedImage]) -> None:
