@@ -1177,6 +1177,32 @@ def test_a_write_lane_ends_with_its_connection(workdir: str,
         assert file_bytes(path) == image  # the half-received write was not written
 
 
+@pytest.mark.parametrize("threads", [0, 1], ids=["no-thread", "one-thread"])
+def test_a_write_lane_without_all_its_threads_leaves_the_loop_serving(
+        workdir: str, serve: Callable[..., ServedImage], threads: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of threads: a lane that cannot start is not used, one that started only some
+    of its threads returns at once; either way the loop answers every request."""
+    real_start = threading.Thread.start
+    started: list[threading.Thread] = []
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "nbd-lane":
+            if len(started) >= threads:
+                raise RuntimeError("can't start new thread")
+            started.append(thread)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with random_served(workdir, serve) as (path, image, s, c):
+        c.handshake()
+        big_writes(c, image, [(i * 7 % 32) * MIB for i in range(32)])
+        assert file_bytes(path) == image
+        stats = s.run(s.server.statistics)
+        assert stats.writes == 32 and stats.lane_writes == 0
+        assert len(started) == threads and not any(t.is_alive() for t in started)
+
+
 def test_fio_large_writes_verify_buffered(serve: Callable[..., ServedImage]) -> None:
     """fio's 1 MiB random writes, 8 in flight, then read back and checked: through the
     write lane."""

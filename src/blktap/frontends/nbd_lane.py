@@ -122,8 +122,24 @@ class Lane:
                                           daemon=True) for index in range(len(ios))]
 
     def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
+        """Start the threads. Raises RuntimeError when not even one could start (the
+        lane is then closed, ``done`` never runs); when fewer than planned did, those
+        return at once and ``done`` runs as usual."""
+        for started, thread in enumerate(self._threads):
+            try:
+                thread.start()
+            except RuntimeError:  # out of threads
+                if not started:
+                    os.close(self._fd)
+                    os.close(self._wake)
+                    raise
+                self.stop()
+                with self._exit_lock:
+                    self._running -= len(self._threads) - started
+                    last = not self._running
+                if last:
+                    self._finish()
+                return
 
     def stop(self) -> None:
         """Make the lane return soon (after the requests it may be serving). Idempotent;
@@ -153,9 +169,13 @@ class Lane:
                 self._running -= 1
                 last = not self._running
             if last:
-                os.close(self._fd)
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                    self._loop.call_soon_threadsafe(self._done, self._result)
+                self._finish()
+
+    def _finish(self) -> None:
+        """The last thread is out: the connection takes over."""
+        os.close(self._fd)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self._loop.call_soon_threadsafe(self._done, self._result)
 
     def _fail(self, exc: OSError) -> None:
         if self._result.error is None:

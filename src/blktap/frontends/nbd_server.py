@@ -976,9 +976,7 @@ class _Connection(asyncio.BufferedProtocol):
         except OSError as exc:  # out of descriptors: serve from the loop
             self._no_lane([io], [buf], exc)
             return
-        self._lane = lane
-        self._update_reading()  # the lane reads the socket now
-        lane.start()
+        self._start(lane)
 
     def _maybe_start_write_lane(self) -> None:
         transport = self.transport
@@ -1010,9 +1008,16 @@ class _Connection(asyncio.BufferedProtocol):
         except OSError as exc:  # paused meanwhile, out of descriptors: the loop serves
             self._no_lane(ios, bufs, exc)
             return
+        self._start(lane)
+
+    def _start(self, lane: Lane) -> None:
+        try:
+            lane.start()  # the transport cannot read before this callback returns
+        except RuntimeError as exc:  # no thread: serve from the loop
+            self._no_lane(lane.ios, lane.bufs, OSError(errno.EAGAIN, str(exc)))
+            return
         self._lane = lane
-        self._update_reading()
-        lane.start()
+        self._update_reading()  # the transport stops reading: the lane reads now
 
     def _no_lane(self, ios: list[ThreadIO], bufs: list[memoryview], exc: OSError) -> None:
         for io in ios:
@@ -1020,8 +1025,8 @@ class _Connection(asyncio.BufferedProtocol):
         for buf in bufs:
             self.pool.put(buf)
         if exc.errno == errno.EAGAIN:  # ask again much later
-            self._big = 0
-            self._write_lane_after = LANE_AFTER_MAX
+            self._lone = self._big = 0
+            self._lane_after = self._write_lane_after = LANE_AFTER_MAX
         else:
             self._lone = self._big = -1
             self.log.warning("minor %d: NBD client %s: no lane: %s", self.vbd.minor,
