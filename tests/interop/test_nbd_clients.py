@@ -1199,8 +1199,9 @@ def test_a_write_lane_without_all_its_threads_leaves_the_loop_serving(
         big_writes(c, image, [(i * 7 % 32) * MIB for i in range(32)])
         assert file_bytes(path) == image
         stats = s.run(s.server.statistics)
-        # The one thread that started may serve a few before it sees the stop.
-        assert stats.writes == 32 and stats.lane_writes < 32 * threads + 1
+        assert stats.writes == 32
+        if not threads:  # (one that started may serve a few before it sees the stop)
+            assert stats.lane_writes == 0
         assert len(started) == threads and not any(t.is_alive() for t in started)
 
 
