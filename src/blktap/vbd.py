@@ -571,9 +571,9 @@ class VBD:
     def stats(self) -> dict[str, Any]:
         """The STATS JSON object of this VBD, with the C tapdisk's keys."""
         images: list[dict[str, Any]] = []
+        ios = self._thread_ios
         if self._chain is not None:
             # I/O by other threads counts for the image it went to (see _take_counts).
-            ios = self._thread_ios
             thread_hits = [sum(io.reads for io in ios), sum(io.writes for io in ios)]
             for image, st in zip(self._chain.images, self._chain.stats, strict=True):
                 mine = st is self._now_stats
@@ -585,7 +585,6 @@ class VBD:
                     "driver": {"type": DISK_TYPE_IDS.get(image.type_name, -1),
                                "name": image.type_name, "status": 0},
                 })
-        ios = self._thread_ios
         return {
             "name": str(self.spec) if self.spec else "",
             "minor": self.minor,

@@ -47,7 +47,7 @@ import socket
 import stat
 import sys
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, cast
 
@@ -965,16 +965,15 @@ class _Connection(asyncio.BufferedProtocol):
                 or transport.is_closing()):
             return
         io = self.vbd.thread_io()
-        if io is None:  # not now (paused), or not this image: ask again much later
-            self._lone = 0
-            self._lane_after = LANE_AFTER_MAX
+        if io is None:  # not now (paused), or not this image
+            self._no_lane(write=False)
             return
         buf = self.pool.get(LANE_READ_MAX)
         try:
             lane: Lane = ReadLane(self._loop, self._fd, io, buf, codec.read_reply_header,
                                   codec.structured, self._lane_returned)
         except OSError as exc:  # out of descriptors: serve from the loop
-            self._no_lane([io], [buf], exc)
+            self._no_lane(False, [io], [buf], exc)
             return
         self._start(lane)
 
@@ -987,47 +986,48 @@ class _Connection(asyncio.BufferedProtocol):
             return  # the flush after the last completion asks again
         if (self._draining or self._writing_paused or self._held
                 or transport.get_write_buffer_size() or transport.is_closing()
-                or not codec.between_requests):
-            self._lane_wanted = False  # not a moment for it: read on, try much later
-            self._big = 0
-            self._write_lane_after = LANE_AFTER_MAX
-            self._update_reading()
+                or not codec.between_requests or not self.vbd.thread_io_possible(write=True)):
+            self._no_lane(write=True)  # not a moment for it (or paused meanwhile): read on
             return
-        ios = []
+        ios: list[ThreadIO] = []
         for _ in range(WRITE_LANE_THREADS):
             io = self.vbd.thread_io(write=True)
-            if io is None:
-                break
+            assert io is not None  # thread_io_possible said so just above
             ios.append(io)
         bufs = [self.pool.get(WRITE_LANE_MAX) for _ in ios]
         self._lane_wanted = False
         try:
-            if len(ios) < WRITE_LANE_THREADS:
-                raise OSError(errno.EAGAIN, "the VBD takes no writes from threads now")
             lane: Lane = WriteLane(self._loop, self._fd, ios, bufs, self._lane_returned)
-        except OSError as exc:  # paused meanwhile, out of descriptors: the loop serves
-            self._no_lane(ios, bufs, exc)
+        except OSError as exc:  # out of descriptors: the loop serves
+            self._no_lane(True, ios, bufs, exc)
             return
         self._start(lane)
 
     def _start(self, lane: Lane) -> None:
         try:
             lane.start()  # the transport cannot read before this callback returns
-        except RuntimeError as exc:  # no thread: serve from the loop
-            self._no_lane(lane.ios, lane.bufs, OSError(errno.EAGAIN, str(exc)))
+        except RuntimeError:  # no thread now: serve from the loop, ask again much later
+            self._no_lane(isinstance(lane, WriteLane), lane.ios, lane.bufs)
             return
         self._lane = lane
         self._update_reading()  # the transport stops reading: the lane reads now
 
-    def _no_lane(self, ios: list[ThreadIO], bufs: list[memoryview], exc: OSError) -> None:
+    def _no_lane(self, write: bool, ios: Sequence[ThreadIO] = (),
+                 bufs: Sequence[memoryview] = (), exc: OSError | None = None) -> None:
+        """A (write) lane does not run: give back what it was given and read on; ask again
+        much later, or (``exc``, such as no descriptor left) never on this connection."""
         for io in ios:
             self.vbd.release_thread_io(io)
         for buf in bufs:
             self.pool.put(buf)
-        if exc.errno == errno.EAGAIN:  # ask again much later
-            self._lone = self._big = 0
-            self._lane_after = self._write_lane_after = LANE_AFTER_MAX
+        if write:
+            self._lane_wanted = False
+            self._big = 0
+            self._write_lane_after = LANE_AFTER_MAX
         else:
+            self._lone = 0
+            self._lane_after = LANE_AFTER_MAX
+        if exc is not None:
             self._lone = self._big = -1
             self.log.warning("minor %d: NBD client %s: no lane: %s", self.vbd.minor,
                              self.peer, exc)
