@@ -1212,3 +1212,143 @@ def test_fio_large_writes_verify_buffered(serve: Callable[..., ServedImage]) -> 
     fio(s.uri, "--rw=randwrite", "--bs=1M", "--iodepth=8", "--size=32M", "--loops=2",
         "--verify=crc32c", "--verify_fatal=1", "--do_verify=1")
     assert s.run(s.server.statistics).lane_writes > 0
+
+
+# ---------------------------------------------------- requests served inline
+def test_a_batch_served_inline_is_answered_in_order_and_counted(
+        workdir: str, serve: Callable[..., ServedImage]) -> None:
+    """Small READs and WRITEs arriving many at a time on a buffered raw image are served
+    by the connection itself (VBD.sync_file: one preadv/pwritev each): every reply, the
+    order within the batch (a READ after a WRITE of the same block sees it), FUA, what
+    the inline path leaves to the general one (unaligned, zero-length, past the end),
+    and every statistic."""
+    with random_served(workdir, serve) as (path, image, s, c):
+        assert s.run(s.vbd.sync_file) is not None
+        c.handshake()
+        batch: list[bytes] = []
+        expected: dict[int, tuple[int, bytes | None]] = {}  # cookie: (error, READ data)
+        reads = writes = read_bytes = written = 0
+        for n in range(200):
+            offset = (n * 7919 % 8192) * 4096
+            length = 4096 * (1 + n % 3)
+            if n % 4 == 1:  # the block the previous request read: write it, FUA or not
+                offset = ((n - 1) * 7919 % 8192) * 4096
+                payload = os.urandom(length)
+                batch.append(request(1, n, offset, length, flags=n % 8 // 4) + payload)
+                image[offset : offset + length] = payload
+                expected[n] = (0, None)
+                writes += 1
+                written += length
+            else:
+                if n % 4 == 2:  # what the previous request wrote
+                    offset, length = ((n - 2) * 7919 % 8192) * 4096, 4096
+                batch.append(request(0, n, offset, length))
+                expected[n] = (0, bytes(image[offset : offset + length]))
+                reads += 1
+                read_bytes += length
+        # For the general path: unaligned, empty, past the end (EINVAL, ENOSPC).
+        batch.append(request(0, 200, 1000, 3000))
+        expected[200] = (0, bytes(image[1000:4000]))
+        batch.append(request(1, 201, 777, 10) + b"\x33" * 10)
+        image[777:787] = b"\x33" * 10
+        expected[201] = (0, None)
+        batch.append(request(0, 202, 5 * 4096, 0))
+        expected[202] = (0, b"")
+        batch.append(request(0, 203, 32 * MIB - 4096, 8192))
+        expected[203] = (22, None)
+        batch.append(request(1, 204, 32 * MIB, 4096) + b"\x01" * 4096)
+        expected[204] = (28, None)
+        batch.append(request(0, 205, 0, 8192))
+        expected[205] = (0, bytes(image[:8192]))
+        # More READ data than one batch keeps before it hands replies to the transport.
+        for n in range(206, 230):
+            offset = (n % 16) * 2 * MIB
+            batch.append(request(0, n, offset, 128 * 1024))
+            expected[n] = (0, bytes(image[offset : offset + 128 * 1024]))
+            reads += 1
+            read_bytes += 128 * 1024
+        c.sock.sendall(b"".join(batch))
+        for _ in range(len(expected)):
+            magic, error, cookie = struct.unpack(">IIQ", c.recv_exact(16))
+            assert magic == SIMPLE_MAGIC
+            want_error, want_data = expected.pop(cookie)
+            assert error == want_error, cookie
+            if want_data is not None and not error:
+                assert c.recv_exact(len(want_data)) == want_data, cookie
+        assert not expected
+        stats = s.run(s.server.statistics)
+        assert (stats.requests, stats.reads, stats.writes) == (230, reads + 4, writes + 2)
+        assert stats.bytes_read == read_bytes + 3000 + 8192
+        assert stats.bytes_written == written + 10
+        vbd_stats = s.run(s.vbd.stats)
+        assert vbd_stats["images"][0]["hits"][0] >= reads + 1  # the unaligned may split
+        assert vbd_stats["images"][0]["hits"][1] >= writes + 1
+        assert vbd_stats["secs"][0] >= (read_bytes + 8192) // 512
+        assert vbd_stats["errors"] == [0, 0]
+    assert file_bytes(path) == image
+
+
+def test_inline_reads_that_fall_short_are_answered_by_the_general_path(
+        workdir: str, serve: Callable[..., ServedImage]) -> None:
+    """The file shrinks under the VBD: a READ past its new end is short inline, goes the
+    general way and gets EIO (counted once); the READs around it are served."""
+    with random_served(workdir, serve) as (path, image, s, c):
+        c.handshake()
+        os.truncate(path, 16 * MIB)
+        c.sock.sendall(request(0, 1, 0, 4096) + request(0, 2, 20 * MIB, 4096)
+                       + request(0, 3, 16 * MIB - 4096, 4096))
+        replies = {}
+        for _ in range(3):
+            error, cookie, data = read_reply(c, 4096)
+            replies[cookie] = (error, data)
+        assert replies == {1: (0, bytes(image[:4096])), 2: (5, b""),
+                           3: (0, bytes(image[16 * MIB - 4096 : 16 * MIB]))}
+        vbd_stats = s.run(s.vbd.stats)
+        assert vbd_stats["errors"] == [1, 0]
+        assert vbd_stats["images"][0]["fail"] == [1, 0]
+        assert vbd_stats["images"][0]["hits"][0] == 3
+        stats = s.run(s.server.statistics)
+        assert (stats.reads, stats.bytes_read) == (3, 8192)
+
+
+def test_inline_writes_that_fail_are_answered_by_the_general_path(workdir: str) -> None:
+    """A sparse image on a full filesystem (a 1 MiB tmpfs): WRITEs into holes fail with
+    ENOSPC inline, go the general way, fail again there and are answered with ENOSPC and
+    counted; every other request of the batch is served, and the client stays on."""
+    mount = os.path.join(workdir, "small")
+    os.mkdir(mount)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mount], check=True)
+    try:
+        path = make_image(mount, size=16 * MIB, data={0: b"\xab" * 4096})
+        s = ServedImage(workdir, path, direct=False)
+        c = RawClient(s.socket)
+        try:
+            c.handshake()
+            payload = b"\xcd" * 4096
+            c.sock.sendall(b"".join(request(1, n, n * 4096 * 4, 4096) + payload
+                                    for n in range(1, 400))
+                           + request(0, 400, 0, 4096))
+            errors = {}
+            for _ in range(399):
+                error, cookie = write_reply(c)
+                errors[cookie] = error
+            assert read_reply(c, 4096) == (0, 400, b"\xab" * 4096)
+            failed = [n for n, error in errors.items() if error]
+            assert failed and set(errors.values()) == {0, 28}  # ENOSPC
+            with open(path, "rb") as f:
+                for n, error in errors.items():
+                    f.seek(n * 4096 * 4)
+                    assert f.read(4096) == (bytes(4096) if error else payload), n
+            vbd_stats = s.run(s.vbd.stats)
+            assert vbd_stats["errors"] == [0, len(failed)]
+            assert vbd_stats["images"][0]["fail"] == [0, len(failed)]
+            assert s.run(s.server.statistics).writes == 399
+            # Still served: a write over data already there takes no space.
+            c.sock.sendall(request(1, 401, 0, 4096) + payload + request(0, 402, 0, 4096))
+            assert write_reply(c) == (0, 401)
+            assert read_reply(c, 4096) == (0, 402, payload)
+        finally:
+            c.close()
+            s.close()
+    finally:
+        subprocess.run(["umount", mount], check=True)

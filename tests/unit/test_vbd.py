@@ -143,6 +143,38 @@ def test_synchronous_io_serves_what_it_can_and_declines_the_rest(image: str) -> 
     run(main())
 
 
+def test_sync_file_is_lent_only_while_running_buffered_and_counts(image: str) -> None:
+    async def main() -> None:
+        vbd = await opened(image)
+        sync = vbd.sync_file()
+        assert sync is not None and (sync.size, sync.writable) == (SIZE, True)
+        buf = memoryview(bytearray(4096))
+        assert os.preadv(sync.fd, [buf], 4096) == 4096 and bytes(buf) == bytes(range(256)) * 16
+        vbd.count_sync(2, 8192, 1, 512)
+        stats = vbd.stats()
+        assert stats["secs"] == [16, 1] and stats["images"][0]["hits"] == [2, 1]
+        await vbd.pause()
+        assert vbd.sync_file() is None  # paused: requests wait, through vbd.read/write
+        await vbd.resume()
+        resumed = vbd.sync_file()
+        assert resumed is not None and resumed.fd >= 0
+        await vbd.close()
+        assert vbd.sync_file() is None
+        read_only = await opened(image, read_only=True)
+        lent = read_only.sync_file()
+        assert lent is not None and not lent.writable
+        await read_only.close()
+        direct = await opened(image, direct=True)
+        assert direct.sync_file() is None  # O_DIRECT goes through AIO
+        await direct.close()
+        ram = VBD(4)
+        await ram.open(ImageSpec("ram", image), OpenOptions())
+        assert ram.sync_file() is None  # no descriptor
+        await ram.close()
+
+    run(main())
+
+
 def test_synchronous_io_errors_are_counted_and_raised(image: str) -> None:
     async def main() -> None:
         vbd = await opened(image)

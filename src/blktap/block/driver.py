@@ -126,6 +126,12 @@ class Image(Protocol):
     # having done nothing (the caller then asks the loop). Called only while the image
     # is open: the VBD waits for such reads before it closes the image.
     # ``write_blocking(offset, data, fua)`` likewise for writes (raising on failure).
+    #
+    # And ``sync_fd()``: a descriptor of the image's own bytes on which any request
+    # within its size is served with one ``os.preadv``/``os.pwritev`` (RWF_DSYNC for
+    # FUA) at once (a raw file opened buffered), or None. Through it an NBD connection
+    # serves its small requests inline, without a call per layer (VBD.sync_file). Writes
+    # through it count as the image's own (close flushes them).
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Like :meth:`allocation` but may also report ZERO ranges (sparse holes).

@@ -463,6 +463,15 @@ class AioImage:
                     return
         await self._write_slow(offset, data, fua)
 
+    def sync_fd(self) -> int | None:
+        """The descriptor for requests served without the driver (see Image's ``sync_fd``):
+        buffered mode only (O_DIRECT needs aligned memory and goes through AIO)."""
+        if self._aio is not None:
+            return None
+        if not self.read_only:
+            self._written = True  # the caller may write through it: close flushes
+        return self._fd
+
     def _write_buffered(self, offset: int, data: memoryview, fua: bool = False) -> bool:
         if self.read_only:
             self._check_writable()
