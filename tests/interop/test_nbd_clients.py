@@ -1260,6 +1260,11 @@ def test_a_batch_served_inline_is_answered_in_order_and_counted(
         expected[204] = (28, None)
         batch.append(request(0, 205, 0, 8192))
         expected[205] = (0, bytes(image[:8192]))
+        # Refused by the codec itself (EINVAL), between requests served inline.
+        batch.append(request(0, 230, 0, 4096, flags=0x8000))
+        expected[230] = (22, None)
+        batch.append(request(99, 231, 0, 4096))
+        expected[231] = (22, None)
         # More READ data than one batch keeps before it hands replies to the transport.
         for n in range(206, 230):
             offset = (n % 16) * 2 * MIB
@@ -1278,6 +1283,7 @@ def test_a_batch_served_inline_is_answered_in_order_and_counted(
         assert not expected
         stats = s.run(s.server.statistics)
         assert (stats.requests, stats.reads, stats.writes) == (230, reads + 4, writes + 2)
+        assert stats.errors == 2  # past the end (the codec's refusals are not counted)
         assert stats.bytes_read == read_bytes + 3000 + 8192
         assert stats.bytes_written == written + 10
         vbd_stats = s.run(s.vbd.stats)

@@ -67,7 +67,9 @@ from blktap.frontends.nbd_lane import (
     WriteLane,
 )
 from blktap.proto.nbd import (
+    MAX_BLOCK,
     REQUEST,
+    REQUEST_MAGIC,
     Aborted,
     Command,
     CommandFlag,
@@ -76,11 +78,12 @@ from blktap.proto.nbd import (
     Negotiated,
     Request,
     ServerCodec,
+    State,
 )
 from blktap.util.buffers import BufferPool
 from blktap.util.eager import defer as eager_defer
 from blktap.util.eager import start as eager_start
-from blktap.vbd import VBD, ThreadIO
+from blktap.vbd import VBD, SyncFile, ThreadIO
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,10 @@ _REQ_SIZE = REQUEST.size
 _SECTOR_MASK = SECTOR_SIZE - 1
 _RWF_DSYNC = os.RWF_DSYNC
 _preadv = os.preadv
+_unpack_request = REQUEST.unpack_from
+_READ_LOW = int(Command.READ)  # the command as unpacked
+_WRITE_LOW = int(Command.WRITE)
+_TRANSMISSION = State.TRANSMISSION
 _pwritev = os.pwritev
 
 
@@ -293,6 +300,10 @@ RECV_BUFFER = 256 * 1024
 DIRECT_PAYLOAD_MIN = 64 * 1024
 """A WRITE payload with at least this much still to come is received straight into its
 own buffer, without going through the receive buffer."""
+CARRY_MAX = DIRECT_PAYLOAD_MIN
+"""A request served inline (_Connection._inline) whose header and payload together are at
+most this many bytes is kept whole in the receive buffer when a read ends inside it; a
+larger one goes to the codec, which receives its payload."""
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -339,6 +350,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._rbuf = memoryview(self._rbuf_bytes)
         self._into_payload = False
         self._header_next = False  # see get_buffer
+        self._carry = 0  # bytes of a request kept at the start of _rbuf (see _inline)
         self._pumping = False
         self._out_bytes = 0  # READ data in self._out
         # The lanes (nbd_lane): lone READs and large WRITEs in a row so far (-1: no lane
@@ -477,12 +489,15 @@ class _Connection(asyncio.BufferedProtocol):
                 self._into_payload = False
                 return self._rbuf[:_REQ_SIZE]
         self._into_payload = False
-        return self._rbuf
+        # After the start of a request kept from the last read (see _inline).
+        return self._rbuf[self._carry:] if self._carry else self._rbuf
 
     def buffer_updated(self, nbytes: int) -> None:
         codec = self.codec
         if codec is None or self._draining or self._lost:
             return
+        data = None
+        pos = end = 0
         try:
             if self._into_payload:
                 events = codec.payload_received(nbytes)
@@ -490,17 +505,21 @@ class _Connection(asyncio.BufferedProtocol):
                     return  # more of a WRITE payload, not all of it: nothing to do yet
                 self._header_next = True
             else:
-                events = codec.feed(self._rbuf[:nbytes])
+                end = self._carry + nbytes
+                self._carry = 0
+                if codec.state is _TRANSMISSION:
+                    # The rest of a request begun in an earlier read, if any; what
+                    # follows is read below, request by request (_receive).
+                    data = self._rbuf[:end]
+                    events, pos = codec.feed_partial(data)
+                else:
+                    events = codec.feed(self._rbuf[:end])  # negotiation
                 if self._big > 0 and events:
                     # A run of large WRITEs reads each header alone and its payload
                     # straight into its buffer: requests here end the run.
                     self._big = 0
         except ProtocolError as exc:
-            self.protocol_errors += 1
-            self.log.warning("minor %d: NBD client %s broke the protocol: %s",
-                             self.vbd.minor, self.peer, exc)
-            self._take_codec_output()
-            self.shutdown(None)
+            self._broke_protocol(exc)
             return
         try:
             self._batching = True
@@ -508,12 +527,12 @@ class _Connection(asyncio.BufferedProtocol):
                 if codec.output:
                     self._take_codec_output()
                 backlog = self._backlog
-                max_inflight = self._max_inflight
-                max_bytes = self._max_bytes
                 if self._lone >= 0:
-                    # A lone READ: alone in what arrived, nothing else in flight.
-                    if (len(events) == 1 and not self._inflight and not backlog
-                            and type(events[0]) is Request and events[0].command is _READ):
+                    # A lone READ: one header alone in what arrived, nothing else in
+                    # flight or waiting.
+                    if (pos == 0 and end == _REQ_SIZE and data is not None
+                            and not self._inflight and not backlog
+                            and data[6] == 0 and data[7] == _READ_LOW):
                         self._lone += 1
                     else:
                         self._lone = 0
@@ -521,7 +540,10 @@ class _Connection(asyncio.BufferedProtocol):
                 # this loop (it would reorder and recurse): see _pump.
                 self._pumping = True
                 try:
-                    self._serve(events, codec)
+                    if events:
+                        self._serve(events)
+                    if data is not None and pos < end:
+                        self._receive(codec, data, pos, end)
                 finally:
                     self._pumping = False
                 if backlog:
@@ -533,100 +555,138 @@ class _Connection(asyncio.BufferedProtocol):
             if self._draining:
                 if self._maybe_close():
                     return
-            elif self._reading and not (backlog or self._writing_paused or self._lane_wanted
-                                        or self._inflight >= max_inflight
-                                        or self._inflight_bytes >= max_bytes):
+            elif self._reading and not self._must_wait() and not self._lane_wanted:
                 return  # still reading, nothing to stop it: _update_reading would do nothing
             self._update_reading()
         except Exception:
             self.log.exception("minor %d: NBD connection %s failed", self.vbd.minor, self.peer)
             self.abort()
 
-    def _serve(self, events: list[Event], codec: ServerCodec) -> None:
-        """Start serving what one read completed, in order.
+    def _broke_protocol(self, exc: ProtocolError) -> None:
+        self.protocol_errors += 1
+        self.log.warning("minor %d: NBD client %s broke the protocol: %s",
+                         self.vbd.minor, self.peer, exc)
+        self._take_codec_output()
+        self.shutdown(None)
 
-        The hot path: while the VBD lends its image's descriptor (VBD.sync_file), the
-        READs and small WRITEs it covers are served right here, one preadv/pwritev each,
-        and counted once per batch. With 4 KiB requests, many per read, the calls per
-        request through _dispatch, the VBD and the driver cost more than the system call
-        (docs/performance.md). Everything else, and any such request whose system call
-        fails or falls short, goes through _dispatch, which answers and counts it.
+    def _receive(self, codec: ServerCodec, data: memoryview, pos: int, end: int) -> None:
+        """Serve the requests in ``data[pos:end]`` (the codec is between requests at
+        ``pos``): those _inline takes, inline; each other one parsed by the codec alone
+        and dispatched, then inline again. Stops early when the connection drains; once
+        requests wait in the backlog the codec parses the rest (their payloads may be
+        lent from the receive buffer, which _inline would move)."""
+        while pos < end:
+            if not (self._backlog or self._writing_paused):
+                sync = self.vbd.sync_file()
+                if sync is not None:
+                    pos = self._inline(codec, sync, data, pos, end)
+                    if pos >= end:
+                        return
+                try:
+                    events, pos = codec.feed_request(data, pos)
+                except ProtocolError as exc:
+                    self._broke_protocol(exc)
+                    return
+            else:
+                try:
+                    events, pos = codec.feed(data[pos:end]), end
+                except ProtocolError as exc:
+                    self._broke_protocol(exc)
+                    return
+            if codec.output:  # replies of requests the codec refused itself
+                self._take_codec_output()
+            if events:
+                if self._big > 0:
+                    self._big = 0  # requests here end a run of large WRITEs
+                self._serve(events)
+            if self._draining or codec.state is not _TRANSMISSION:
+                return  # (DISC or ABORT: nothing that follows counts)
+
+    def _inline(self, codec: ServerCodec, sync: SyncFile, data: memoryview, pos: int,
+                end: int) -> int:
+        """Serve, from ``data[pos]`` on, the READs and small WRITEs the VBD's SyncFile
+        covers, each with one preadv/pwritev, without a call per request through the
+        codec, _dispatch, the VBD and the driver (with 4 KiB requests, many per read,
+        those calls cost more than the system call: docs/performance.md); count them
+        once. Returns where it stopped: a request it does not take (or whose system call
+        failed or fell short: the general path serves it again and reports), which the
+        codec parses next; or ``end``, having kept the start of a small request that is
+        not all here at the start of the receive buffer, for the next read to complete.
         """
-        backlog = self._backlog
-        sync = self.vbd.sync_file()
-        fd = size = 0
-        writable = False
-        if sync is not None:
-            fd, size, writable = sync.fd, sync.size, sync.writable
+        fd, size, writable = sync.fd, sync.size, sync.writable
+        read_flags = codec.allowed_flags(Command.READ)
         free = self._free
         out = self._out  # both replaced by each flush
         sending = self._sending
         header = codec.read_reply_header
-        rbuf = self._rbuf_bytes
         reads = read_bytes = writes = written = 0
-        wait = self._must_wait()  # changed only by a dispatch or a flush: asked after each
         try:
-            for ev in events:
-                if type(ev) is not Request:
-                    if type(ev) is Negotiated:
-                        self._negotiated(ev)
-                    elif type(ev) is Aborted:
-                        self.shutdown(None)
-                    continue
-                if wait:
-                    # A payload lent from the receive buffer stays valid here: reading
-                    # stops until the backlog is empty.
-                    backlog.append(ev)
-                    continue
-                if sync is not None:
-                    command, flags, cookie, offset, length, data = ev
-                    if (command is _READ and length and not (offset | length) & _SECTOR_MASK
-                            and offset + length <= size):
-                        bufs = free.get(length)
-                        if bufs:
-                            buf = bufs.pop()
-                            self._free_bytes -= length
-                        else:
-                            buf = self.pool.get(length)
-                        try:
-                            done = _preadv(fd, (buf,), offset) == length
-                        except OSError:
-                            done = False
-                        if done:
-                            out.append(header(cookie, offset, length))
-                            out.append(buf)
-                            sending.append(buf)
-                            reads += 1
-                            read_bytes += length
-                            self._out_bytes += length
-                            if self._out_bytes >= FLUSH_BYTES:
-                                self._flush()
-                                out = self._out  # new lists now
-                                sending = self._sending
-                                wait = self._must_wait()
-                            continue
+            while True:
+                if end - pos < _REQ_SIZE:
+                    break
+                magic, flags, command, cookie, offset, length = _unpack_request(data, pos)
+                if (magic != REQUEST_MAGIC or not length or (offset | length) & _SECTOR_MASK
+                        or offset + length > size):
+                    return pos
+                if command == _READ_LOW:
+                    if flags & ~read_flags or length > MAX_BLOCK:
+                        return pos
+                    bufs = free.get(length)
+                    if bufs:
+                        buf = bufs.pop()
+                        self._free_bytes -= length
+                    else:
+                        buf = self.pool.get(length)
+                    try:
+                        done = _preadv(fd, (buf,), offset) == length
+                    except OSError:
+                        done = False
+                    if not done:
                         self._put_buf(buf)
-                    elif (command is _WRITE and writable and 0 < length < SYNC_WRITE_MAX
-                          and not (offset | length) & _SECTOR_MASK and offset + length <= size):
-                        assert data is not None
-                        try:
-                            done = _pwritev(fd, (data,), offset,
-                                            _RWF_DSYNC if flags & _FUA else 0) == length
-                        except OSError:
-                            done = False
-                        if done:
-                            if data.obj is not rbuf:  # else lent from the receive buffer
-                                self._put_buf(data)
-                            out.append(_reply_ok(cookie))
-                            writes += 1
-                            written += length
-                            continue
-                self._dispatch(ev)
-                if self._out_bytes >= FLUSH_BYTES:
-                    self._flush()
-                out = self._out
-                sending = self._sending
-                wait = self._must_wait()
+                        return pos
+                    out.append(header(cookie, offset, length))
+                    out.append(buf)
+                    sending.append(buf)
+                    reads += 1
+                    read_bytes += length
+                    pos += _REQ_SIZE
+                    self._out_bytes += length
+                    if self._out_bytes >= FLUSH_BYTES:
+                        self._flush()
+                        out = self._out
+                        sending = self._sending
+                        if self._writing_paused:
+                            return pos  # the codec parses the rest, into the backlog
+                elif command == _WRITE_LOW:
+                    if flags & ~_FUA or not writable or length >= SYNC_WRITE_MAX:
+                        return pos
+                    start = pos + _REQ_SIZE
+                    if end - start < length:
+                        if _REQ_SIZE + length > CARRY_MAX:
+                            return pos  # the codec takes it, its payload to come
+                        break
+                    try:
+                        done = _pwritev(fd, (data[start : start + length],), offset,
+                                        _RWF_DSYNC if flags else 0) == length
+                    except OSError:
+                        done = False
+                    if not done:
+                        return pos
+                    out.append(_reply_ok(cookie))
+                    writes += 1
+                    written += length
+                    pos = start + length
+                else:
+                    return pos
+            # What is here of the next request: to the start of the buffer, completed by
+            # the next read (nothing else refers to the receive buffer now: no request
+            # waits in the backlog, and a payload the loop did not write at once was
+            # copied out of it).
+            rest = end - pos
+            if rest and pos:
+                data[:rest] = data[pos:end]
+            self._carry = rest
+            return end
         finally:
             if reads or writes:
                 self.requests += reads + writes
@@ -635,6 +695,27 @@ class _Connection(asyncio.BufferedProtocol):
                 self.writes += writes
                 self.bytes_written += written
                 self.vbd.count_sync(reads, read_bytes, writes, written)
+                if self._big > 0:
+                    self._big = 0
+
+    def _serve(self, events: list[Event]) -> None:
+        """Dispatch parsed events, in order; requests wait in the backlog while they must."""
+        backlog = self._backlog
+        for ev in events:
+            if type(ev) is Request:
+                if (backlog or self._writing_paused or self._inflight >= self._max_inflight
+                        or self._inflight_bytes >= self._max_bytes):
+                    # A payload lent from the receive buffer stays valid here: reading
+                    # stops until the backlog is empty.
+                    backlog.append(ev)
+                else:
+                    self._dispatch(ev)
+                    if self._out_bytes >= FLUSH_BYTES:
+                        self._flush()
+            elif type(ev) is Negotiated:
+                self._negotiated(ev)
+            elif type(ev) is Aborted:
+                self.shutdown(None)
 
     def _must_wait(self) -> bool:
         """Whether a new request must wait in the backlog (see _pump)."""
@@ -1067,7 +1148,8 @@ class _Connection(asyncio.BufferedProtocol):
         transport = self.transport
         codec = self.codec
         if (self._lone < self._lane_after or self._lane is not None or transport is None
-                or codec is None or self._lost or self._draining or self._writing_paused
+                or codec is None or self._carry or self._lost or self._draining
+                or self._writing_paused
                 or self._inflight or self._backlog or self._out or self._held
                 or self._batching or self._pumping or transport.get_write_buffer_size()
                 or transport.is_closing()):
@@ -1094,7 +1176,8 @@ class _Connection(asyncio.BufferedProtocol):
             return  # the flush after the last completion asks again
         if (self._draining or self._writing_paused or self._held
                 or transport.get_write_buffer_size() or transport.is_closing()
-                or not codec.between_requests or not self.vbd.thread_io_possible(write=True)):
+                or not codec.between_requests or self._carry
+                or not self.vbd.thread_io_possible(write=True)):
             self._no_lane(write=True)  # not a moment for it (or paused meanwhile): read on
             return
         ios: list[ThreadIO] = []

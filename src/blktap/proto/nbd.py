@@ -582,8 +582,24 @@ class ServerCodec:
                           self.transmission_flags)
 
     # -------------------------------------------------------------- transmission
-    def _feed_transmission(self, data: Buffer) -> list[Event]:
+    def feed_partial(self, data: Buffer) -> tuple[list[Event], int]:
+        """In transmission, consume only the bytes that complete the request an earlier
+        feed left incomplete (the rest of its header, of its payload, or of a payload
+        being skipped): its events, and how many bytes of ``data`` that took (all of them
+        when it is still incomplete; none :attr:`between_requests`). The caller may then
+        read the requests that follow itself, or feed them. Raises as :meth:`feed`."""
         events: list[Event] = []
+        return events, self._finish_partial(data, events)
+
+    def feed_request(self, data: Buffer, pos: int) -> tuple[list[Event], int]:
+        """Between requests, in transmission: parse the one request whose whole header
+        starts at ``data[pos]``, with as much of its payload as ``data`` holds (the rest
+        goes to later feeds): its events, and the position after what it took. Raises
+        as :meth:`feed`."""
+        events: list[Event] = []
+        return events, self._request(data, pos, data, pos + _REQ_SIZE, events)
+
+    def _finish_partial(self, data: Buffer, events: list[Event]) -> int:
         pos = 0
         end = len(data)
         if self._skip:
@@ -598,9 +614,15 @@ class ServerCodec:
             pos += len(head) - len(self._partial)
             if len(head) < _REQ_SIZE:
                 self._partial = head
-                return events
+                return end
             self._partial = b""
             pos = self._request(head, 0, data, pos, events)
+        return pos
+
+    def _feed_transmission(self, data: Buffer) -> list[Event]:
+        events: list[Event] = []
+        end = len(data)
+        pos = self._finish_partial(data, events)
         unpack = REQUEST.unpack_from
         fast = self._fast
         write_flags = self._allowed[Command.WRITE]
@@ -748,12 +770,16 @@ class ServerCodec:
         """Bytes of a partly received WRITE payload already buffered."""
         return self._payload_filled if self._payload is not None else 0
 
+    def allowed_flags(self, command: Command) -> int:
+        """The request flags ``command`` may carry (as negotiated); others get EINVAL."""
+        return self._allowed.get(command, 0)
+
     @property
     def between_requests(self) -> bool:
         """In transmission with nothing of a next request buffered (no part of a header,
         no partly received payload): the stream may be read elsewhere from here."""
         return (self.state is State.TRANSMISSION and not self._partial
-                and self._payload is None)
+                and self._payload is None and not self._skip)
 
     # ------------------------------------------------------------------- replies
     def reply_read(self, cookie: int, offset: int, data: memoryview) -> list[bytes | memoryview]:
