@@ -572,22 +572,22 @@ class _Connection(asyncio.BufferedProtocol):
     def _receive(self, codec: ServerCodec, data: memoryview, pos: int, end: int) -> None:
         """Serve the requests in ``data[pos:end]`` (the codec is between requests at
         ``pos``): those _inline takes, inline; each other one parsed by the codec alone
-        and dispatched, then inline again. Stops early when the connection drains; once
-        requests wait in the backlog the codec parses the rest (their payloads may be
-        lent from the receive buffer, which _inline would move)."""
+        and dispatched, then inline again. Without a SyncFile, or once requests wait in
+        the backlog (their payloads may be lent from the receive buffer, which _inline
+        would move), the codec parses all the rest. Stops early when the connection
+        drains."""
         while pos < end:
-            if not (self._backlog or self._writing_paused):
-                sync = self.vbd.sync_file()
-                if sync is not None:
-                    pos = self._inline(codec, sync, data, pos, end)
-                    if pos >= end:
-                        return
+            sync = None if self._backlog or self._writing_paused else self.vbd.sync_file()
+            if sync is not None:
+                pos = self._inline(codec, sync, data, pos, end)
+                if pos >= end:
+                    return
                 try:
                     events, pos = codec.feed_request(data, pos)
                 except ProtocolError as exc:
                     self._broke_protocol(exc)
                     return
-            else:
+            else:  # (nothing inline: the codec parses all that is here at once)
                 try:
                     events, pos = codec.feed(data[pos:end]), end
                 except ProtocolError as exc:
