@@ -18,6 +18,7 @@ from blktap.errors import ProtocolError
 from blktap.proto.nbd import (
     Aborted,
     Command,
+    Event,
     ExportInfo,
     Negotiated,
     Request,
@@ -435,6 +436,50 @@ def test_between_requests_only_with_nothing_of_a_request_buffered() -> None:
     assert codec.feed(head[10:] + b"ab") == [] and not codec.between_requests  # payload
     [ev] = codec.feed(b"cd")
     assert isinstance(ev, Request) and codec.between_requests
+    # The payload of a WRITE refused for its flags is skipped: not between requests
+    # until all of it is.
+    codec.feed(req(CMD_WRITE, 2, 0, 8, flags=0x8000) + b"abc")
+    assert not codec.between_requests and codec.output
+    codec.feed(b"defgh")
+    assert codec.between_requests
+
+
+def test_feed_partial_and_feed_request_read_a_stream_as_feed_does() -> None:
+    """The way a server reads requests itself between the codec's (feed_partial for a
+    request an earlier read left incomplete, feed_request for one request whose header is
+    whole): split at every byte, the same events and replies as one feed."""
+    def session() -> ServerCodec:
+        codec = ServerCodec(ExportInfo(SIZE), lambda n: memoryview(bytearray(n)))
+        codec.feed(struct.pack(">I", C_FIXED | C_NO_ZEROES) + opt(OPT_EXPORT_NAME))
+        codec.output.clear()
+        return codec
+
+    def shape(events: list[Event]) -> list[tuple[object, ...]]:
+        return [(e.command, e.flags, e.cookie, e.offset, e.length,
+                 None if e.data is None else bytes(e.data)) for e in events
+                if isinstance(e, Request)]
+
+    stream = (req(CMD_READ, 1, 0, 4096) + req(CMD_WRITE, 2, 512, 5) + b"hello"
+              + req(CMD_WRITE, 3, 0, 4, flags=0x8000) + b"skip"  # refused, payload skipped
+              + req(CMD_FLUSH, 4) + req(99, 5) + req(CMD_WRITE, 6, 1024, 3) + b"end")
+    whole = session()
+    expected = shape(whole.feed(stream))
+    expected_output = bytes(whole.output)
+    for cut in range(1, len(stream)):
+        codec = session()
+        events: list[Event] = []
+        for part in (stream[:cut], stream[cut:]):
+            got, pos = codec.feed_partial(part)
+            events += got
+            while pos < len(part):
+                if len(part) - pos < 28:  # the start of a header: the codec keeps it
+                    events += codec.feed(part[pos:])
+                    break
+                got, pos = codec.feed_request(part, pos)
+                events += got
+        assert shape(events) == expected, cut
+        assert bytes(codec.output) == expected_output, cut
+        assert codec.between_requests
 
 
 def test_borrowed_payloads_are_views_of_the_fed_bytes_unless_split() -> None:

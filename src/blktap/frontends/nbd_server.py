@@ -532,7 +532,7 @@ class _Connection(asyncio.BufferedProtocol):
                     # flight or waiting.
                     if (pos == 0 and end == _REQ_SIZE and data is not None
                             and not self._inflight and not backlog
-                            and data[6] == 0 and data[7] == _READ_LOW):
+                            and _unpack_request(data)[2] == _READ_LOW):
                         self._lone += 1
                     else:
                         self._lone = 0
