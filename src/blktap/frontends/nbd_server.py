@@ -578,21 +578,17 @@ class _Connection(asyncio.BufferedProtocol):
         drains."""
         while pos < end:
             sync = None if self._backlog or self._writing_paused else self.vbd.sync_file()
-            if sync is not None:
-                pos = self._inline(codec, sync, data, pos, end)
-                if pos >= end:
-                    return
-                try:
+            try:
+                if sync is not None:
+                    pos = self._inline(codec, sync, data, pos, end)
+                    if pos >= end:
+                        return
                     events, pos = codec.feed_request(data, pos)
-                except ProtocolError as exc:
-                    self._broke_protocol(exc)
-                    return
-            else:  # (nothing inline: the codec parses all that is here at once)
-                try:
+                else:  # (nothing inline: the codec parses all that is here at once)
                     events, pos = codec.feed(data[pos:end]), end
-                except ProtocolError as exc:
-                    self._broke_protocol(exc)
-                    return
+            except ProtocolError as exc:
+                self._broke_protocol(exc)
+                return
             if codec.output:  # replies of requests the codec refused itself
                 self._take_codec_output()
             if events:
@@ -621,9 +617,7 @@ class _Connection(asyncio.BufferedProtocol):
         header = codec.read_reply_header
         reads = read_bytes = writes = written = 0
         try:
-            while True:
-                if end - pos < _REQ_SIZE:
-                    break
+            while end - pos >= _REQ_SIZE:
                 magic, flags, command, cookie, offset, length = _unpack_request(data, pos)
                 if (magic != REQUEST_MAGIC or not length or (offset | length) & _SECTOR_MASK
                         or offset + length > size):
@@ -703,6 +697,7 @@ class _Connection(asyncio.BufferedProtocol):
         backlog = self._backlog
         for ev in events:
             if type(ev) is Request:
+                # _must_wait, inline: a call per request costs ~1.5 % on the O_DIRECT path.
                 if (backlog or self._writing_paused or self._inflight >= self._max_inflight
                         or self._inflight_bytes >= self._max_bytes):
                     # A payload lent from the receive buffer stays valid here: reading
@@ -1076,10 +1071,8 @@ class _Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or self._lost:
             return
-        stop = (self._draining or self._writing_paused or bool(self._backlog)
-                or self._lane is not None or self._lane_wanted
-                or self._inflight >= self._max_inflight
-                or self._inflight_bytes >= self._max_bytes)
+        stop = (self._draining or self._lane is not None or self._lane_wanted
+                or self._must_wait())
         if stop and self._reading:
             self._reading = False
             transport.pause_reading()
