@@ -1,0 +1,1 @@
+"""Compatibility with the toolstacks that drive blktap: their exact command lines and parsing."""
