@@ -44,8 +44,12 @@ commands:
   scan       print one line per VHD, optionally as a tree of parents
   check      validate a VHD's metadata
   revert     undo an interrupted resize from its journal
+  key        print, set, check or calculate an encrypted VHD's key hash
+  copy       copy a VHD (and what its parents hold) into a new VHD
 
-Run "vhd-util COMMAND -h" for the options of one command.
+Run "vhd-util COMMAND -h" for the options of one command. "--debug" anywhere after
+COMMAND is removed before the options are parsed (as the C tool) and turns on debug
+messages on standard error; standard output is the same with or without it.
 
 exit status:
   0 on success; otherwise a positive errno: 22 (EINVAL) for usage errors and for an
@@ -491,7 +495,8 @@ def _check(argv: Sequence[str]) -> int:
     )
     p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD image")
     p.add_argument("-i", dest="ignore_primary", action="store_true",
-                   help="accept a never-written primary footer (use the backup)")
+                   help="ignore an invalid primary (trailing) footer: check the backup "
+                        "copy at offset 0 instead")
     p.add_argument("-I", dest="ignore_uuid", action="store_true",
                    help="ignore parent uuid mismatches")
     p.add_argument("-t", dest="ignore_time", action="store_true",
@@ -525,6 +530,88 @@ def _check(argv: Sequence[str]) -> int:
     return 0 if report.valid else errno.EINVAL
 
 
+# -------------------------------------------------------------------------------- key
+def _key(argv: Sequence[str]) -> int:
+    p = _parser(
+        "key",
+        "Print, set, check or calculate the key hash of an encrypted VHD: SHA-256 of a\n"
+        "32-byte nonce followed by the key. It is stored in the batmap header, or in the\n"
+        "extended attribute user.com.citrix.xenclient.backend.keyhash for an image\n"
+        "without a batmap, as the C vhd-util stores it.",
+        "forms (as the C vhd-util):\n"
+        "  -p -n NAME                              print \"none\" or \"NONCE HASH\" (hex)\n"
+        "  -s -n NAME (-k KEYFILE | -H HASH) [-N NONCE]   set (empty, non-fixed VHDs only)\n"
+        "  -c -n NAME -k KEYFILE                   check a key against the stored hash\n"
+        "  -C -k KEYFILE [-N NONCE]                print the hash of a key\n\n"
+        "A key file is named <NAME without .vhd>,aes-xts-plain,<512|256>.key and holds\n"
+        "exactly that many bits (with -C, up to 64 bytes). The nonce is zeros unless -N\n"
+        "gives 64 hex digits; -H takes 64 hex digits. -p may be combined with -s or -c.",
+    )
+    p.add_argument("-n", dest="name", metavar="NAME", help="the VHD image")
+    p.add_argument("-k", dest="key_file", metavar="KEYFILE", help="file holding the key")
+    p.add_argument("-N", dest="nonce", metavar="NONCE", help="nonce, 64 hex digits")
+    p.add_argument("-H", dest="hash", metavar="HASH", help="key hash, 64 hex digits")
+    p.add_argument("-s", dest="set", action="store_true", help="set the key hash")
+    p.add_argument("-c", dest="check", action="store_true", help="check a key")
+    p.add_argument("-C", dest="calc", action="store_true", help="calculate a key's hash")
+    p.add_argument("-p", dest="print", action="store_true", help="print the key hash")
+    a = p.parse_args(argv)
+    from blktap.vhdutil import key
+
+    if a.calc:
+        if a.key_file is None:
+            p.error("-C needs -k KEYFILE")
+        _out(key.calculate(a.key_file, a.nonce).hex())
+        return 0
+    # The C tool's rules: a name; -s with exactly one of -k/-H and not with -c; -c with
+    # -k and neither -N nor -H; otherwise -p.
+    if a.name is None:
+        p.error("-n NAME is required")
+    if a.set:
+        if a.check:
+            p.error("-s and -c exclude each other")
+        if (a.key_file is None) == (a.hash is None):
+            p.error("-s needs exactly one of -k KEYFILE and -H HASH")
+    elif a.check:
+        if a.key_file is None:
+            p.error("-c needs -k KEYFILE")
+        if a.nonce is not None or a.hash is not None:
+            p.error("-c takes neither -N nor -H")
+    elif not a.print:
+        p.error("give -p, -s, -c or -C")
+    if a.set:
+        key.set_keyhash(a.name, key_path=a.key_file, hash_hex=a.hash, nonce_hex=a.nonce)
+    elif a.check:
+        key.check_key(a.name, a.key_file)
+    if a.print:
+        _out(key.read_keyhash(a.name).describe())
+    return 0
+
+
+# ------------------------------------------------------------------------------- copy
+def _copy(argv: Sequence[str]) -> int:
+    p = _parser(
+        "copy",
+        "Copy NAME's virtual disk into NEW, a new VHD: a fixed copy of a fixed disk, a\n"
+        "standalone dynamic copy (metadata sized for the same size, every block that\n"
+        "holds data written in full) of a dynamic or differencing one.",
+        "Encryption (-k KEYFILE, -E) is accepted by the C tool with libblockcrypto; it is\n"
+        "refused here (exit 95, EOPNOTSUPP) before anything is written.",
+    )
+    p.add_argument("-n", dest="name", required=True, metavar="NAME", help="the VHD to copy")
+    p.add_argument("-N", dest="new", required=True, metavar="NEW", help="file to create")
+    p.add_argument("-k", dest="key_file", metavar="KEYFILE",
+                   help="encrypt with this key (not supported)")
+    p.add_argument("-E", dest="key_stdin", action="store_true",
+                   help="encrypt with a key read from standard input (not supported)")
+    a = p.parse_args(argv)
+    from blktap.vhdutil.copy import copy, refuse_encryption
+
+    refuse_encryption(a.key_file, a.key_stdin)
+    copy(a.name, a.new)
+    return 0
+
+
 # ----------------------------------------------------------------------------- revert
 def _revert(argv: Sequence[str]) -> int:
     p = _parser(
@@ -556,6 +643,8 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "scan": _scan,
     "check": _check,
     "revert": _revert,
+    "key": _key,
+    "copy": _copy,
 }
 
 
@@ -571,6 +660,9 @@ def _top_parser() -> _Parser:
     return p
 
 
+DEBUG_FLAG = "--debug"
+
+
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever ``sys.stderr`` is when a record is emitted."""
 
@@ -579,10 +671,22 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
-def _setup_logging(cmd: str) -> None:
+class _LevelFormatter(logging.Formatter):
+    """``vhd-util CMD: warning: ...`` / ``vhd-util CMD: debug: ...``."""
+
+    def __init__(self, cmd: str) -> None:
+        super().__init__()
+        self.cmd = cmd
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{PROG} {self.cmd}: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(cmd: str, debug: bool) -> None:
     """Library warnings (e.g. "trailing footer invalid, using the backup") go to standard
-    error prefixed with the command (console use only: in-process callers keep their own
-    logging configuration)."""
+    error prefixed with the command, and with ``debug`` the library's debug messages too
+    (console use only: in-process callers keep their own logging configuration). Never
+    standard output, which scripts parse."""
     root = logging.getLogger("blktap")
     if not any(getattr(h, "_vhd_util", False) for h in root.handlers):
         handler = _StderrHandler()
@@ -591,8 +695,15 @@ def _setup_logging(cmd: str) -> None:
         root.propagate = False
     for h in root.handlers:
         if getattr(h, "_vhd_util", False):
-            h.setFormatter(logging.Formatter(f"{PROG} {cmd}: warning: %(message)s"))
-    root.setLevel(logging.WARNING)
+            h.setFormatter(_LevelFormatter(cmd))
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def strip_debug(args: Sequence[str]) -> tuple[list[str], bool]:
+    """``args`` (after the command) without any ``--debug``, and whether there was one:
+    the C tool removes it from every position before parsing the options."""
+    kept = [a for a in args if a != DEBUG_FLAG]
+    return kept, len(kept) != len(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -605,12 +716,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[0] in ("-h", "--help", "-V", "--version"):
         top.parse_args(args[:1])
         return 0
-    cmd, rest = args[0], args[1:]
+    cmd = args[0]
+    rest, debug = strip_debug(args[1:])
     run = COMMANDS.get(cmd)
     if run is None:
         top.error(f"unknown command {cmd!r}")
     if argv is None:
-        _setup_logging(cmd)
+        _setup_logging(cmd, debug)
+    if debug:
+        logging.getLogger(__name__).debug("%s %s (pid %d)", cmd, " ".join(rest), os.getpid())
     try:
         return run(rest)
     except SystemExit as exc:

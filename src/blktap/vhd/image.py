@@ -230,10 +230,30 @@ class VhdFile:
                 raise _fail(
                     self.path, "file shorter than the fixed disk's size", "file", "size", size
                 )
+            log.debug("%s: fixed disk, %d bytes", self.path, footer.current_size)
             return
         self._load_sparse()
         if footer.disk_type == DiskType.DIFFERENCING and resolve_parent:
             self.parent = self._resolve_parent()
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_opened()
+
+    def _log_opened(self) -> None:
+        h = self.header
+        assert h is not None
+        used = sum(1 for e in self.bat if e != BAT_UNUSED)
+        log.debug(
+            "%s: %s disk, %d bytes, block size %d, %d of %d blocks allocated, %s%s",
+            self.path,
+            DiskType(self.footer.disk_type).name.lower(),
+            self.footer.current_size,
+            h.block_size,
+            used,
+            len(self.bat),
+            "batmap" if self.batmap_header is not None else "no batmap",
+            "" if self.parent is None else
+            f", parent {self.parent.path}{' (raw)' if self.parent.raw else ''}",
+        )
 
     def _check_footer(self) -> None:
         f = self.footer

@@ -1,8 +1,9 @@
 """``vhd-util check``: the sans-IO validator (:func:`blktap.proto.vhd.check_vhd`) fed from
 files, with the C tool's options and output:
 
-* ``-i`` accept a never-written primary footer, ``-I`` ignore parent uuids, ``-t``
-  ignore timestamps, ``-B`` do not check blocks for overlaps (precludes ``-s``/``-b``);
+* ``-i`` skip an invalid primary footer (judge the backup at offset 0), ``-I`` ignore
+  parent uuids, ``-t`` ignore timestamps, ``-B`` do not check blocks for overlaps
+  (precludes ``-s``/``-b``);
 * ``-p`` check the parents too (after the image, as the C tool);
 * ``-b`` check data: no allocated sector whose bitmap bit is clear may hold data
   ("sector 0x.. of block 0x.. has data where bitmap is clear");

@@ -55,8 +55,8 @@ Prober = Callable[[str], ParentProbe]
 @dataclass(frozen=True, slots=True)
 class CheckOptions:
     ignore_missing_primary: bool = False
-    """``-i``: a primary footer that was never written (all 0xc7) may be replaced by the
-    backup."""
+    """``-i``: an invalid primary (trailing) footer, or one that differs from the backup,
+    is replaced by the backup copy at offset 0 (which must be valid)."""
     ignore_timestamps: bool = False
     """``-t``: do not reject timestamps in the future."""
     ignore_bat_overlap: bool = False
@@ -84,10 +84,6 @@ class CheckResult:
         return f"{self.name} is valid"
 
 
-def _never_opened(raw: bytes) -> bool:
-    return raw == b"\xc7" * FOOTER_SIZE
-
-
 def check_vhd(
     name: str,
     read: Reader,
@@ -113,7 +109,9 @@ def check_vhd(
     msgs = primary.faults(now)
     replaced = False
     if msgs:
-        if not (options.ignore_missing_primary and _never_opened(raw_primary)):
+        # -i: any invalid primary footer (zeroed, torn, never written) is skipped and
+        # the backup copy at offset 0 judged instead, as the current C tool does.
+        if not options.ignore_missing_primary:
             return CheckResult(name, [f"primary footer invalid: {msgs[0]}"], primary.disk_type)
         replaced = True
     elif primary.disk_type == DiskType.FIXED:
@@ -123,7 +121,8 @@ def check_vhd(
     msgs = backup.faults(now)
     if msgs:
         return CheckResult(name, [f"backup footer invalid: {msgs[0]}"], primary.disk_type)
-    if replaced:
+    if replaced or (options.ignore_missing_primary and primary.encode() != backup.encode()):
+        # -i trusts the backup wherever the two differ (the C tool's memcpy of backup).
         primary = backup
     elif primary.encode() != backup.encode():
         old_tap = backup.hidden and backup.is_tap and backup.creator_version in (1, 0x00010001)
