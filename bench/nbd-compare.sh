@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compare our tapdisk's NBD export with qemu-nbd and nbdkit on the same 1 GiB raw image,
-# with ../shared/bench/nbd-compare (the five default workloads), in one run each:
+# with bench/nbd-compare (the five default workloads), in one run each:
 #
 #   bench/nbd-compare.sh buffered   # ours with NO_O_DIRECT vs qemu-nbd -t -f raw, nbdkit file
 #   bench/nbd-compare.sh direct     # ours (O_DIRECT) vs qemu-nbd --cache=none --aio=native
@@ -13,7 +13,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 mode=${1:-buffered}
 shift || true
 image=${BENCH_IMAGE:-/var/tmp/blktap-bench.raw}
-compare=${NBD_COMPARE:-$root/../shared/bench/nbd-compare}
+compare=${NBD_COMPARE:-$root/bench/nbd-compare}
 py=$root/.venv/bin/python
 
 if [ ! -f "$image" ] || [ "$(stat -c %s "$image")" -ne $((1 << 30)) ]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark the NBD export alone (no tapdisk daemon): our standalone server
 # (python -m blktap.frontends.nbd_server) against qemu-nbd and nbdkit on the same raw image,
-# with ../shared/bench/nbd-compare and its five default workloads.
+# with bench/nbd-compare and its five default workloads.
 #
 #   bench/nbd_server.sh [IMAGE] [nbd-compare options...]
 #
@@ -14,8 +14,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 image=/var/tmp/blktap-nbd-bench.raw
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then image=$1; shift; fi
-compare=${NBD_COMPARE:-/work/shared/bench/nbd-compare}
-[ -x "$compare" ] || compare=$root/../shared/bench/nbd-compare
+compare=${NBD_COMPARE:-$root/bench/nbd-compare}
 py=$root/.venv/bin/python
 
 if [ ! -f "$image" ]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Serve one image with a real tapdisk, in the foreground, on a given NBD socket path.
 
-For ../shared/bench/nbd-compare, which wants a server command that stays in the
+For bench/nbd-compare, which wants a server command that stays in the
 foreground and listens on {socket}:
 
     bench/serve_tapdisk.py --socket {socket} [--no-direct] [--read-only] aio:{image}

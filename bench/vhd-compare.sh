@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compare the vhd driver with the raw (aio) driver and with qemu-nbd's vpc driver on the same
-# 1 GiB of random data, with ../shared/bench/nbd-compare (its five default workloads), in one
+# 1 GiB of random data, with bench/nbd-compare (its five default workloads), in one
 # interleaved run:
 #
 #   bench/vhd-compare.sh buffered   # every server on the page cache (NO_O_DIRECT for ours)
@@ -19,8 +19,7 @@ mode=${1:-buffered}
 shift || true
 raw=${BENCH_RAW:-/var/tmp/blktap-vhd-bench.raw}
 vhd=${BENCH_VHD:-/var/tmp/blktap-vhd-bench.vhd}
-compare=${NBD_COMPARE:-/work/shared/bench/nbd-compare}
-[ -x "$compare" ] || compare=$root/../shared/bench/nbd-compare
+compare=${NBD_COMPARE:-$root/bench/nbd-compare}
 py=$root/.venv/bin/python
 
 if [ ! -f "$raw" ] || [ "$(stat -c %s "$raw")" -ne $((1 << 30)) ]; then

@@ -16,13 +16,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.reference_data import reference_dir
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TAPDISK = str(BIN / "tapdisk")
 TAP_CTL = str(BIN / "tap-ctl")
 VHD_UTIL = str(BIN / "vhd-util")
-SHARED = REPO.parent / "shared"
-FIXTURES = SHARED / "fixtures" / "vhd"
+FIXTURES = reference_dir("vhd")  # the C-made reference VHD images (tests/data/vhd.tar.xz)
 
 # tapdisk_message_t, built from the reference byte table (not with the project's codec).
 MESSAGE_SIZE = 544

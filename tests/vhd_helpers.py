@@ -17,10 +17,9 @@ import pytest
 
 from blktap.block.chain import Chain
 from blktap.block.driver import OpenOptions
+from tests.reference_data import reference_dir
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "vhd"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/vhd")
+FIXTURES = reference_dir("vhd")  # the C-made reference VHD images (tests/data/vhd.tar.xz)
 
 T = TypeVar("T")
 

@@ -109,7 +109,7 @@ def _mounts_under(prefix: str) -> list[str]:
 
 def _sweep(base: str) -> None:
     """Remove whatever the test left under ``base``: mounts, loop devices."""
-    for point in sorted(_mounts_under(base + "/mnt"), reverse=True):
+    for point in sorted(_mounts_under(os.path.join(base, "mnt")), reverse=True):
         sh("umount", "-l", point, check=False)
     for device in _loops_on(base):
         sh("losetup", "-d", device, check=False)
@@ -164,7 +164,7 @@ def make_device(base: str, server: ServerThread) -> Iterator[MakeDevice]:
     try:
         yield make
     finally:
-        for point in sorted(_mounts_under(base + "/mnt"), reverse=True):
+        for point in sorted(_mounts_under(os.path.join(base, "mnt")), reverse=True):
             sh("umount", point, check=False)
         for dev in made:
             try:

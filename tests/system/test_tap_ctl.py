@@ -380,7 +380,7 @@ def test_list_formats(clean_run_dir: str, tmp_path: Path) -> None:
     assert parse_list(ok("list", "-p", spawned)) == [{"pid": spawned}]
     assert [e.get("args") for e in parse_list(ok("list", "-t", "aio"))].count(f"aio:{img}") == 1
     assert f"aio:{img}" not in ok("list", "-t", "vhd")
-    assert f"aio:{img}" not in ok("list", "-f", "/other")
+    assert f"aio:{img}" not in ok("list", "-f", "/tmp/other")
 
     doc = json.loads(ok("list", "--json"))
     (vbd,) = [d for d in doc if d["minor"] == minor and d["pid"] == pid]

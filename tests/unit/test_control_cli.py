@@ -23,28 +23,28 @@ def test_state_prints_like_c_hash_x(state: int, text: str) -> None:
 
 
 def test_dict_lines() -> None:
-    line = tap_ctl._dict_line(TapEntry(5, 0, 0, "aio", "/a b"))
-    assert line == "pid=5 minor=0 state=0 args=aio:/a b"
+    line = tap_ctl._dict_line(TapEntry(5, 0, 0, "aio", "/tmp/a b"))
+    assert line == "pid=5 minor=0 state=0 args=aio:/tmp/a b"
     assert tap_ctl._dict_line(TapEntry(5, 1, 2)) == "pid=5 minor=1 state=0x2"
     assert tap_ctl._dict_line(TapEntry(minor=3)) == "minor=3"
     assert tap_ctl._dict_line(TapEntry(pid=21939)) == "pid=21939"
 
 
 def test_rows() -> None:
-    assert tap_ctl._row(TapEntry(21012, 0, 0x2A, "vhd", "/srv/x.vhd")) == (
-        "   21012    0 0x2a        vhd /srv/x.vhd"
+    assert tap_ctl._row(TapEntry(21012, 0, 0x2A, "vhd", "/tmp/x.vhd")) == (
+        "   21012    0 0x2a        vhd /tmp/x.vhd"
     )
     assert tap_ctl._row(TapEntry(minor=3)) == "       -    3    -          - -"
 
 
 def test_list_filters_follow_c() -> None:
     parser = tap_ctl.COMMANDS["list"].build()
-    vbd = TapEntry(1, 0, 0, "aio", "/a")
+    vbd = TapEntry(1, 0, 0, "aio", "/tmp/a")
     bare = TapEntry(pid=2)
     by_type = parser.parse_args(["-t", "vhd"])
     assert not tap_ctl._keep(vbd, by_type)
     assert tap_ctl._keep(bare, by_type)  # entries without a type pass, as in C
-    by_file = parser.parse_args(["-f", "/a"])
+    by_file = parser.parse_args(["-f", "/tmp/a"])
     assert tap_ctl._keep(vbd, by_file) and tap_ctl._keep(bare, by_file)
     by_minor = parser.parse_args(["-m", "0"])
     assert tap_ctl._keep(vbd, by_minor) and not tap_ctl._keep(bare, by_minor)
@@ -52,7 +52,7 @@ def test_list_filters_follow_c() -> None:
 
 def test_option_parsing_getopt_style() -> None:
     ns = tap_ctl.COMMANDS["create"].build().parse_args(
-        ["-a", "aio:/x", "-RD", "-e3", "-2", "aio:/y", "-s", "-t", "30", "-C", "/log", "-r"]
+        ["-a", "aio:/x", "-RD", "-e3", "-2", "aio:/y", "-s", "-t", "30", "-C", "/tmp/log", "-r"]
     )
     options = tap_ctl._options(ns)
     F = ctl.OpenFlag
@@ -60,7 +60,8 @@ def test_option_parsing_getopt_style() -> None:
         F.RDONLY | F.NO_O_DIRECT | F.REUSE_PRT | F.SECONDARY | F.STANDBY | F.ADD_LOG
         | F.ADD_LCACHE
     )
-    assert (options.parent_minor, options.request_timeout_s, options.log_path) == (3, 30, "/log")
+    got = (options.parent_minor, options.request_timeout_s, options.log_path)
+    assert got == (3, 30, "/tmp/log")
 
 
 def test_standby_needs_a_secondary() -> None:
@@ -120,7 +121,7 @@ def test_open_options_request() -> None:
 
 
 def test_split_image() -> None:
-    assert split_image("vhd:/a:b") == ("vhd", "/a:b")
+    assert split_image("vhd:/tmp/a:b") == ("vhd", "/tmp/a:b")
     for bad in ("", "aio", ":x", "aio:"):
         with pytest.raises(InvalidArgument):
             split_image(bad)

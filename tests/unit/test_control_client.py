@@ -140,7 +140,7 @@ def test_open_request_bytes(rundir: RunDir) -> None:
 
 
 def test_open_with_log_and_key_sends_extras(rundir: RunDir) -> None:
-    options = OpenOptions(log_path="/l", key=b"k" * 32, parent_minor=4)
+    options = OpenOptions(log_path="/tmp/l", key=b"k" * 32, parent_minor=4)
     size = 544 + 256 + 1 + 32
     reply = message(8, 2, struct.pack("<QII", 8, 512, 0))
     with fake(rundir, reply_with(reply), request_size=size) as server:
@@ -149,7 +149,7 @@ def test_open_with_log_and_key_sends_extras(rundir: RunDir) -> None:
     flags, devnum = struct.unpack_from("<II", raw, 8)
     assert flags == 0x10 | 0x40 | 0x400 and devnum == 2
     assert struct.unpack_from("<I", raw, 8 + 268)[0] == 4
-    assert raw[544:800] == b"/l".ljust(256, b"\0")
+    assert raw[544:800] == b"/tmp/l".ljust(256, b"\0")
     assert raw[800] == 32 and raw[801:] == b"k" * 32
 
 
@@ -250,12 +250,12 @@ def test_stale_socket_is_unknown_pid(rundir: RunDir) -> None:
 
 def test_unpause_request_bytes(rundir: RunDir) -> None:
     with fake(rundir, reply_with(message(12, 3)), request_size=544 + 256) as server:
-        client.unpause(rundir, FAKE_PID, 3, image="vhd:/new.vhd", log_path="/cbt")
+        client.unpause(rundir, FAKE_PID, 3, image="vhd:/new.vhd", log_path="/tmp/cbt")
     (raw,) = server.requests
     assert struct.unpack_from("<HH", raw) == (11, 3)
     assert struct.unpack_from("<I", raw, 8)[0] == 0x10
     assert raw[8 + 12 : 8 + 12 + 13] == b"vhd:/new.vhd\0"
-    assert raw[544:] == b"/cbt".ljust(256, b"\0")
+    assert raw[544:] == b"/tmp/cbt".ljust(256, b"\0")
 
 
 def test_bad_arguments_fail_before_connecting(rundir: RunDir) -> None:

@@ -335,26 +335,26 @@ def test_request_reader_plain(mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_request_reader_add_log(mode: str) -> None:
     raw = message(7, 1, params_union(0x10, 1, 0, b"aio:/a", 0xFFFFFFFF, 0, b""))
-    raw += cstr(b"/var/log/cbt.log")
+    raw += cstr(b"/var/tmp/cbt.log")
     got = feed_all(ctl.RequestReader(), raw, mode)
     assert len(got) == 1
-    assert got[0].log_path == "/var/log/cbt.log" and got[0].key is None
+    assert got[0].log_path == "/var/tmp/cbt.log" and got[0].key is None
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_request_reader_resume_add_log(mode: str) -> None:
-    raw = message(11, 1, params_union(0x10, 1, 0, b"", 0, 0, b"")) + cstr(b"/l")
+    raw = message(11, 1, params_union(0x10, 1, 0, b"", 0, 0, b"")) + cstr(b"/tmp/l")
     (req,) = feed_all(ctl.RequestReader(), raw, mode)
-    assert req.message.type == T.RESUME and req.log_path == "/l"
+    assert req.message.type == T.RESUME and req.log_path == "/tmp/l"
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_request_reader_log_then_key(mode: str) -> None:
     key = bytes(range(1, 65))
     raw = message(7, 2, params_union(0x410, 2, 0, b"vhd:/e.vhd", 0xFFFFFFFF, 0, b""))
-    raw += cstr(b"/log") + bytes([len(key)]) + key
+    raw += cstr(b"/tmp/log") + bytes([len(key)]) + key
     (req,) = feed_all(ctl.RequestReader(), raw, mode)
-    assert req.log_path == "/log" and req.key == key
+    assert req.log_path == "/tmp/log" and req.key == key
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -428,9 +428,9 @@ def test_request_reader_eof_before_anything_is_fine() -> None:
 def test_encode_request_matches_hand_built() -> None:
     params = ctl.Params(flags=ctl.OpenFlag.ADD_LOG | ctl.OpenFlag.OPEN_ENCRYPTED, devnum=1,
                         path="aio:/a")
-    req = ctl.Request(ctl.Message(T.OPEN, 1, params), log_path="/l", key=b"k" * 32)
+    req = ctl.Request(ctl.Message(T.OPEN, 1, params), log_path="/tmp/l", key=b"k" * 32)
     expected = message(7, 1, params_union(0x410, 1, 0, b"aio:/a", 0xFFFFFFFF, 0, b""))
-    expected += cstr(b"/l") + b"\x20" + b"k" * 32
+    expected += cstr(b"/tmp/l") + b"\x20" + b"k" * 32
     assert ctl.encode_request(req) == expected
 
 
@@ -439,7 +439,7 @@ def test_encode_request_checks_extras() -> None:
     logged = ctl.Message(T.OPEN, 1, ctl.Params(flags=ctl.OpenFlag.ADD_LOG, path="aio:/a"))
     keyed = ctl.Message(T.OPEN, 1, ctl.Params(flags=ctl.OpenFlag.OPEN_ENCRYPTED, path="aio:/a"))
     with pytest.raises(InvalidArgument):
-        ctl.encode_request(ctl.Request(plain, log_path="/l"))
+        ctl.encode_request(ctl.Request(plain, log_path="/tmp/l"))
     with pytest.raises(InvalidArgument):
         ctl.encode_request(ctl.Request(logged))
     with pytest.raises(InvalidArgument):

@@ -40,11 +40,11 @@ def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_names() -> None:
-    rd = RunDir(Path("/r"), Path("/d"))
-    assert str(rd.ctl_socket(12)) == "/r/ctl12"
-    assert str(rd.marker(3)) == "/r/tapdisk/tapdisk-3"
-    assert str(rd.nbd_socket(12, 3)) == "/r/nbd12.3"
-    assert str(rd.tapdev(3)) == "/d/tapdev3"
+    rd = RunDir(Path("/run/r"), Path("/dev/d"))
+    assert str(rd.ctl_socket(12)) == "/run/r/ctl12"
+    assert str(rd.marker(3)) == "/run/r/tapdisk/tapdisk-3"
+    assert str(rd.nbd_socket(12, 3)) == "/run/r/nbd12.3"
+    assert str(rd.tapdev(3)) == "/dev/d/tapdev3"
 
 
 def test_socket_pids_and_nbd_sockets(rundir: RunDir) -> None:

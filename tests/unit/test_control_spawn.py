@@ -16,8 +16,8 @@ from blktap.errors import NotFound
 
 
 def test_binary_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BLKTAP_TAPDISK", "/opt/x/tapdisk")
-    assert spawn.tapdisk_binary() == "/opt/x/tapdisk"
+    monkeypatch.setenv("BLKTAP_TAPDISK", "/usr/local/x/tapdisk")
+    assert spawn.tapdisk_binary() == "/usr/local/x/tapdisk"
 
 
 def test_binary_next_to_python(monkeypatch: pytest.MonkeyPatch) -> None:
