@@ -210,9 +210,13 @@ def _build_list() -> _Parser:
         space-separated key=value fields, missing fields left out:
 
           pid=21012 minor=0 state=0 args=aio:/srv/x.img   a VBD with an image open
-          pid=21012 minor=1 state=0x2                     attached, no image open
+          pid=21012 minor=1 state=0                       attached, never opened
+          pid=21012 minor=2 state=0x2                     opened, then closed
           minor=3                                         a minor with no tapdisk
           pid=21939                                       a tapdisk with no VBD
+
+        A closed VBD has no args: tapdisk forgets the image at close, as the C
+        tapdisk does. A paused one keeps it (state 0x2a).
 
         On a terminal, columns "%8s %4s %4s %10s %s" of pid, minor, state, type and
         file, with "-" for a missing value. state is the VBD state word in C's %#x
@@ -270,9 +274,9 @@ def _build_allocate() -> _Parser:
     p = _parser(
         "allocate", "[-d DEVNAME]",
         """
-        Reserve the lowest free minor (0..16383) and print its device path: the kernel
-        block device <dev-dir>/tapdev<minor> if one exists, else the minor's marker file
-        <run-dir>/tapdisk/tapdisk-<minor> (what the current C tap-ctl prints).
+        Reserve the lowest free minor (0..16383) and print its marker file
+        <run-dir>/tapdisk/tapdisk-<minor>, as the current C tap-ctl does (toolstacks
+        parse the minor from that path).
         """,
     )
     p.add_argument("-d", dest="devname", metavar="DEVNAME",
@@ -284,7 +288,7 @@ def _run_allocate(ctl: Control, ns: argparse.Namespace, out: IO[str]) -> int:
     if ns.devname:
         log.debug("ignoring -d %s: device names are fixed", ns.devname)
     minor = ctl.allocate()
-    out.write(ctl.device_path(minor) + "\n")
+    out.write(f"{ctl.rundir.marker(minor)}\n")
     return 0
 
 

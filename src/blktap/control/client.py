@@ -65,7 +65,8 @@ def transact(
 
     ``timeout`` (seconds) bounds the whole exchange; ``None`` waits indefinitely. Raises
     :class:`NoSuchTapdisk` (ENOENT) when ``ctl<pid>`` is missing or nobody listens on it,
-    :class:`TimedOut` (ETIMEDOUT), :class:`TapdiskError` for an ERROR reply,
+    :class:`TimedOut` (ETIMEDOUT), :class:`TapdiskError` for an ERROR reply (its message
+    gives the reason the tapdisk sent, if any, else the errno's text),
     :class:`~blktap.errors.ProtocolError` (EPROTO) for a reply that breaks the protocol,
     :class:`ControlError` for other socket failures (with their errno).
     """
@@ -120,8 +121,11 @@ def transact(
     if reply.is_error:
         code = reply.errno if reply.errno > 0 else errno.EIO
         minor = None if req.message.cookie == ctl.NO_MINOR else req.message.cookie
+        # Our tapdisk says why in the ERROR's message field; the C tapdisk leaves it empty.
+        payload = reply.message.payload
+        reason = payload.message if isinstance(payload, ctl.ErrorPayload) else ""
         raise TapdiskError(
-            f"tapdisk {pid}: {what} failed: {os.strerror(code)}",
+            f"tapdisk {pid}: {what} failed: {reason or os.strerror(code)}",
             errno=code,
             pid=pid,
             minor=minor,

@@ -31,6 +31,37 @@ CONCURRENT = frozenset({ctl.MessageType.PID, ctl.MessageType.LIST, ctl.MessageTy
 # OPEN flags we honour; any other flag is refused rather than silently ignored.
 SUPPORTED_OPEN_FLAGS = ctl.OpenFlag.SHARED | ctl.OpenFlag.RDONLY | ctl.OpenFlag.NO_O_DIRECT
 
+# RESUME flags the C tapdisk acts on (a secondary image, a changed-block log); neither is
+# built yet, so a RESUME asking for one is refused. The C tapdisk ignores the other flags
+# of a RESUME (it reopens with the flags of the OPEN), and so does this one.
+RESUME_FLAGS = ctl.OpenFlag.SECONDARY | ctl.OpenFlag.ADD_LOG
+
+# What each unsupported flag asks for, named as tap-ctl's option that sets it, so that a
+# refusal says which feature is missing.
+_FLAG_FEATURES: dict[ctl.OpenFlag, str] = {
+    ctl.OpenFlag.ADD_CACHE: "block cache (ADD_CACHE)",
+    ctl.OpenFlag.VHD_INDEX: "VHD index (VHD_INDEX)",
+    ctl.OpenFlag.ADD_LOG: "changed-block log (ADD_LOG, tap-ctl -C / unpause -c)",
+    ctl.OpenFlag.ADD_LCACHE: "local read cache (ADD_LCACHE, tap-ctl -r)",
+    ctl.OpenFlag.REUSE_PRT: "shared parent chain (REUSE_PRT, tap-ctl -e)",
+    ctl.OpenFlag.SECONDARY: "secondary image (SECONDARY, tap-ctl -2)",
+    ctl.OpenFlag.STANDBY: "standby secondary (STANDBY, tap-ctl -s)",
+    ctl.OpenFlag.OPEN_ENCRYPTED: "encryption (OPEN_ENCRYPTED, tap-ctl -E)",
+}
+
+
+def unsupported(flags: ctl.OpenFlag, what: str) -> BlktapError:
+    """The EOPNOTSUPP error for a ``what`` request asking for ``flags`` it cannot honour."""
+    names = []
+    rest = flags
+    for flag, text in _FLAG_FEATURES.items():
+        if flags & flag:
+            names.append(text)
+            rest &= ~flag
+    if rest:
+        names.append(f"flags {int(rest):#x}")
+    return BlktapError(f"{what}: not supported yet: {', '.join(names)}", errno=errno.EOPNOTSUPP)
+
 
 class Frontend(Protocol):
     async def stop(self, force: bool = False) -> None:
@@ -43,10 +74,29 @@ FrontendFactory = Callable[["AttachedVBD"], Awaitable[Frontend | None]]
 
 @dataclass
 class AttachedVBD:
+    """A VBD bound to a minor of this tapdisk, with what LIST reports about it.
+
+    ``opened`` is set by the first successful OPEN: the C tapdisk's VBD starts with a
+    zero state word and gains its CLOSED bit only when an opened chain is closed.
+    """
+
     vbd: VBD
     marker_fd: int
     frontends: list[Frontend] = field(default_factory=list)
     device: str | None = None
+    opened: bool = False
+
+    def listing(self) -> tuple[int, int, str]:
+        """LIST's (minor, state, ``type:/path``) for this VBD, as the C tapdisk reports them.
+
+        A VBD attached and never opened lists as state 0, a closed one as 0x2 (CLOSED);
+        neither has a name, since the C tapdisk frees the image name at CLOSE (toolstacks
+        count a VBD listed with an image as serving it). A paused VBD keeps its name.
+        """
+        vbd = self.vbd
+        if vbd.state == VBDState.CLOSED:
+            return vbd.minor, vbd.state_bits if self.opened else 0, ""
+        return vbd.minor, vbd.state_bits, str(vbd.spec or "")
 
 
 class Tapdisk:
@@ -99,7 +149,7 @@ class Tapdisk:
             level = logging.INFO if isinstance(exc, BlktapError | OSError) else logging.ERROR
             log.log(level, "%s for minor %s failed: %s", _type_name(msg.type), msg.cookie, exc,
                     exc_info=level == logging.ERROR)
-            return [ctl.encode(ctl.error_reply(msg.cookie, code))]
+            return [ctl.encode(ctl.error_reply(msg.cookie, code, _reason(exc)))]
 
     def _vbd(self, minor: int) -> AttachedVBD:
         try:
@@ -145,9 +195,8 @@ class Tapdisk:
         if vbd.state != VBDState.CLOSED:
             raise Busy(f"minor {msg.cookie} is already open on {vbd.spec}")
         flags = ctl.OpenFlag(params.flags)
-        unsupported = flags & ~SUPPORTED_OPEN_FLAGS
-        if unsupported:
-            raise BlktapError(f"open flags not supported: {unsupported!r}", errno=errno.EOPNOTSUPP)
+        if flags & ~SUPPORTED_OPEN_FLAGS:
+            raise unsupported(flags & ~SUPPORTED_OPEN_FLAGS, f"open of {params.path}")
         spec = ImageSpec.parse(params.path)
         options = OpenOptions(
             read_only=bool(flags & ctl.OpenFlag.RDONLY),
@@ -163,6 +212,7 @@ class Tapdisk:
             await self._stop_frontends(attached, force=True)
             await vbd.close()
             raise
+        attached.opened = True
         return self._reply(request, self._image_payload(vbd))
 
     @staticmethod
@@ -223,16 +273,17 @@ class Tapdisk:
         attached = self._vbd(msg.cookie)
         params = msg.payload
         spec = None
-        if isinstance(params, ctl.Params) and params.path:
-            spec = ImageSpec.parse(params.path)
+        if isinstance(params, ctl.Params):
+            wanted = ctl.OpenFlag(params.flags) & RESUME_FLAGS
+            if wanted:
+                raise unsupported(wanted, f"resume of minor {msg.cookie}")
+            if params.path:
+                spec = ImageSpec.parse(params.path)
         await attached.vbd.resume(spec)
         return self._reply(request)
 
     async def _list(self, request: ctl.Request) -> list[bytes]:
-        entries = [
-            (minor, self.vbds[minor].vbd.state_bits, str(self.vbds[minor].vbd.spec or ""))
-            for minor in sorted(self.vbds)
-        ]
+        entries = [self.vbds[minor].listing() for minor in sorted(self.vbds)]
         return [ctl.encode_list_replies(request.message.cookie, entries)]
 
     async def _stats(self, request: ctl.Request) -> list[bytes]:
@@ -260,6 +311,17 @@ class Tapdisk:
             except Exception as exc:
                 attached.vbd.log.error("close at shutdown failed: %s", exc)
             os.close(attached.marker_fd)
+
+
+def _reason(exc: BaseException) -> str:
+    """``exc`` as the ERROR reply's message: at most 255 bytes of UTF-8, no NUL.
+
+    The C tapdisk leaves this field zero and the C tap-ctl ignores it; our tap-ctl shows
+    it, so that a refusal says why and not only its errno.
+    """
+    text = str(exc).replace("\0", " ") or type(exc).__name__
+    raw = text.encode("utf-8", "replace")[: ctl.PATH_MAX - 1]
+    return raw.decode("utf-8", "ignore")
 
 
 def _type_name(value: int) -> str:
