@@ -227,8 +227,9 @@ def parse_log(
 
 def check_covers(header: CbtHeader, disk_size: int, *, path: str | None = None) -> None:
     """Raise BitmapTooSmallError (EINVAL) unless the log's bitmap has a bit for every
-    64 KiB block of a disk of ``disk_size`` bytes."""
-    if header.block_count < block_count(disk_size):
+    64 KiB block of a disk of ``disk_size`` bytes. Counted in whole bitmap bytes, as the
+    C filter maps ``bitmap_size(disk size)`` bytes and ``coalesce`` compares them."""
+    if header.bitmap_size < bitmap_size(disk_size):
         raise BitmapTooSmallError(bitmap_size(disk_size), header.bitmap_size, disk_size,
                                   path=path, errno=_errno.EINVAL)
 
