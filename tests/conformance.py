@@ -16,12 +16,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from blktap.block.driver import Image, OpenOptions, opener_for
+from blktap.block.chain import STATE_HOLE, Chain
+from blktap.block.driver import Alloc, Extent, FastIO, Image, ImageInfo, OpenOptions, opener_for
+from blktap.block.layer import Stack, open_stack
 from blktap.vhd.create import create_dynamic, create_fixed
 
 ImageMaker = Callable[[Path, bytes], contextlib.AbstractContextManager[str]]
@@ -39,12 +41,65 @@ class DriverCase:
     """Writes reach the file (False for ram, which never writes back)."""
     file_times: bool = True
     """The path is a regular file whose timestamps a read-only open must not change."""
+    layers: tuple[str, ...] = ()
+    """Layers (top first) over the driver: the case then tests them, through
+    :class:`StackImage`, in their pass-through mode."""
 
     def options(self, read_only: bool = False) -> OpenOptions:
         return OpenOptions(read_only=read_only, direct=self.direct)
 
     async def open(self, path: str, read_only: bool = False) -> Image:
-        return await opener_for(self.type_name)(path, self.options(read_only))
+        options = self.options(read_only)
+        image = await opener_for(self.type_name)(path, options)
+        if not self.layers:
+            return image
+        stack = await open_stack(self.layers, Chain([image]), options)
+        return StackImage(stack, image)
+
+
+class StackImage:
+    """A stack of layers over a one-image chain, seen as an :class:`Image`, so that the
+    driver suites check layers as they check drivers. Reads, writes, zeroes, discards,
+    flushes and block status go through the top layer; ``allocation`` is the image's (a
+    stack has none). Offers no synchronous forms (they would skip the layers)."""
+
+    def __init__(self, stack: Stack, image: Image) -> None:
+        self.stack = stack
+        self.image = image
+        self.type_name = image.type_name
+        self.path = image.path
+        self.info: ImageInfo = image.info
+        self.read_only = image.read_only
+        self.parent = None
+        self.fully_allocated = True  # the chain below reads unallocated ranges as zeros
+
+    def fast_io(self) -> FastIO:
+        return FastIO()
+
+    def allocation(self, offset: int, length: int) -> list[Extent]:
+        return self.image.allocation(offset, length)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        return [Extent(e.offset, e.length, Alloc.ZERO if e.flags & STATE_HOLE else Alloc.DATA)
+                for e in self.stack.block_status(offset, length)]
+
+    async def read(self, offset: int, buf: memoryview) -> None:
+        await self.stack.read(offset, buf)
+
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        await self.stack.write(offset, data, fua)
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        await self.stack.write_zeroes(offset, length, may_unmap, False)
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.stack.discard(offset, length)
+
+    async def flush(self) -> None:
+        await self.stack.flush()
+
+    async def close(self) -> None:
+        await self.stack.close()
 
 
 # ------------------------------------------------------------------- image makers
@@ -180,6 +235,14 @@ CASES: list[DriverCase] = [
 """Every driver configuration the shared suites check. Add a driver here."""
 
 CASE_IDS = [c.id for c in CASES]
+
+LAYER_CASES: list[DriverCase] = [
+    replace(case, id=f"null-{case.id}", layers=("null",)) for case in CASES
+] + [replace(CASES[2], id="null-null-aio-buffered", layers=("null", "null"))]
+"""Every layer in pass-through mode over every driver configuration (and a stack of
+two): the driver suite runs them too. Add a layer here."""
+
+LAYER_CASE_IDS = [c.id for c in LAYER_CASES]
 
 
 def sectors_equal_or_zero(got: bytes, old: bytes, sector: int = 512) -> bool:

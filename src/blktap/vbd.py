@@ -22,8 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from blktap.block.capabilities import Capabilities
 from blktap.block.chain import Chain, ImageStats, StatusExtent
 from blktap.block.driver import SECTOR_SIZE, SYNC_WRITE_MAX, Image, OpenOptions
+from blktap.block.layer import Stack, open_stack, split_layers
 from blktap.errors import BlktapError, Busy, InvalidArgument, NoSpace, ReadOnly, Shutdown
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,41 @@ class SyncFile:
     writable: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The one rule that admits a request to a fast route, and the routes it may take.
+
+    Built when the stack changes (open, resume; none while paused or closed) from the
+    stack's capabilities (blktap.block.capabilities) and what the one image offers;
+    present (``VBD._admission``) only while the VBD runs, so that ``None`` means "not
+    running". A request is admitted when :meth:`admits` says so: offset and length
+    multiples of 512, inside the device, and (a write) the stack writable, which is
+    ``offset + length <= write_limit`` with ``write_limit`` -1 when not writable.
+
+    The fast paths copy :meth:`admits` inline for speed (a call per request costs more
+    than the rest of the check); each copy says so, and
+    tests/unit/test_vbd.py::test_fast_routes_admit_as_the_rule pins them to it.
+    """
+
+    read_limit: int
+    write_limit: int
+    read_image: Image | None
+    """The one image, when reads may go to its coroutine directly (Routes.direct)."""
+    write_image: Image | None
+    read_now: Callable[[int, memoryview], bool] | None
+    write_now: Callable[[int, memoryview, bool], bool] | None
+    read_blocking: Callable[[int, memoryview], bool] | None
+    write_blocking: Callable[[int, memoryview, bool], bool] | None
+    sync: SyncFile | None
+    stats: ImageStats
+    """The one image's counters (what the fast routes count into)."""
+
+    def admits(self, offset: int, length: int, write: bool) -> bool:
+        """Whether a request of ``length`` bytes at ``offset`` may take a fast route."""
+        limit = self.write_limit if write else self.read_limit
+        return not (offset | length) & _SECTOR_MASK and offset >= 0 and offset + length <= limit
+
+
 class ThreadIO:
     """I/O of a VBD from one thread other than the event loop's (a thread of an NBD
     connection's lane): get it with :meth:`VBD.thread_io`, give it back with
@@ -109,11 +146,12 @@ class ThreadIO:
         # looks at busy: one of the two sees the other (the GIL orders them).
         self.busy = True
         try:
-            vbd = self._vbd
-            read = vbd._read_blocking
+            adm = self._vbd._admission
             length = len(buf)
-            if (read is None or vbd.state is not _RUNNING or (offset | length) & _SECTOR_MASK
-                    or offset < 0 or offset + length > vbd._size):
+            # Admission.admits, inline.
+            if (adm is None or (read := adm.read_blocking) is None
+                    or (offset | length) & _SECTOR_MASK or offset < 0
+                    or offset + length > adm.read_limit):
                 return False
             try:
                 if not read(offset, buf):
@@ -132,12 +170,12 @@ class ThreadIO:
         (never raises for the request's failure; a failed write is simply done again)."""
         self.busy = True
         try:
-            vbd = self._vbd
-            write = vbd._write_blocking
+            adm = self._vbd._admission
             length = len(data)
-            if (write is None or vbd.state is not _RUNNING or vbd.options.read_only
-                    or (offset | length) & _SECTOR_MASK
-                    or offset < 0 or offset + length > vbd._size):
+            # Admission.admits, inline.
+            if (adm is None or (write := adm.write_blocking) is None
+                    or (offset | length) & _SECTOR_MASK or offset < 0
+                    or offset + length > adm.write_limit):
                 return False
             try:
                 if not write(offset, data, fua):
@@ -153,21 +191,25 @@ class ThreadIO:
 
 @dataclass(frozen=True, slots=True)
 class ImageSpec:
-    """``type:path`` as the control protocol carries it."""
+    """``[layer:]...type:path`` as the control protocol carries it: the layers, top
+    first (blktap.block.layer), then the leaf's driver type and path."""
 
     type: str
     path: str
+    layers: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> ImageSpec:
-        """Parse ``type:path``. Raises InvalidArgument when there is no type or no path."""
-        kind, sep, path = text.partition(":")
+        """Parse ``[layer:]...type:path``. Raises InvalidArgument when there is no type or
+        no path."""
+        layers, rest = split_layers(text)
+        kind, sep, path = rest.partition(":")
         if not sep or not kind or not path:
             raise InvalidArgument(f"image must be type:/path, not {text!r}")
-        return cls(kind, path)
+        return cls(kind, path, layers)
 
     def __str__(self) -> str:
-        return f"{self.type}:{self.path}"
+        return "".join(f"{name}:" for name in self.layers) + f"{self.type}:{self.path}"
 
 
 class VBD:
@@ -178,18 +220,16 @@ class VBD:
 
     def __init__(self, minor: int) -> None:
         self.minor = minor
-        self.state = VBDState.CLOSED
+        self._ready: Admission | None = None  # the stack's, whatever the state
+        self._admission: Admission | None = None  # _ready while RUNNING, else None
+        self._state = VBDState.CLOSED
         self.spec: ImageSpec | None = None
         self.options = OpenOptions()
         self.secondary: str | None = None
         self._chain: Chain | None = None
-        self._direct: tuple[Image, ImageStats] | None = None
-        self._read_now: Callable[[int, memoryview], bool] | None = None
-        self._write_now: Callable[[int, memoryview, bool], bool] | None = None
-        self._now_stats = ImageStats()  # the one image's, while _read/_write_now are set
-        self._read_blocking: Callable[[int, memoryview], bool] | None = None
-        self._write_blocking: Callable[[int, memoryview, bool], bool] | None = None
-        self._sync: SyncFile | None = None
+        self._stack: Stack | None = None
+        self._caps = Capabilities(writable=False)
+        self._now_stats = ImageStats()  # the one image's (what the fast routes count)
         self._thread_ios: set[ThreadIO] = set()
         self._size = 0
         self._inflight = 0
@@ -202,6 +242,29 @@ class VBD:
         self.log = logging.LoggerAdapter(log, self.log_context)
 
     # ---------------------------------------------------------------- properties
+    @property
+    def state(self) -> VBDState:
+        return self._state
+
+    @state.setter
+    def state(self, state: VBDState) -> None:
+        # The fast routes admit requests only while RUNNING (Admission).
+        self._state = state
+        self._admission = self._ready if state is _RUNNING else None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the VBD's stack can do (blktap.block.capabilities): computed at open and
+        resume, narrowed by each layer; kept while paused. Frontends read it once per
+        connection (advertised flags) or per batch."""
+        return self._caps
+
+    @property
+    def admission(self) -> Admission | None:
+        """The rule and routes of the fast paths while running (see :class:`Admission`),
+        else None. Read it once per batch; valid until the caller yields to the loop."""
+        return self._admission
+
     @property
     def size(self) -> int:
         """Size in bytes (fixed from open until close; resume must not change it)."""
@@ -235,10 +298,10 @@ class VBD:
         """Open the chain for ``spec``. On failure the VBD stays CLOSED with nothing open."""
         if self.state != VBDState.CLOSED:
             raise Busy(f"minor {self.minor} is already open")
-        chain = await Chain.open(spec.type, spec.path, options)
+        stack = await _open_stack(spec, options)
         self.spec, self.options = spec, options
-        self._size = chain.size
-        self._set_chain(chain)
+        self._size = stack.size
+        self._set_stack(stack)
         self.sectors, self.errors = [0, 0], [0, 0]
         self._transition("open")
         self.log_context["image"] = str(spec)
@@ -257,11 +320,11 @@ class VBD:
         self._running = asyncio.get_running_loop().create_future()
         await self._drain()
         await self._threads_idle()
-        chain = self._chain
-        self._set_chain(None)
+        stack = self._stack
+        self._set_stack(None)
         self.state = VBDState.PAUSED
-        assert chain is not None
-        await chain.close()
+        assert stack is not None
+        await stack.close()
         self.log.info("paused")
 
     async def resume(self, spec: ImageSpec | None = None) -> None:
@@ -280,7 +343,7 @@ class VBD:
             if attempt:
                 await asyncio.sleep(self.RESUME_RETRY_DELAY)
             try:
-                chain = await Chain.open(new_spec.type, new_spec.path, self.options)
+                stack = await _open_stack(new_spec, self.options)
             except BlktapError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ENOENT):
                     last = exc
@@ -290,14 +353,14 @@ class VBD:
             except OSError as exc:
                 last = exc
                 continue
-            if chain.size != self._size:
-                await chain.close()
+            if stack.size != self._size:
+                await stack.close()
                 last = BlktapError(
-                    f"resume: size changed from {self._size} to {chain.size}",
+                    f"resume: size changed from {self._size} to {stack.size}",
                     errno=errno.EMEDIUMTYPE,
                 )
                 break
-            self._set_chain(chain)
+            self._set_stack(stack)
             self.spec = new_spec
             self.log_context["image"] = str(new_spec)
             self.state = VBDState.RUNNING
@@ -323,11 +386,11 @@ class VBD:
         if not force:
             await self._drain()
         await self._threads_idle()  # even forced: their I/O uses the image's descriptor
-        chain = self._chain
-        self._set_chain(None)
+        stack = self._stack
+        self._set_stack(None)
         try:
-            if chain is not None:
-                await chain.close()
+            if stack is not None:
+                await stack.close()
         finally:
             self.state = VBDState.CLOSED
             self.log.info("closed")
@@ -355,10 +418,12 @@ class VBD:
 
     def thread_io_possible(self, write: bool = False) -> bool:
         """Whether the image can now be read (or, with ``write``, written: not read-only)
-        from another thread: it offers ``read_blocking`` (``write_blocking``)."""
-        if write:
-            return self._write_blocking is not None and not self.options.read_only
-        return self._read_blocking is not None
+        from another thread: the stack allows it (Routes.thread) and the image offers
+        ``read_blocking`` (``write_blocking``)."""
+        ready = self._ready
+        if ready is None:
+            return False
+        return (ready.write_blocking if write else ready.read_blocking) is not None
 
     def thread_io(self, write: bool = False) -> ThreadIO | None:
         """A :class:`ThreadIO` for one thread, or None when
@@ -394,28 +459,42 @@ class VBD:
                 fut.exception()  # mark retrieved: no waiter is not an error
 
     # ---------------------------------------------------------------------- I/O
-    def _set_chain(self, chain: Chain | None) -> None:
-        self._chain = chain
-        # The I/O fast path applies when the chain is one image holding every byte.
-        self._direct = (
-            (chain.leaf, chain.stats[0])
-            if chain is not None and len(chain.images) == 1 and chain.leaf.fully_allocated
-            else None
+    def _set_stack(self, stack: Stack | None) -> None:
+        """Take ``stack`` (None: none open) and build the fast routes' Admission from its
+        capabilities: the routes it allows, where the one image offers them."""
+        self._stack = stack
+        self._chain = chain = stack.chain if stack is not None else None
+        if stack is None or chain is None:
+            self._ready = None
+            self.state = self._state  # (re)derives _admission
+            return
+        caps = self._caps = stack.capabilities()
+        reads, writes = caps.reads, caps.writes
+        if not caps.writable:
+            writes = type(writes)()
+        image = chain.leaf
+        fast = chain.fast
+        self._now_stats = stats = chain.stats[0]
+        sync = None
+        if reads.lent_fd and fast.sync_fd is not None:
+            fd = fast.sync_fd()
+            if fd is not None:
+                sync = SyncFile(fd, self._size, writes.lent_fd)
+        self._ready = Admission(
+            read_limit=self._size if reads.any else -1,
+            write_limit=self._size if writes.any else -1,
+            read_image=image if reads.direct else None,
+            write_image=image if writes.direct else None,
+            read_now=fast.read_now if reads.sync else None,
+            write_now=fast.write_now if writes.sync else None,
+            read_blocking=fast.read_blocking if reads.thread else None,
+            write_blocking=fast.write_blocking if writes.thread else None,
+            sync=sync,
+            stats=stats,
         )
-        # And without a coroutine when the driver's I/O need not wait (read_now/write_now).
-        image = None
-        if self._direct is not None:
-            image, self._now_stats = self._direct
-        self._read_now = getattr(image, "read_now", None)
-        self._read_blocking = getattr(image, "read_blocking", None)
-        self._write_blocking = getattr(image, "write_blocking", None)
-        self._write_now = getattr(image, "write_now", None)
-        sync_fd = getattr(image, "sync_fd", None)
-        fd = sync_fd() if sync_fd is not None else None
-        self._sync = (None if fd is None
-                      else SyncFile(fd, self._size, not self.options.read_only))
+        self.state = self._state  # (re)derives _admission
 
-    async def _admit(self) -> Chain:
+    async def _admit(self) -> Stack:
         """Wait until the VBD runs; count the request in flight; return the chain."""
         while self.state is not _RUNNING:
             if self.state in (VBDState.PAUSING, VBDState.PAUSED) and self._running is not None:
@@ -423,8 +502,8 @@ class VBD:
             else:
                 raise Shutdown(f"minor {self.minor} is {self.state.value}")
         self._inflight += 1
-        assert self._chain is not None
-        return self._chain
+        assert self._stack is not None
+        return self._stack
 
     def _done(self) -> None:
         self._inflight -= 1
@@ -445,10 +524,11 @@ class VBD:
         request on a running VBD whose one fully allocated image does synchronous I/O
         now (``read_now`` in blktap.block.driver). Returns False, having done nothing,
         when the caller must use :meth:`read`; raises as :meth:`read` does."""
-        now = self._read_now
+        adm = self._admission
         length = len(buf)
-        if (now is None or self.state is not _RUNNING or (offset | length) & _SECTOR_MASK
-                or offset < 0 or offset + length > self._size):
+        # Admission.admits, inline.
+        if (adm is None or (now := adm.read_now) is None or (offset | length) & _SECTOR_MASK
+                or offset < 0 or offset + length > adm.read_limit):
             return False
         try:
             if not now(offset, buf):
@@ -463,11 +543,12 @@ class VBD:
     def write_now(self, offset: int, data: memoryview, fua: bool = False) -> bool:
         """:meth:`write` at once, under the same conditions as :meth:`read_now`, for
         writes smaller than SYNC_WRITE_MAX."""
-        now = self._write_now
+        adm = self._admission
         length = len(data)
-        if (now is None or length >= SYNC_WRITE_MAX or self.state is not _RUNNING
+        # Admission.admits, inline.
+        if (adm is None or (now := adm.write_now) is None or length >= SYNC_WRITE_MAX
                 or (offset | length) & _SECTOR_MASK
-                or self.options.read_only or offset < 0 or offset + length > self._size):
+                or offset < 0 or offset + length > adm.write_limit):
             return False
         try:
             if not now(offset, data, fua):
@@ -488,7 +569,8 @@ class VBD:
         request and any that fails through :meth:`read`/:meth:`write` (which answer and
         count the failure), and reports what it served with :meth:`count_sync`.
         """
-        return self._sync if self.state is _RUNNING else None
+        adm = self._admission
+        return adm.sync if adm is not None else None
 
     def count_sync(self, reads: int, read_bytes: int, writes: int, written_bytes: int) -> None:
         """Count requests served through :meth:`sync_file` (as :meth:`read_now` would)."""
@@ -507,11 +589,13 @@ class VBD:
 
     async def read(self, offset: int, buf: memoryview) -> None:
         length = len(buf)
-        direct = self._direct
-        if (direct is not None and self.state is _RUNNING and not (offset | length) & _SECTOR_MASK
-                and offset >= 0 and offset + length <= self._size):
+        adm = self._admission
+        # Admission.admits, inline.
+        if (adm is not None and (image := adm.read_image) is not None
+                and not (offset | length) & _SECTOR_MASK
+                and offset >= 0 and offset + length <= adm.read_limit):
             # Fast path: one fully allocated image, aligned request (most raw-image I/O).
-            image, stats = direct
+            stats = adm.stats
             self._inflight += 1
             stats.hits[0] += 1
             try:
@@ -525,9 +609,9 @@ class VBD:
             self.sectors[0] += length >> 9
             return
         self._check_range(offset, length, False)
-        chain = await self._admit()
+        stack = await self._admit()
         try:
-            await chain.read(offset, buf)
+            await stack.read(offset, buf)
         except BaseException:
             self.errors[0] += 1
             raise
@@ -537,11 +621,12 @@ class VBD:
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         length = len(data)
-        direct = self._direct
-        if (direct is not None and self.state is _RUNNING and not (offset | length) & _SECTOR_MASK
-                and not self.options.read_only and offset >= 0
-                and offset + length <= self._size):
-            image, stats = direct
+        adm = self._admission
+        # Admission.admits, inline.
+        if (adm is not None and (image := adm.write_image) is not None
+                and not (offset | length) & _SECTOR_MASK
+                and offset >= 0 and offset + length <= adm.write_limit):
+            stats = adm.stats
             self._inflight += 1
             stats.hits[1] += 1
             try:
@@ -555,9 +640,9 @@ class VBD:
             self.sectors[1] += length >> 9
             return
         self._check_range(offset, length, True)
-        chain = await self._admit()
+        stack = await self._admit()
         try:
-            await chain.write(offset, data, fua)
+            await stack.write(offset, data, fua)
         except BaseException:
             self.errors[1] += 1
             raise
@@ -567,9 +652,9 @@ class VBD:
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool, fua: bool) -> None:
         self._check_range(offset, length, True)
-        chain = await self._admit()
+        stack = await self._admit()
         try:
-            await chain.write_zeroes(offset, length, may_unmap, fua)
+            await stack.write_zeroes(offset, length, may_unmap, fua)
         except BaseException:
             self.errors[1] += 1
             raise
@@ -579,16 +664,16 @@ class VBD:
 
     async def trim(self, offset: int, length: int) -> None:
         self._check_range(offset, length, True)
-        chain = await self._admit()
+        stack = await self._admit()
         try:
-            await chain.discard(offset, length)
+            await stack.discard(offset, length)
         finally:
             self._done()
 
     async def flush(self) -> None:
-        chain = await self._admit()
+        stack = await self._admit()
         try:
-            await chain.flush()
+            await stack.flush()
         finally:
             self._done()
 
@@ -598,9 +683,9 @@ class VBD:
 
     async def block_status(self, offset: int, length: int) -> list[StatusExtent]:
         self._check_range(offset, length, False)
-        chain = await self._admit()
+        stack = await self._admit()
         try:
-            return chain.block_status(offset, length)
+            return stack.block_status(offset, length)
         finally:
             self._done()
 
@@ -636,6 +721,12 @@ class VBD:
             "FIXME_enospc_redirect_count": 0,
             "nbd_mirror_failed": 0,
         }
+
+
+async def _open_stack(spec: ImageSpec, options: OpenOptions) -> Stack:
+    """Open the chain of ``spec``, then its layers over it (closed again on failure)."""
+    chain = await Chain.open(spec.type, spec.path, options)
+    return await open_stack(spec.layers, chain, options)
 
 
 # The C tapdisk's disk type numbers (its disk_types table order).

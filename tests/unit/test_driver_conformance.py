@@ -20,7 +20,15 @@ from blktap.block.chain import Chain
 from blktap.block.driver import SECTOR_SIZE, Alloc, Image
 from blktap.errors import BlktapError
 from blktap.util.buffers import aligned
-from tests.conformance import CASE_IDS, CASES, DriverCase, open_fds, sectors_equal_or_zero
+from tests.conformance import (
+    CASE_IDS,
+    CASES,
+    LAYER_CASE_IDS,
+    LAYER_CASES,
+    DriverCase,
+    open_fds,
+    sectors_equal_or_zero,
+)
 
 T = TypeVar("T")
 
@@ -31,7 +39,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-@pytest.fixture(params=CASES, ids=CASE_IDS)
+@pytest.fixture(params=CASES + LAYER_CASES, ids=CASE_IDS + LAYER_CASE_IDS)
 def case(request: pytest.FixtureRequest) -> DriverCase:
     param: DriverCase = request.param
     return param
@@ -148,8 +156,8 @@ def test_synchronous_forms_match_the_model(
         image = await case.open(image_path)
         served = [0, 0]
         try:
-            read_now = getattr(image, "read_now", None)
-            write_now = getattr(image, "write_now", None)
+            fast = image.fast_io()
+            read_now, write_now = fast.read_now, fast.write_now
             if read_now is None and write_now is None:
                 return
             for i in range(40):

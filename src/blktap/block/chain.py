@@ -14,9 +14,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from blktap.block.capabilities import Capabilities, Routes
 from blktap.block.driver import (
     SECTOR_SIZE,
     Alloc,
+    FastIO,
     Image,
     OpenOptions,
     ParentRef,
@@ -87,11 +89,13 @@ class Chain:
         """mixed unit -> per-page owners (see :meth:`_page_owner`), dropped with the unit."""
         self._depth = len(images)
         self._leaf_full = images[0].fully_allocated
-        # Optional driver method ``holds(offset, length) -> 1 all DATA / 0 all
-        # UNALLOCATED / -1 ask allocation()``: spares building extent lists per level.
-        self._probes: list[Callable[[int, int], int] | None] = [
-            getattr(image, "holds", None) for image in images
-        ]
+        fast = [image.fast_io() for image in images]
+        # ``holds(offset, length) -> 1 all DATA / 0 all UNALLOCATED / -1 ask
+        # allocation()``, where offered: spares building extent lists per level.
+        self._probes: list[Callable[[int, int], int] | None] = [f.holds for f in fast]
+        self.fast: FastIO = fast[0]
+        """What the leaf offers beyond its coroutines (the VBD's fast routes use it)."""
+        self._caps = _capabilities(images[0], self.fast, len(images) == 1)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -130,6 +134,15 @@ class Chain:
     @property
     def leaf(self) -> Image:
         return self.images[0]
+
+    @property
+    def chain(self) -> Chain:
+        """The bottom of the stack (blktap.block.layer.Stack): this chain."""
+        return self
+
+    def capabilities(self) -> Capabilities:
+        """What the chain can do: see :func:`_capabilities`."""
+        return self._caps
 
     @property
     def size(self) -> int:
@@ -400,6 +413,25 @@ class Chain:
                     self._status_level(level + 1, ext.offset, ext.length, out)
         if inside < length:
             _append_status(out, offset + inside, length - inside, STATE_HOLE | STATE_ZERO)
+
+
+def _capabilities(leaf: Image, fast: FastIO, alone: bool) -> Capabilities:
+    """A chain's capabilities: everything a writable leaf supports; the fast routes only
+    when the leaf is alone and holds every byte (a request then needs no allocation
+    lookup, so the VBD may send it to the leaf itself), each where the leaf offers it.
+    A single VBD serves all its connections, so a flush covers every connection's writes
+    (multi-conn)."""
+    writable = not leaf.read_only
+    one = alone and leaf.fully_allocated
+    lend = one and fast.sync_fd is not None
+    reads = Routes(direct=one, sync=one and fast.read_now is not None,
+                   thread=one and fast.read_blocking is not None, lent_fd=lend)
+    w = one and writable
+    writes = Routes(direct=w, sync=w and fast.write_now is not None,
+                    thread=w and fast.write_blocking is not None, lent_fd=w and lend)
+    return Capabilities(writable=writable, flush=True, trim=writable, zero=writable,
+                        fast_zero=writable and fast.zero_is_fast, multi_conn=True,
+                        block_status=True, reads=reads, writes=writes)
 
 
 def _append_status(out: list[StatusExtent], offset: int, length: int, flags: int) -> None:

@@ -65,6 +65,42 @@ class ImageInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class FastIO:
+    """What a driver offers beyond its coroutines, as data (each None/False when not
+    offered). Asked once per open (:meth:`Image.fast_io`); the chain and the VBD use
+    them where the stack's capabilities allow (blktap.block.capabilities)."""
+
+    holds: Callable[[int, int], int] | None = None
+    """``holds(offset, length)``: a cheap form of :meth:`Image.allocation` for the
+    chain's per-unit owner cache: 1 when the whole range is DATA here, 0 when it is all
+    UNALLOCATED, -1 when mixed or unknown (the chain then asks ``allocation``). Sparse
+    formats with parents (vhd) offer it."""
+    read_now: Callable[[int, memoryview], bool] | None = None
+    """``read_now(offset, buf)``: :meth:`Image.read` done synchronously, for drivers
+    whose I/O need not wait for the event loop (buffered files, memory, an idle fast
+    device). True when done, or False having done nothing (the caller then uses the
+    coroutine); raises as :meth:`Image.read`."""
+    write_now: Callable[[int, memoryview, bool], bool] | None = None
+    """``write_now(offset, data, fua)``: likewise for :meth:`Image.write`; only called
+    for writes smaller than SYNC_WRITE_MAX."""
+    read_blocking: Callable[[int, memoryview], bool] | None = None
+    """``read_blocking(offset, buf)``: the same read for a thread other than the event
+    loop's (blktap.frontends.nbd_lane), which may block as long as the device takes and
+    touches no state of the loop. True when done, False having done nothing. Called only
+    while the image is open: the VBD waits for such reads before it closes the image."""
+    write_blocking: Callable[[int, memoryview, bool], bool] | None = None
+    """``write_blocking(offset, data, fua)``: likewise for writes (raising on failure)."""
+    sync_fd: Callable[[], int | None] | None = None
+    """``sync_fd()``: a descriptor of the image's own bytes on which any request within
+    its size is served with one ``os.preadv``/``os.pwritev`` (RWF_DSYNC for FUA) at once
+    (a raw file opened buffered), or None. Through it an NBD connection serves its small
+    requests inline (VBD.sync_file). Writes through it count as the image's own (close
+    flushes them)."""
+    zero_is_fast: bool = False
+    """:meth:`Image.write_zeroes` is much cheaper than writing zeros (NBD FAST_ZERO)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ParentRef:
     """The next link of a chain, as the child names it: a driver type and a path."""
 
@@ -107,31 +143,9 @@ class Image(Protocol):
         contiguous, in order, cover exactly the range, and never have length 0.
         """
 
-    # Optional: ``holds(offset, length) -> int``, a cheap form of :meth:`allocation` for
-    # the chain's per-unit owner cache: 1 when the whole range is DATA here, 0 when it is
-    # all UNALLOCATED, -1 when mixed or unknown (the chain then asks ``allocation``).
-    # Drivers of sparse formats with parents (vhd) provide it; the chain looks it up
-    # with getattr, so it is not part of the Protocol.
-    #
-    # Optional too: ``read_now(offset, buf)`` and ``write_now(offset, data, fua)``, the
-    # same I/O as :meth:`read`/:meth:`write` done synchronously, for drivers whose I/O
-    # need not wait for the event loop (buffered files, memory, an idle fast device).
-    # Each returns True when done, or False having done nothing: the caller then uses
-    # the coroutine. The VBD serves requests through them without a coroutine when
-    # they are not None (writes smaller than SYNC_WRITE_MAX only).
-    #
-    # And ``read_blocking(offset, buf)``: the same read for a thread other than the event
-    # loop's (an NBD connection's lane, blktap.frontends.nbd_lane), which may block as
-    # long as the device takes and touches no state of the loop. True when done, False
-    # having done nothing (the caller then asks the loop). Called only while the image
-    # is open: the VBD waits for such reads before it closes the image.
-    # ``write_blocking(offset, data, fua)`` likewise for writes (raising on failure).
-    #
-    # And ``sync_fd()``: a descriptor of the image's own bytes on which any request
-    # within its size is served with one ``os.preadv``/``os.pwritev`` (RWF_DSYNC for
-    # FUA) at once (a raw file opened buffered), or None. Through it an NBD connection
-    # serves its small requests inline, without a call per layer (VBD.sync_file). Writes
-    # through it count as the image's own (close flushes them).
+    def fast_io(self) -> FastIO:
+        """What this image offers beyond the coroutines (see :class:`FastIO`); asked once
+        per open of the stack. ``FastIO()`` when it offers nothing."""
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Like :meth:`allocation` but may also report ZERO ranges (sparse holes).

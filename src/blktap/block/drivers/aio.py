@@ -49,6 +49,7 @@ from blktap.block.driver import (
     SYNC_WRITE_MAX,
     Alloc,
     Extent,
+    FastIO,
     ImageInfo,
     OpenOptions,
     register,
@@ -462,6 +463,13 @@ class AioImage:
                         await self._direct_rest(True, addr, n, offset, obj, res, flags)
                     return
         await self._write_slow(offset, data, fua)
+
+    def fast_io(self) -> FastIO:
+        """Synchronous and blocking reads always (direct ones only while the device is
+        idle and fast); writes and the lent descriptor in buffered mode only."""
+        return FastIO(read_now=self.read_now, write_now=self.write_now,
+                      read_blocking=self.read_blocking, write_blocking=self.write_blocking,
+                      sync_fd=self.sync_fd if self._aio is None else None)
 
     def sync_fd(self) -> int | None:
         """The descriptor for requests served without the driver (see Image's ``sync_fd``):

@@ -17,7 +17,15 @@ import logging
 import os
 import stat
 
-from blktap.block.driver import SECTOR_SIZE, Alloc, Extent, ImageInfo, OpenOptions, register
+from blktap.block.driver import (
+    SECTOR_SIZE,
+    Alloc,
+    Extent,
+    FastIO,
+    ImageInfo,
+    OpenOptions,
+    register,
+)
 from blktap.errors import ImageFormatError, ReadOnly
 
 log = logging.getLogger(__name__)
@@ -73,6 +81,10 @@ class RamImage:
         self.info = ImageInfo(size=len(data))
         self._data: bytearray | None = data
         self._view = memoryview(data)
+
+    def fast_io(self) -> FastIO:
+        """Memory never waits: synchronous reads and writes."""
+        return FastIO(read_now=self.read_now, write_now=self.write_now)
 
     def allocation(self, offset: int, length: int) -> list[Extent]:
         """Always one DATA extent: the whole image is held."""

@@ -46,6 +46,7 @@ from blktap.block.driver import (
     SECTOR_SIZE,
     Alloc,
     Extent,
+    FastIO,
     ImageInfo,
     OpenOptions,
     ParentRef,
@@ -137,6 +138,10 @@ class VhdImage:
         if len(runs) == 1:
             return 1 if runs[0][2] else 0
         return -1
+
+    def fast_io(self) -> FastIO:
+        """The owner-cache probe :meth:`holds`; all I/O goes through the coroutines."""
+        return FastIO(holds=self.holds)
 
     def holds(self, offset: int, length: int) -> int:
         """A cheap form of :meth:`allocation` for the chain's owner lookups: 1 when the

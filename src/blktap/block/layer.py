@@ -1,0 +1,194 @@
+"""Layers: small wrappers over ``next`` (the chain, or another layer), as nbdkit's filters.
+
+A VBD's image stack is, top to bottom: its layers, then the :class:`~blktap.block.chain.Chain`
+(leaf-first images). Layers are named in the image string before the driver type, top
+first, each by its C type name where the C tapdisk has one: ``null:aio:/srv/disk.raw``,
+``log:vhd:/srv/vm.vhd``, ``null:null:aio:/p`` (see :func:`split_layers`). The VBD opens the
+chain, then each layer over what is open so far, bottom-up, and sends every request that
+does not take a fast route to the top of the stack.
+
+How to write a layer
+--------------------
+1. One module in ``blktap/block/layers/`` (``null.py`` is the smallest), added to
+   ``blktap.block.layers.BUILTIN``.
+2. Subclass :class:`Layer`. Every operation passes to ``self.next`` by default: override
+   only what the layer changes, and call ``self.next`` for the rest of the work. The
+   arguments a layer receives are already validated by the VBD (inside the device,
+   writable when writing); ``read``/``write`` may be unaligned (the chain aligns).
+3. Override :meth:`Layer.narrow` when the layer must see requests the fast routes would
+   take past it: a layer that must see every write, zero and trim (a changed-block log, a
+   mirror, fault injection on writes) returns ``caps.must_see_writes()``; one that must
+   see every request (a cache, a rate limit) ``caps.must_see_everything()``; one that
+   cannot promise multi-connection consistency narrows ``multi_conn``. A layer may only
+   narrow (:meth:`Capabilities.narrow`). A pass-through layer narrows nothing, so the
+   fast routes stay and most requests never reach it.
+4. Open and close: ``open(next, options)`` builds it (the default constructor);
+   override :meth:`Layer.close` to release what the layer holds (write back a bitmap,
+   ...) and then ``await super().close()``, which closes ``next``. A flush must reach
+   the layer's own durable state too: override :meth:`Layer.flush` (write back, then
+   ``await self.next.flush()``).
+5. ``register("name", LayerClass.open)`` at the end of the module.
+6. Tests: the layer in pass-through mode over every driver configuration in
+   ``tests/unit/test_driver_conformance.py``, and tests of what it adds.
+
+The contract of each operation is the chain's (:class:`~blktap.block.chain.Chain`), which
+is the bottom of every stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from blktap.block.capabilities import Capabilities
+from blktap.block.driver import OpenOptions
+from blktap.errors import NotFound
+
+if TYPE_CHECKING:
+    from blktap.block.chain import Chain, StatusExtent
+
+
+class Stack(Protocol):
+    """What a layer sees below it, and what the VBD sends requests to: the chain or a
+    layer. ``offset``/``length`` lie inside the device; writes only reach a writable stack."""
+
+    @property
+    def chain(self) -> Chain:
+        """The chain at the bottom (its images, statistics and size)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def capabilities(self) -> Capabilities:
+        """What the stack down from here can do (constant while it is open)."""
+
+    async def read(self, offset: int, buf: memoryview) -> None: ...
+
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None: ...
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool,
+                           fua: bool) -> None: ...
+
+    async def discard(self, offset: int, length: int) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    def block_status(self, offset: int, length: int) -> list[StatusExtent]: ...
+
+    async def close(self) -> None:
+        """Close this and everything below; raises the first error after closing all."""
+
+
+class Layer:
+    """A layer over ``next`` that passes every operation through (see the module
+    docstring for how to write one). ``name`` is its prefix in the image string."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, next: Stack, options: OpenOptions) -> None:
+        self.next = next
+        self.options = options
+        self._caps = self.narrow(next.capabilities())
+
+    @classmethod
+    async def open(cls, next: Stack, options: OpenOptions) -> Layer:
+        """Open the layer over ``next`` (which stays open, and the caller's, on failure)."""
+        return cls(next, options)
+
+    @property
+    def chain(self) -> Chain:
+        return self.next.chain
+
+    @property
+    def size(self) -> int:
+        return self.next.size
+
+    def narrow(self, caps: Capabilities) -> Capabilities:
+        """This layer's capabilities given those of ``next``: ``caps`` narrowed (never
+        widened). Called once, when the layer is opened over ``next``."""
+        return caps
+
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    async def read(self, offset: int, buf: memoryview) -> None:
+        await self.next.read(offset, buf)
+
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        await self.next.write(offset, data, fua)
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
+        await self.next.write_zeroes(offset, length, may_unmap, fua)
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.next.discard(offset, length)
+
+    async def flush(self) -> None:
+        await self.next.flush()
+
+    def block_status(self, offset: int, length: int) -> list[StatusExtent]:
+        return self.next.block_status(offset, length)
+
+    async def close(self) -> None:
+        await self.next.close()
+
+
+LayerOpener = Callable[[Stack, OpenOptions], Awaitable[Layer]]
+"""``opener(next, options)`` opens one layer over ``next``."""
+
+BUILTIN = ("null",)
+"""Modules of ``blktap.block.layers`` that register a layer on import."""
+
+_REGISTRY: dict[str, LayerOpener] = {}
+
+
+def register(name: str, opener: LayerOpener) -> None:
+    """Make ``name`` (a prefix in the image string) open a layer with ``opener``."""
+    _REGISTRY[name] = opener
+
+
+def _load_builtin() -> None:
+    for module in BUILTIN:
+        importlib.import_module(f"blktap.block.layers.{module}")
+
+
+def layer_names() -> frozenset[str]:
+    _load_builtin()
+    return frozenset(_REGISTRY)
+
+
+def opener_for(name: str) -> LayerOpener:
+    """The opener of layer ``name``. Raises NotFound (ENOENT) for an unknown one."""
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise NotFound(f"unknown layer {name!r}") from None
+
+
+def split_layers(text: str) -> tuple[tuple[str, ...], str]:
+    """Split ``"l1:l2:type:path"`` into the layer names (top first) and ``"type:path"``:
+    leading fields that name a registered layer, as long as a ``type:path`` follows."""
+    layers: list[str] = []
+    names = layer_names()
+    rest = text
+    while True:
+        head, sep, tail = rest.partition(":")
+        if not sep or head not in names or ":" not in tail:
+            return tuple(layers), rest
+        layers.append(head)
+        rest = tail
+
+
+async def open_stack(layers: tuple[str, ...], chain: Chain, options: OpenOptions) -> Stack:
+    """Open ``layers`` (top first) over ``chain``, bottom-up. On failure closes every
+    layer opened so far and the chain, then raises."""
+    stack: Stack = chain
+    try:
+        for name in reversed(layers):
+            stack = await opener_for(name)(stack, options)
+    except BaseException:
+        await stack.close()
+        raise
+    return stack
