@@ -173,7 +173,7 @@ def key_hash(path: str) -> str | None:
 def count_bits(bitmap1: bytes, bitmap2: bytes) -> int:
     """cleanup.py's Util.countBits: set bits of the OR of two block bitmaps."""
     long_, short = (bitmap1, bitmap2) if len(bitmap1) >= len(bitmap2) else (bitmap2, bitmap1)
-    total = sum((a | b).bit_count() for a, b in zip(short, long_))
+    total = sum((a | b).bit_count() for a, b in zip(short, long_, strict=False))
     return total + sum(b.bit_count() for b in long_[len(short):])
 
 
