@@ -171,6 +171,29 @@ def test_transmission_flags_read_write_and_read_only() -> None:
     assert ro == 1 | 2 | 4 | 256 | 1024
 
 
+def test_export_capabilities_gate_flags_commands_and_contexts() -> None:
+    """What the stack cannot do (blktap.block.capabilities, via ExportInfo) is neither
+    advertised nor served: the commands get EINVAL, the context is not offered."""
+    export = ExportInfo(SIZE, flush=False, trim=False, zero=False, multi_conn=False,
+                        block_status=False)
+    codec = ServerCodec(export)
+    data = (struct.pack(">I", C_FIXED | C_NO_ZEROES) + opt(OPT_SR)
+            + opt(OPT_LIST_META, meta_data([]))
+            + opt(OPT_SET_META, meta_data([b"base:allocation"])) + opt(OPT_GO, info_data()))
+    events = codec.feed(data)
+    assert isinstance(events[-1], Negotiated)
+    replies = option_replies(take(codec))
+    assert not [r for r in replies if r[1] == REP_META]  # neither listed nor selected
+    assert codec.transmission_flags == 1 | 128 | 1024  # HAS_FLAGS, SEND_DF, SEND_CACHE
+    bad = [req(CMD_FLUSH, 1), req(CMD_TRIM, 2, 0, 512), req(CMD_ZEROES, 3, 0, 512),
+           req(CMD_STATUS, 4, 0, 512), req(CMD_WRITE, 5, 0, 4, F_FUA) + b"abcd"]
+    assert codec.feed(b"".join(bad) + req(CMD_READ, 6, 0, 512)) == [
+        Request(Command.READ, 0, 6, 0, 512)]
+    errors = [(cookie, struct.unpack_from(">I", payload)[0])
+              for _flags, _rtype, cookie, payload in chunks(take(codec))]
+    assert errors == [(1, 22), (2, 22), (3, 22), (4, 22), (5, 22)]
+
+
 @feeders
 def test_abort(feed: Feeder) -> None:
     codec = new()

@@ -416,7 +416,8 @@ class Chain:
 
 
 def _capabilities(leaf: Image, fast: FastIO, alone: bool) -> Capabilities:
-    """A chain's capabilities: everything a writable leaf supports; the fast routes only
+    """A chain's capabilities: every command (writes only to a writable leaf: the VBD
+    refuses the rest with EPERM); the fast routes only
     when the leaf is alone and holds every byte (a request then needs no allocation
     lookup, so the VBD may send it to the leaf itself), each where the leaf offers it.
     A single VBD serves all its connections, so a flush covers every connection's writes
@@ -429,8 +430,8 @@ def _capabilities(leaf: Image, fast: FastIO, alone: bool) -> Capabilities:
     w = one and writable
     writes = Routes(direct=w, sync=w and fast.write_now is not None,
                     thread=w and fast.write_blocking is not None, lent_fd=w and lend)
-    return Capabilities(writable=writable, flush=True, trim=writable, zero=writable,
-                        fast_zero=writable and fast.zero_is_fast, multi_conn=True,
+    return Capabilities(writable=writable, flush=True, trim=True, zero=True,
+                        fast_zero=fast.zero_is_fast, multi_conn=True,
                         block_status=True, reads=reads, writes=writes)
 
 

@@ -402,8 +402,11 @@ class _Connection(asyncio.BufferedProtocol):
             return
         server._conns.add(self)
         vbd = self.vbd
-        export = ExportInfo(size=vbd.size, read_only=vbd.read_only,
-                            description=f"blktap VBD minor {vbd.minor}")
+        caps = vbd.capabilities  # what the stack can do, as of its last open or resume
+        export = ExportInfo(size=vbd.size, read_only=vbd.read_only or not caps.writable,
+                            description=f"blktap VBD minor {vbd.minor}", flush=caps.flush,
+                            trim=caps.trim, zero=caps.zero, multi_conn=caps.multi_conn,
+                            block_status=caps.block_status)
         # WRITE payloads are lent from the receive buffer: a write done synchronously
         # needs no copy; any other is copied out (_own) before the buffer is reused.
         self.codec = ServerCodec(export, self._get_buf, borrow_payloads=True)
@@ -723,8 +726,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        chain = self.vbd.chain
-        self._fast_zero = bool(getattr(chain.leaf, "zero_is_fast", False)) if chain else False
+        self._fast_zero = self.vbd.capabilities.fast_zero
         if self._fd >= 0:
             self._lone = 0
             self._big = 0

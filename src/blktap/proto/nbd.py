@@ -221,6 +221,16 @@ class ExportInfo:
     read_only: bool = False
     description: str = ""
     rotational: bool = False
+    flush: bool = True
+    """FLUSH and the FUA flag are served (SEND_FLUSH, SEND_FUA)."""
+    trim: bool = True
+    """TRIM is served (SEND_TRIM, when writable)."""
+    zero: bool = True
+    """WRITE_ZEROES is served (SEND_WRITE_ZEROES and SEND_FAST_ZERO, when writable)."""
+    multi_conn: bool = True
+    """Connections see one consistent export (CAN_MULTI_CONN)."""
+    block_status: bool = True
+    """The ``base:allocation`` metadata context is offered."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,14 +508,16 @@ class ServerCodec:
         if isinstance(queries, str):
             self._option_reply(option, Rep.ERR_INVALID, queries.encode())
             return
+        offered = self.export.block_status
         if option == Option.LIST_META_CONTEXT:
             # No query lists everything; "base:" lists the whole namespace.
-            if not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries):
+            if offered and (not queries
+                            or any(q in ("base:", BASE_ALLOCATION) for q in queries)):
                 self._option_reply(option, Rep.META_CONTEXT,
                                    _U32.pack(0) + BASE_ALLOCATION.encode())
         else:
             # SET replaces the selection; an empty selection is allowed.
-            self.base_allocation = BASE_ALLOCATION in queries
+            self.base_allocation = offered and BASE_ALLOCATION in queries
             if self.base_allocation:
                 self._option_reply(option, Rep.META_CONTEXT,
                                    _U32.pack(BASE_ALLOCATION_ID) + BASE_ALLOCATION.encode())
@@ -540,13 +552,21 @@ class ServerCodec:
         return queries
 
     def _flags_for(self, structured: bool) -> int:
-        flags = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
-                 | TransmissionFlag.CAN_MULTI_CONN | TransmissionFlag.SEND_CACHE)
-        if self.export.read_only:
+        export = self.export
+        flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_CACHE
+        if export.flush:
+            flags |= TransmissionFlag.SEND_FLUSH
+        if export.multi_conn:
+            flags |= TransmissionFlag.CAN_MULTI_CONN
+        if export.read_only:
             flags |= TransmissionFlag.READ_ONLY
         else:
-            flags |= (TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM
-                      | TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO)
+            if export.flush:
+                flags |= TransmissionFlag.SEND_FUA
+            if export.trim:
+                flags |= TransmissionFlag.SEND_TRIM
+            if export.zero:
+                flags |= TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO
         if structured:
             flags |= TransmissionFlag.SEND_DF
         if self.export.rotational:
@@ -559,20 +579,27 @@ class ServerCodec:
         # Which command flags each command accepts. FUA is accepted on every command
         # (the spec: the server MUST accept it when SEND_FUA was negotiated, and
         # clients are known to set it everywhere).
-        fua = int(CommandFlag.FUA)
+        # Commands the export does not serve are refused with EINVAL (not in _allowed).
+        export = self.export
+        fua = int(CommandFlag.FUA) if export.flush else 0
         df = int(CommandFlag.DF) if self.structured else 0
         self._allowed = {
             Command.READ: fua | df,
             Command.WRITE: fua,
             Command.DISC: fua,
-            Command.FLUSH: fua,
-            Command.TRIM: fua,
             Command.CACHE: fua,
-            Command.WRITE_ZEROES: fua | int(CommandFlag.NO_HOLE) | int(CommandFlag.FAST_ZERO),
             Command.BLOCK_STATUS: fua | int(CommandFlag.REQ_ONE),
         }
+        if export.flush:
+            self._allowed[Command.FLUSH] = fua
+        if export.trim:
+            self._allowed[Command.TRIM] = fua
+        if export.zero:
+            self._allowed[Command.WRITE_ZEROES] = (fua | int(CommandFlag.NO_HOLE)
+                                                   | int(CommandFlag.FAST_ZERO))
         # Commands without payload or special handling, for the parser's fast path.
-        fast = [Command.READ, Command.FLUSH, Command.TRIM, Command.CACHE, Command.WRITE_ZEROES]
+        fast = [c for c in (Command.READ, Command.FLUSH, Command.TRIM, Command.CACHE,
+                            Command.WRITE_ZEROES) if c in self._allowed]
         if self.base_allocation:
             fast.append(Command.BLOCK_STATUS)
         self._fast = {int(c): (c, self._allowed[c]) for c in fast}
@@ -701,6 +728,10 @@ class ServerCodec:
             return self._fill_payload(data, pos, events)
         if command is None:
             self.output += self.reply_error(cookie, _errno.EINVAL, f"unknown command {cmd}")
+            return pos
+        if command not in self._allowed and command is not Command.RESIZE:
+            self.output += self.reply_error(cookie, _errno.EINVAL,
+                                            f"{command.name} is not served by this export")
             return pos
         if flags & ~self._allowed.get(cmd, 0):
             self.output += self.reply_error(
