@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -114,11 +115,167 @@ def allocate_marker(run_dir: str, minor: int) -> str:
     return marker
 
 
+RUN_DIRS: list[str] = []
+"""Every directory :func:`short_tempdir` made in this process (resolved): where this test
+run's tapdisks, sockets, FUSE mounts and loop-device backing files live. The end-of-run
+check (tests/conftest.py) looks for leftovers under these and nowhere else."""
+
+
 @contextlib.contextmanager
 def short_tempdir(prefix: str = "blktap-") -> Iterator[str]:
     """A temporary directory with a short path (Unix socket paths are limited to 107 bytes)."""
     path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    RUN_DIRS.append(os.path.realpath(path))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------ what a test run leaves behind
+def host_block_device_support() -> tuple[bool, str]:
+    """Whether this host can give a VBD a kernel block device (FUSE file + loop device),
+    decided from the host alone - never by the code under test: ``(True, "")`` or
+    ``(False, reason)``."""
+    if os.geteuid() != 0:
+        return False, "not root: mounting FUSE and binding loop devices needs root"
+    for dev in ("/dev/fuse", "/dev/loop-control"):
+        try:
+            mode = os.stat(dev).st_mode
+        except FileNotFoundError:
+            return False, f"{dev} is missing"
+        if not stat.S_ISCHR(mode):
+            return False, f"{dev} is not a character device"
+    return True, ""
+
+
+def _under(path: str, prefixes: list[str]) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+
+def process_cmdline(pid: int) -> list[str]:
+    """The argument vector of ``pid`` ([] when it is gone or a kernel thread)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def is_tapdisk_process(pid: int) -> bool:
+    """``pid`` runs the project's tapdisk (its console script or ``-m blktap.tapdisk``),
+    and is not a zombie."""
+    args = process_cmdline(pid)
+    if not any(os.path.basename(a) == "tapdisk" or a == "blktap.tapdisk" for a in args[:3]):
+        return False
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return False
+
+
+def unix_socket_inodes(path: str) -> set[int]:
+    """Inodes of the Unix sockets bound to ``path`` (from /proc/net/unix)."""
+    found = set()
+    with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
+        next(f, None)
+        for line in f:
+            fields = line.split(None, 7)
+            if len(fields) == 8 and fields[7].rstrip("\n") == path:
+                found.add(int(fields[6]))
+    return found
+
+
+def process_socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets ``pid`` holds open."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    found.add(int(target[8:-1]))
+    return found
+
+
+def is_tapdisk_of(pid: int, run_dir: str) -> bool:
+    """``pid`` is a live tapdisk that holds the control socket ``<run_dir>/ctl<pid>``: a
+    tapdisk of that run directory, not a stranger that reused a stale socket's pid."""
+    if not is_tapdisk_process(pid):
+        return False
+    bound = unix_socket_inodes(os.path.join(run_dir, f"ctl{pid}"))
+    bound |= unix_socket_inodes(os.path.join(os.path.realpath(run_dir), f"ctl{pid}"))
+    return bool(bound & process_socket_inodes(pid))
+
+
+def tapdisks_under(prefixes: list[str]) -> list[int]:
+    """Live tapdisks of this test run: their BLKTAP_RUN_DIR, or a Unix socket they are
+    bound to, lies under one of ``prefixes``."""
+    if not prefixes:
+        return []
+    in_prefix: set[int] = set()
+    with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
+        next(f, None)
+        for line in f:
+            fields = line.split(None, 7)
+            if len(fields) == 8 and _under(fields[7].rstrip("\n"), prefixes):
+                in_prefix.add(int(fields[6]))
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or not is_tapdisk_process(int(entry)):
+            continue
+        pid = int(entry)
+        run_dir = ""
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/environ", "rb") as f:
+            for var in f.read().split(b"\0"):
+                if var.startswith(b"BLKTAP_RUN_DIR="):
+                    run_dir = os.path.realpath(var[15:].decode(errors="replace"))
+        if (run_dir and _under(run_dir, prefixes)) or in_prefix & process_socket_inodes(pid):
+            found.append(pid)
+    return found
+
+
+def mounts_under(prefixes: list[str]) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount under ``prefixes``, deepest first."""
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as info:
+        for line in info:
+            fields = line.split(" ")
+            point = fields[4].replace("\\040", " ")
+            fstype = fields[fields.index("-") + 1]
+            if _under(point, prefixes):
+                found.append((point, fstype))
+    return sorted(found, key=lambda m: m[0].count("/"), reverse=True)
+
+
+def loops_backed_under(prefixes: list[str]) -> list[tuple[str, str]]:
+    """(device, backing file) of every loop device whose backing file lies under
+    ``prefixes`` (as the kernel names it: resolved, `` (deleted)`` when unlinked)."""
+    found = []
+    for name in sorted(os.listdir("/sys/block")):
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file", encoding="utf-8") as f:
+                backing = f.read().rstrip("\n")
+        except OSError:
+            continue  # not bound
+        if _under(backing.removesuffix(" (deleted)"), prefixes):
+            found.append((f"/dev/{name}", backing))
+    return found
+
+
+def sweep(prefixes: list[str]) -> list[str]:
+    """Remove what tests left under ``prefixes``: kill their tapdisks, unmount their
+    mounts (lazily: a dead FUSE server cannot answer), detach their loop devices.
+    Returns what it found, one line each."""
+    found = []
+    for pid in tapdisks_under(prefixes):
+        found.append(f"tapdisk pid {pid} ({' '.join(process_cmdline(pid))})")
+        Tapdisk(pid, "").kill()
+    for point, fstype in mounts_under(prefixes):
+        found.append(f"{fstype} mount at {point}")
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
+    for device, backing in loops_backed_under(prefixes):
+        found.append(f"loop device {device} backed by {backing}")
+        subprocess.run(["losetup", "-d", device], capture_output=True, timeout=30)
+    return found
