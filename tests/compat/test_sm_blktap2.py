@@ -323,6 +323,15 @@ def test_launch_step_by_step_with_list_after_each_step(sm_run_dir: str, tmp_path
 
     uri = nbd_uri(sm_run_dir, pid, minor)
     qemu_io(uri, f"write -P 0x5a 0 {MiB}")
+    # VDI.linkNBD links <run>/nbd/<sr>/<vdi> to nbd<pid>.<minor>; the tapdisk-pause plugin
+    # reads the minor back (NBDLink.read_minor_from_path) and _is_tapdisk_in_use matches
+    # open sockets against ^/.*/nbd\d+\.<minor>.
+    link = tmp_path / "nbd" / "sr" / "vdi"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(f"{sm_run_dir}/nbd{pid}.{minor}")
+    match = re.search(r".*/nbd\d+.(\d+)$", os.path.realpath(link))
+    assert match is not None and int(match.group(1)) == minor
+    assert re.match(r"^/.*/nbd\d+\." + str(minor), os.path.realpath(link))
     doc = stats(pid, minor)
     # What tapdisk-cache-stats reads: images[-1] name and driver name, hits, secs,
     # FIXME_enospc_redirect_count.
@@ -378,7 +387,10 @@ def test_launch_and_shutdown(sm_run_dir: str, tmp_path: Path) -> None:
     img = tmp_path / "b.raw"
     img.write_bytes(b"")
     os.truncate(img, 8 * MiB)
-    launched = launch(sm_run_dir, "aio", str(img), {"rdonly": True})
+    # open ... -R -t 30 -D: a request timeout is accepted (no failed request is retried
+    # here, so there is nothing for it to bound).
+    launched = launch(sm_run_dir, "aio", str(img),
+                      {"rdonly": True, "timeout": 30, "o_direct": False})
     tap = find(path=str(img))
     assert tap == Tapdisk(launched.pid, launched.minor, "aio", str(img), 0)
     with pytest.raises(AssertionError, match="TapdiskExists"):

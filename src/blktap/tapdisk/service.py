@@ -203,6 +203,11 @@ class Tapdisk:
             direct=not flags & ctl.OpenFlag.NO_O_DIRECT,
         )
         await vbd.open(spec, options)
+        if params.req_timeout:
+            # The C tapdisk retries requests failing with EAGAIN/EBUSY/EINTR until this
+            # timeout; this one does not retry, so a failing request fails at once.
+            vbd.log.info("request timeout %d s: failed requests are not retried",
+                         params.req_timeout)
         try:
             for factory in self._frontend_factories:
                 frontend = await factory(attached)
