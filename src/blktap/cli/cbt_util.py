@@ -139,7 +139,8 @@ def _get(argv: Sequence[str]) -> int:
         "  -b      the bitmap's raw bytes, ceil(ceil(size / 65536) / 8) of them, with no\n"
         "          newline; bit n (block n, bytes n*65536 to n*65536+65535) is bit n % 8,\n"
         "          least significant first, of byte n / 8\n"
-        "  -b -E   the bitmap in base64 on one line (for callers that read text)\n\n"
+        "  -b -E   the bitmap in base64 on one line, for callers that read text (the\n"
+        "          storage manager's newer calls use it; not in the reference C tool)\n\n"
         "examples:\n"
         "  cbt-util get -n vdi.cbtlog -s\n"
         "  cbt-util get -n vdi.cbtlog -b | xxd",
