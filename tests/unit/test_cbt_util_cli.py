@@ -227,3 +227,14 @@ def test_get_fields_of_a_made_log(capsysbinary: Capture, tmp_path: Path) -> None
     assert run(capsysbinary, "get", "-n", log, "-b")[1] == b"\0"
     assert run(capsysbinary, "set", "-n", log, "-c", "AAAAAAAA-BBBB-CCCC-DDDD-EEEEEEEEEEEE")[0] == 0
     assert run(capsysbinary, "get", "-n", log, "-c")[1] == b"aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee\n"
+
+
+def test_create_for_the_largest_size_fails_cleanly(capsysbinary: Capture, tmp_path: Path) -> None:
+    """2**64-1 bytes need a 32 TiB bitmap: the file system refuses it (EFBIG, or ENOSPC
+    where the file may be that large), nothing is held in memory, no file is left."""
+    log = tmp_path / "huge.cbtlog"
+    rc, out, err = run(capsysbinary, "create", "-n", str(log), "-s", str((1 << 64) - 1))
+    assert rc in (errno.EFBIG, errno.ENOSPC)
+    assert out == b""
+    assert str(log) in err
+    assert not log.exists()
