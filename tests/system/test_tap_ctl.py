@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TAP_CTL, TAPDISK
+from tests.helpers import TAP_CTL, TAPDISK, host_block_device_support
 
 QEMU_IO = shutil.which("qemu-io")
 needs_qemu_io = pytest.mark.skipif(
@@ -350,9 +350,15 @@ def test_read_only_opens_may_share(clean_run_dir: str, tmp_path: Path) -> None:
 def test_pause_timeout_is_honoured(clean_run_dir: str, tmp_path: Path) -> None:
     pid, minor = create(image(tmp_path))
     ok("pause", "-t", "5", "-p", str(pid), "-m", str(minor))
-    # Pausing a paused VBD again answers at once (either way) within the timeout.
-    tapctl("pause", "-p", str(pid), "-m", str(minor), "-t", "5")
+    assert parse_list(ok("list", "-m", str(minor)))[0]["state"] == "0x2a"  # paused
+    # Pausing a paused VBD succeeds at once: it does not wait for its 60 s timeout (the
+    # subprocess's 30 s limit would stop it first and fail the test).
+    again = subprocess.run([TAP_CTL, "pause", "-p", str(pid), "-m", str(minor), "-t", "60"],
+                           capture_output=True, text=True, timeout=30)
+    assert (again.returncode, again.stdout, again.stderr) == (0, "", "")
+    assert parse_list(ok("list", "-m", str(minor)))[0]["state"] == "0x2a"
     ok("unpause", "-p", str(pid), "-m", str(minor))
+    assert parse_list(ok("list", "-m", str(minor)))[0]["state"] == "0"
     ok("destroy", "-p", str(pid), "-m", str(minor), "-t", "10")
     assert_clean(clean_run_dir)
 
@@ -437,6 +443,13 @@ def test_help(clean_run_dir: str) -> None:
 def test_open_encrypted_key_size_is_checked(clean_run_dir: str) -> None:
     proc = tapctl("open", "-p", "1", "-m", "0", "-a", "aio:/x", "-E", stdin=b"short")
     assert proc.returncode == 22
+    assert "-E: read a 5-byte key; use a 256-bit or 512-bit key" in proc.stderr
+    # Keys of 32 and 64 bytes pass the check: the command goes on to look for the tapdisk
+    # (none with pid 1 in this private run directory: ENOENT).
+    for size in (32, 64):
+        proc = tapctl("open", "-p", "1", "-m", "0", "-a", "aio:/x", "-E", stdin=b"k" * size)
+        assert proc.returncode == 2, proc.stderr
+        assert "no tapdisk with pid 1" in proc.stderr
 
 
 # ----------------------------------------------------------------------- concurrency
@@ -507,14 +520,10 @@ def test_tapdisk_binary_from_environment(clean_run_dir: str, tmp_path: Path) -> 
 # ---------------------------------------------------------------------- block device
 
 
-def _blockdev_available() -> tuple[bool, str]:
-    from blktap.frontends.blockdev import BlockDevice
-
-    return BlockDevice.available()
+_blockdev_ok, _blockdev_why = host_block_device_support()  # the host's, not the code's
 
 
-@pytest.mark.skipif(not _blockdev_available()[0],
-                    reason=f"no FUSE+loop block device here: {_blockdev_available()[1]}")
+@pytest.mark.skipif(not _blockdev_ok, reason=f"no FUSE+loop block device here: {_blockdev_why}")
 def test_create_prints_the_block_device(
     clean_run_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

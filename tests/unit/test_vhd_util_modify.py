@@ -179,10 +179,16 @@ def test_revert_of_an_uncommitted_journal(
         os.close(fd)
     data = Path(journal).read_bytes()
     Path(journal).write_bytes(data[:-16])  # no commit trailer
-    patch_byte = bytearray(Path(path).read_bytes())
-    assert jmod.read_journal(journal).committed is False
+    # The image now differs from what the journal holds for bytes 0-4095: an uncommitted
+    # journal (the operation never started) must not be applied, only removed.
+    changed = bytearray(Path(path).read_bytes())
+    changed[100:104] = bytes(255 - b for b in changed[100:104])
+    Path(path).write_bytes(changed)
+    info = jmod.read_journal(journal)
+    assert info.committed is False
+    assert info.records and info.records[0][1][100:104] != changed[100:104]
     ok(capsys, "revert", "-n", path, "-j", journal)
-    assert Path(path).read_bytes() == bytes(patch_byte)
+    assert Path(path).read_bytes() == bytes(changed)
     assert not os.path.exists(journal)
 
 
