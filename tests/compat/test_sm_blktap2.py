@@ -640,3 +640,29 @@ def test_live_snapshot_and_coalesce(sm_run_dir: str, tmp_path: Path) -> None:
          "-c", f"read -P 0xb2 {2 * MiB} {MiB}", "-c", f"read -P 0xb2 {4 * MiB + 256} 256",
          base], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "fail" not in proc.stdout.lower(), proc.stdout + proc.stderr
+
+
+@needs_qemu_io
+def test_live_snapshot_of_a_raw_vdi(sm_run_dir: str, tmp_path: Path) -> None:
+    """A raw VDI (aio) snapshotted while running: vhdutil.snapshot with a raw parent
+    (``-m``), then Unpause on the new VHD leaf: the type changes from aio to vhd."""
+    raw, leaf = str(tmp_path / "raw.img"), str(tmp_path / "leaf.vhd")
+    with open(raw, "wb") as f:
+        f.truncate(8 * MiB)
+    tap = launch(sm_run_dir, "aio", raw, {"rdonly": False})
+    uri = nbd_uri(sm_run_dir, tap.pid, tap.minor)
+    try:
+        qemu_io(uri, f"write -P 0x11 0 {MiB}")
+        plugin_pause(tap.minor)
+        vhd_util("snapshot", "--debug", "-n", leaf, "-p", raw, "-m")
+        resumed = plugin_unpause(tap.minor, "vhd", leaf)
+        assert (resumed.type, resumed.path) == ("vhd", leaf)
+        qemu_io(uri, f"write -P 0x22 {MiB} {MiB}")
+        qemu_io(uri, f"read -P 0x11 0 {MiB}", f"read -P 0x22 {MiB} {MiB}",
+                f"read -P 0 {2 * MiB} {6 * MiB}")
+        images = stats(tap.pid, tap.minor)["images"]
+        assert [(i["name"], i["driver"]["name"]) for i in images] == [(leaf, "vhd"), (raw, "aio")]
+    finally:
+        shutdown(tap)
+    with open(raw, "rb") as f:  # the raw parent was not written after the snapshot
+        assert f.read(2 * MiB) == b"\x11" * MiB + bytes(MiB)
