@@ -309,6 +309,22 @@ def test_create_static_and_with_metadata_size(sr: Path) -> None:
     assert check(big)
 
 
+def test_lvm_metadata_size(sr: Path) -> None:
+    # LVHDSR's VDI.create: vhdutil.create(path, size, False, lvhdutil.MSIZE_MB), with
+    # MSIZE_MB = 2 * 1024 * 1024 (2 TiB of metadata, more than the 2040 GiB disk limit);
+    # its snapshots pass the same msize. Then an online (fast) resize.
+    msize_mb = 2 * 1024 * 1024
+    base = new_name(sr)
+    create(base, 100 * MB, msize=msize_mb)
+    assert (int(query("-v", base)), int(query("-S", base))) == (100, msize_mb)
+    assert check(base)
+    leaf = new_name(sr)
+    snapshot(leaf, base, False, msize=msize_mb)
+    assert (int(query("-v", leaf)), int(query("-S", leaf))) == (100, msize_mb)
+    pread2([VHD_UTIL, "resize", OPT_LOG_ERR, "-s", str(4096), "-n", leaf, "-f"])
+    assert int(query("-v", leaf)) == 4096 and check(leaf)
+
+
 def test_snapshot_vhd_parent_hidden_scan_and_coalesce(sr: Path) -> None:
     # The chain SM builds on snapshot: base (hidden) <- leaf, then coalesce the leaf.
     base = new_name(sr)

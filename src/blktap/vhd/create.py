@@ -22,6 +22,7 @@ from blktap.proto.vhd.constants import (
     FOOTER_SIZE,
     HEADER_SIZE,
     LOCATOR_DATA_SPACE,
+    MAX_METADATA_SIZE,
     MAX_VHD_SIZE,
     SECTOR_SIZE,
     VHD_EPOCH,
@@ -87,17 +88,29 @@ def create_dynamic(
     block_size: int = DEFAULT_BLOCK_SIZE,
     overwrite: bool = False,
     uuid: bytes | None = None,
+    metadata_size: int | None = None,
     _parent: tuple[str, bool] | None = None,
 ) -> None:
     """Create an empty dynamic VHD of ``size`` bytes in blktap's layout.
 
-    Raises InvalidArgument (bad size or block size), FileExistsError unless
-    ``overwrite``, OSError. A failed create removes the partial file.
+    ``metadata_size`` (at least ``size``, at most :data:`MAX_METADATA_SIZE`) sizes the
+    BAT and batmap for a disk that large, so that a fast resize can later grow the disk
+    up to it (vhd-util's ``-S``). Raises InvalidArgument (bad size, block size or
+    metadata size), FileExistsError unless ``overwrite``, OSError. A failed create
+    removes the partial file.
     """
     _check_size(size)
     if block_size < SECTOR_SIZE * 8 or block_size & (block_size - 1):
         raise InvalidArgument(f"block size {block_size} is not a power of two >= 4096")
-    max_bat = -(-size // block_size)
+    table_size = size
+    if metadata_size is not None:
+        if metadata_size > MAX_METADATA_SIZE:
+            raise InvalidArgument(
+                f"metadata preallocation of {metadata_size} bytes exceeds 2 TiB",
+                errno=errno.EFBIG,
+            )
+        table_size = max(size, metadata_size)
+    max_bat = -(-table_size // block_size)
     bat_bytes = -(-max_bat * 4 // SECTOR_SIZE) * SECTOR_SIZE
     bm_header_off = TABLE_OFFSET + bat_bytes
     bm_off = bm_header_off + BATMAP_HEADER_SIZE
@@ -179,13 +192,15 @@ def snapshot(
     size: int | None = None,
     block_size: int | None = None,
     overwrite: bool = False,
+    metadata_size: int | None = None,
 ) -> None:
     """Create ``path``, a differencing VHD over ``parent``, linked exactly to it.
 
     The child gets the parent's size (or ``size``, which may not be smaller), the parent's
     block size (2 MiB for a raw parent), the parent's base name, footer uuid and mtime
     (``prt_ts``), and three relative locators (MACX, W2KU, W2RU). With ``raw_parent`` the
-    parent is a raw image (opened with the aio driver), its uuid null.
+    parent is a raw image (opened with the aio driver), its uuid null. ``metadata_size``:
+    as :func:`create_dynamic`.
 
     Raises NotFound/OSError for a missing parent, ImageFormatError for a malformed VHD
     parent, InvalidArgument for a bad size. Skipping empty parents (vhd-util's default
@@ -211,5 +226,6 @@ def snapshot(
         vsize,
         block_size=block_size or pblock,
         overwrite=overwrite,
+        metadata_size=metadata_size,
         _parent=(parent, raw_parent),
     )

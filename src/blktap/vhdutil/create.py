@@ -3,24 +3,19 @@
 Both build on :func:`blktap.vhd.create_dynamic` / :func:`blktap.vhd.create_fixed` /
 :func:`blktap.vhd.snapshot`. Metadata preallocation (``-S MB``) sizes the BAT (and the
 batmap) for a larger disk than the virtual size so that a later ``resize -f`` needs no
-data movement: the image is created for the larger size and its footers are then set
-back to the real size.
+data movement (up to 2 TiB, what XenServer's LVM storage asks for).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import errno
 import os
 
-from blktap.errors import BlktapError, InvalidArgument
-from blktap.proto.vhd.constants import BAT_UNUSED, MAX_VHD_SIZE, DiskType
-from blktap.proto.vhd.footer import chs_geometry
+from blktap.errors import BlktapError
+from blktap.proto.vhd.constants import BAT_UNUSED, DiskType
 from blktap.vhd import create_dynamic, create_fixed
 from blktap.vhd import snapshot as _lib_snapshot
 from blktap.vhd.image import VhdFile
-from blktap.vhdutil.common import write_footers
 
 
 class DepthExceeded(BlktapError):
@@ -29,44 +24,18 @@ class DepthExceeded(BlktapError):
     errno = errno.ENOSPC
 
 
-def _shrink_to(path: str, size: int) -> None:
-    """Set a freshly created sparse image's virtual size down to ``size`` (keeping its
-    larger BAT): both footers rewritten."""
-    with VhdFile.open(path, writable=True, resolve_parent=False) as image:
-        new = dataclasses.replace(
-            image.footer,
-            current_size=size,
-            original_size=size,
-            geometry=chs_geometry(size),
-        )
-        write_footers(image, new)
-
-
 def create(path: str, size: int, *, fixed: bool = False, prealloc: int | None = None) -> None:
     """Create ``path``: a dynamic VHD of ``size`` bytes (fixed with ``fixed``).
 
-    ``prealloc`` (bytes, dynamic only) sizes the BAT for a disk of that size. Raises
-    InvalidArgument (bad size, prealloc smaller than size), FileExistsError, OSError.
+    ``prealloc`` (bytes, dynamic only) sizes the BAT for a disk of that size (no effect
+    when not larger than ``size``). Raises InvalidArgument (bad size, prealloc over
+    2 TiB), FileExistsError, OSError.
     The partial file is removed on failure.
     """
     if fixed:
         create_fixed(path, size)
         return
-    if prealloc is not None and prealloc > size:
-        if prealloc > MAX_VHD_SIZE:
-            raise InvalidArgument(
-                f"metadata preallocation of {prealloc} bytes exceeds 2040 GiB",
-                errno=errno.EFBIG,
-            )
-        create_dynamic(path, prealloc)
-        try:
-            _shrink_to(path, size)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        return
-    create_dynamic(path, size)
+    create_dynamic(path, size, metadata_size=prealloc)
 
 
 def is_empty(image: VhdFile) -> bool:
@@ -160,13 +129,5 @@ def snapshot(
     else:
         with VhdFile.open(parent, resolve_parent=False) as p:
             psize = p.size
-    lib_size = max(psize, prealloc or 0)
-    _lib_snapshot(path, target, raw_parent=raw, size=lib_size)
-    if lib_size != psize:
-        try:
-            _shrink_to(path, psize)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
+    _lib_snapshot(path, target, raw_parent=raw, size=psize, metadata_size=prealloc)
     return target

@@ -49,6 +49,10 @@ TAP_OLD_LE_BITMAP_VERSION = 0x00000001
 MAX_VHD_SIZE = 2040 * 1024 * 1024 * 1024
 """The spec caps VHDs at 2040 GiB; BAT entries are 32-bit sector offsets."""
 
+MAX_METADATA_SIZE = 2 * 1024 * 1024 * 1024 * 1024
+"""The largest disk a BAT may be sized for (``create``/``snapshot -S``): 2 TiB, what
+XenServer's LVM storage passes (``-S 2097152``) and the most 32-bit sector offsets reach."""
+
 MAX_CHS_SECTORS = 65535 * 16 * 255
 
 TIMESTAMP_MAX_SLACK = 1800
