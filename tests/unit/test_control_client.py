@@ -161,6 +161,16 @@ def test_error_reply_becomes_exception_with_errno(rundir: RunDir) -> None:
     assert (info.value.pid, info.value.minor, info.value.request) == (FAKE_PID, 3, "OPEN")
 
 
+def test_error_reply_reason_is_shown(rundir: RunDir) -> None:
+    # Our tapdisk puts the reason in response.message (the C tapdisk leaves it zero).
+    union = struct.pack("<i", errno.EOPNOTSUPP) + b"open: not supported yet: encryption\0"
+    with fake(rundir, reply_with(message(1, 3, union))), \
+            pytest.raises(TapdiskError) as info:
+        client.open(rundir, FAKE_PID, 3, "aio:/x")
+    assert info.value.errno == errno.EOPNOTSUPP
+    assert info.value.message.endswith("OPEN minor 3 failed: open: not supported yet: encryption")
+
+
 def test_list_stream_in_small_pieces(rundir: RunDir) -> None:
     stream = (
         message(20, 0xFFFF, struct.pack("<iii", 2, 5, 0x2A) + b"vhd:/b.vhd")
