@@ -238,3 +238,13 @@ def test_create_for_the_largest_size_fails_cleanly(capsysbinary: Capture, tmp_pa
     assert out == b""
     assert str(log) in err
     assert not log.exists()
+
+
+def test_set_size_too_large_leaves_the_log_as_it_was(
+    capsysbinary: Capture, tmp_path: Path
+) -> None:
+    log = copy(tmp_path, "raw-writes.cbtlog")
+    rc, _out, err = run(capsysbinary, "set", "-n", log, "-s", str((1 << 64) - 1), "-f", "1")
+    assert rc in (errno.EFBIG, errno.ENOSPC)
+    assert log in err
+    assert Path(log).read_bytes() == (REF / "raw-writes.cbtlog").read_bytes()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import uuid
 
-from blktap.cbtutil.logfile import open_log, read_header, sync, write_at, write_changed
+from blktap.cbtutil.logfile import open_log, read_header, sync, write_changed
 from blktap.errors import InvalidArgument
 from blktap.proto import cbt
 
@@ -26,10 +28,11 @@ def set_fields(
     smaller than current file size (N)") and changes nothing. Raises LogOpenError and the
     :class:`blktap.proto.cbt.CbtLogError` subclasses for a file that is not a valid log.
 
-    Order (each step durable before the next): the new bitmap bytes are zeroed and the
-    file cut to its new length, then the header is rewritten. A crash in between leaves
-    the old header over a longer file, which ``get`` reports as a size mismatch and which
-    the same ``set -s`` completes (it accepts the longer file when growing).
+    Order (each step durable before the next): the file is extended to its new length
+    with zero bytes (allocated), then the header is rewritten. A file system that cannot
+    hold the new length (EFBIG, ENOSPC) leaves the log as it was. A crash in between
+    leaves the old header over a longer file, which ``get`` reports as a size mismatch
+    and which the same ``set -s`` completes (it accepts the longer file when growing).
     """
     with open_log(path, writable=True) as fd:
         header = read_header(fd, path, allow_trailing=size is not None)
@@ -44,20 +47,28 @@ def set_fields(
             if size < header.size:
                 raise InvalidArgument(f"Size smaller than current file size ({header.size})")
             new = dataclasses.replace(new, size=size)
-            extra = new.bitmap_size - header.bitmap_size
-            if extra or os.fstat(fd).st_size != new.log_size:
-                _zero(fd, header.log_size, extra)
-                os.ftruncate(fd, new.log_size)
-                sync(fd)
+            if new.log_size != header.log_size or os.fstat(fd).st_size != new.log_size:
+                _grow_file(fd, path, header.log_size, new.log_size)
         write_changed(fd, header.encode(), new.encode(), 0)
         sync(fd)
         return new
 
 
-def _zero(fd: int, offset: int, length: int) -> None:
-    chunk = bytes(min(length, 1 << 20))
-    while length > 0:
-        n = min(length, len(chunk))
-        write_at(fd, memoryview(chunk)[:n], offset)
-        offset += n
-        length -= n
+def _grow_file(fd: int, path: str, old_length: int, new_length: int) -> None:
+    """Make the file ``new_length`` bytes, everything past ``old_length`` zero and
+    allocated (so that marking bits later cannot fail for want of space). Bytes past
+    ``old_length`` (left by an interrupted grow) are dropped first. On failure the file
+    is cut back to ``old_length`` and OSError (naming ``path``) is raised."""
+    try:
+        os.ftruncate(fd, old_length)
+        os.ftruncate(fd, new_length)
+        try:
+            os.posix_fallocate(fd, old_length, new_length - old_length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        sync(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, old_length)
+        raise OSError(exc.errno, exc.strerror, path) from exc
