@@ -45,11 +45,11 @@ from dataclasses import dataclass, field
 from blktap.block.driver import SYNC_WRITE_MAX
 from blktap.proto.nbd import (
     REQUEST,
-    REQUEST_MAGIC,
     SIMPLE_REPLY,
     SIMPLE_REPLY_MAGIC,
     Command,
     CommandFlag,
+    HeaderCheck,
 )
 from blktap.vbd import ThreadIO
 
@@ -211,16 +211,16 @@ class ReadLane(Lane):
     """Serves one connection's lone READs in one thread until something else comes.
 
     ``reply_header(cookie, offset, length)`` builds a successful READ reply's header (the
-    codec's; it only reads what negotiation settled). Its one buffer has LANE_READ_MAX
-    bytes.
+    codec's; it only reads what negotiation settled); ``check`` is the codec's request
+    header rule. Its one buffer has LANE_READ_MAX bytes.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock_fd: int, io: ThreadIO,
                  buf: memoryview, reply_header: Callable[[int, int, int], bytes],
-                 structured: bool, done: Callable[[LaneResult], None]) -> None:
+                 check: HeaderCheck, done: Callable[[LaneResult], None]) -> None:
         super().__init__(loop, sock_fd, [io], [buf], done)
         self._reply_header = reply_header
-        self._flags = _FUA | (int(CommandFlag.DF) if structured else 0)
+        self._accepts = check.accepts
 
     def _serve(self, index: int) -> None:
         fd = self._fd
@@ -236,7 +236,7 @@ class ReadLane(Lane):
         read = self.ios[0].read
         reply_header = self._reply_header
         buf = self.bufs[0]
-        flags_ok = self._flags
+        accepts = self._accepts
         while True:
             poll()
             if self._stopping:
@@ -251,8 +251,8 @@ class ReadLane(Lane):
             if n == _REQ_SIZE:  # one request, alone: a READ the VBD serves here?
                 magic, flags, command, cookie, offset, length = unpack(head)
                 data = buf[:length]
-                served = (command == _READ and magic == REQUEST_MAGIC
-                          and not flags & ~flags_ok and 0 < length <= LANE_READ_MAX
+                served = (command == _READ and 0 < length <= LANE_READ_MAX
+                          and accepts(magic, flags, command, length)
                           and read(offset, data))
             else:
                 served = False
@@ -277,8 +277,10 @@ class WriteLane(Lane):
     something else comes. Each thread has a buffer of WRITE_LANE_MAX bytes."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock_fd: int, ios: list[ThreadIO],
-                 bufs: list[memoryview], done: Callable[[LaneResult], None]) -> None:
+                 bufs: list[memoryview], check: HeaderCheck,
+                 done: Callable[[LaneResult], None]) -> None:
         super().__init__(loop, sock_fd, ios, bufs, done)
+        self._accepts = check.accepts
         self._recv_lock = threading.Lock()  # the thread that receives the next request
         self._send_lock = threading.Lock()  # replies whole, one after the other
         self._head = bytearray(_REQ_SIZE)
@@ -327,8 +329,8 @@ class WriteLane(Lane):
             self._result.received = bytes(head[:got])
             return None
         magic, flags, command, cookie, offset, length = REQUEST.unpack_from(head)
-        if (command != _WRITE or magic != REQUEST_MAGIC or flags & ~_FUA
-                or not WRITE_LANE_MIN <= length <= len(buf)):
+        if (command != _WRITE or not WRITE_LANE_MIN <= length <= len(buf)
+                or not self._accepts(magic, flags, command, length)):
             self._result.received = bytes(head)
             self.stop()
             return None

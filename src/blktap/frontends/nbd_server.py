@@ -83,7 +83,7 @@ from blktap.proto.nbd import (
 from blktap.util.buffers import BufferPool
 from blktap.util.eager import defer as eager_defer
 from blktap.util.eager import start as eager_start
-from blktap.vbd import VBD, SyncFile, ThreadIO
+from blktap.vbd import VBD, Admission, SyncFile, ThreadIO
 
 log = logging.getLogger(__name__)
 
@@ -535,7 +535,7 @@ class _Connection(asyncio.BufferedProtocol):
                     # flight or waiting.
                     if (pos == 0 and end == _REQ_SIZE and data is not None
                             and not self._inflight and not backlog
-                            and _unpack_request(data)[2] == _READ_LOW):
+                            and _lone_read(codec, data)):
                         self._lone += 1
                     else:
                         self._lone = 0
@@ -580,10 +580,11 @@ class _Connection(asyncio.BufferedProtocol):
         would move), the codec parses all the rest. Stops early when the connection
         drains."""
         while pos < end:
-            sync = None if self._backlog or self._writing_paused else self.vbd.sync_file()
+            # The VBD's admission rule and routes, once per batch (valid until we yield).
+            adm = None if self._backlog or self._writing_paused else self.vbd.admission
             try:
-                if sync is not None:
-                    pos = self._inline(codec, sync, data, pos, end)
+                if adm is not None and adm.sync is not None:
+                    pos = self._inline(codec, adm, adm.sync, data, pos, end)
                     if pos >= end:
                         return
                     events, pos = codec.feed_request(data, pos)
@@ -601,8 +602,8 @@ class _Connection(asyncio.BufferedProtocol):
             if self._draining or codec.state is not _TRANSMISSION:
                 return  # (DISC or ABORT: nothing that follows counts)
 
-    def _inline(self, codec: ServerCodec, sync: SyncFile, data: memoryview, pos: int,
-                end: int) -> int:
+    def _inline(self, codec: ServerCodec, adm: Admission, sync: SyncFile, data: memoryview,
+                pos: int, end: int) -> int:
         """Serve, from ``data[pos]`` on, the READs and small WRITEs the VBD's SyncFile
         covers, each with one preadv/pwritev, without a call per request through the
         codec, _dispatch, the VBD and the driver (with 4 KiB requests, many per read,
@@ -611,9 +612,18 @@ class _Connection(asyncio.BufferedProtocol):
         failed or fell short: the general path serves it again and reports), which the
         codec parses next; or ``end``, having kept the start of a small request that is
         not all here at the start of the receive buffer, for the next read to complete.
+
+        Which requests it takes is HeaderCheck.accepts (the codec's rule) and
+        Admission.admits (the VBD's), copied inline: a call per request costs more than
+        the system call's share (test_nbd_codec.py::test_inline_takes_only_what_the_rules_
+        admit pins the copies).
         """
-        fd, size, writable = sync.fd, sync.size, sync.writable
-        read_flags = codec.allowed_flags(Command.READ)
+        fd = sync.fd
+        read_limit = adm.read_limit
+        write_limit = adm.write_limit if sync.writable else -1
+        check = codec.header_check
+        read_flags = check.flags(_READ)
+        write_flags = check.flags(_WRITE)
         free = self._free
         out = self._out  # both replaced by each flush
         sending = self._sending
@@ -622,11 +632,11 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             while end - pos >= _REQ_SIZE:
                 magic, flags, command, cookie, offset, length = _unpack_request(data, pos)
-                if (magic != REQUEST_MAGIC or not length or (offset | length) & _SECTOR_MASK
-                        or offset + length > size):
+                # HeaderCheck.accepts and Admission.admits, inline (see the docstring).
+                if magic != REQUEST_MAGIC or not length or (offset | length) & _SECTOR_MASK:
                     return pos
                 if command == _READ_LOW:
-                    if flags & ~read_flags or length > MAX_BLOCK:
+                    if flags & ~read_flags or length > MAX_BLOCK or offset + length > read_limit:
                         return pos
                     bufs = free.get(length)
                     if bufs:
@@ -655,7 +665,8 @@ class _Connection(asyncio.BufferedProtocol):
                         if self._writing_paused:
                             return pos  # the codec parses the rest, into the backlog
                 elif command == _WRITE_LOW:
-                    if flags & ~_FUA or not writable or length >= SYNC_WRITE_MAX:
+                    if (flags & ~write_flags or length >= SYNC_WRITE_MAX
+                            or offset + length > write_limit):
                         return pos
                     start = pos + _REQ_SIZE
                     if end - start < length:
@@ -1156,7 +1167,7 @@ class _Connection(asyncio.BufferedProtocol):
         buf = self.pool.get(LANE_READ_MAX)
         try:
             lane: Lane = ReadLane(self._loop, self._fd, io, buf, codec.read_reply_header,
-                                  codec.structured, self._lane_returned)
+                                  codec.header_check, self._lane_returned)
         except OSError as exc:  # out of descriptors: serve from the loop
             self._no_lane(False, [io], [buf], exc)
             return
@@ -1183,7 +1194,8 @@ class _Connection(asyncio.BufferedProtocol):
         bufs = [self.pool.get(WRITE_LANE_MAX) for _ in ios]
         self._lane_wanted = False
         try:
-            lane: Lane = WriteLane(self._loop, self._fd, ios, bufs, self._lane_returned)
+            lane: Lane = WriteLane(self._loop, self._fd, ios, bufs, codec.header_check,
+                                   self._lane_returned)
         except OSError as exc:  # out of descriptors: the loop serves
             self._no_lane(True, ios, bufs, exc)
             return
@@ -1289,6 +1301,12 @@ class _Connection(asyncio.BufferedProtocol):
             view[:n] = data[pos : pos + n]
             pos += n
             self.buffer_updated(n)
+
+
+def _lone_read(codec: ServerCodec, data: memoryview) -> bool:
+    """Whether the one request header in ``data`` is a READ the codec accepts as is."""
+    magic, flags, command, _cookie, _offset, length = _unpack_request(data)
+    return command == _READ_LOW and codec.header_check.accepts(magic, flags, command, length)
 
 
 def _unsent(out: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:

@@ -269,6 +269,32 @@ class Request(NamedTuple):
 
 
 Event = Negotiated | Aborted | Request
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderCheck:
+    """The one check of an NBD request header (built by the codec when transmission
+    starts, from what was negotiated): whether a request is one the server serves as it
+    stands. Every reader of request headers uses it: the codec, a connection's inline
+    path, its lanes (blktap.frontends); a reader that copies :meth:`accepts` inline for
+    speed says so, and tests/unit/test_nbd_codec.py pins the copies to it.
+
+    A header it refuses is not necessarily an error: the codec decides how to answer it
+    (EINVAL, a payload to skip, a protocol error)."""
+
+    allowed: dict[int, int]
+    """Command (as on the wire) -> the flags it may carry, for each command served."""
+
+    def accepts(self, magic: int, flags: int, command: int, length: int) -> bool:
+        """Right magic, a command served, only flags it may carry, and for READ and WRITE
+        (whose data is carried) at most MAX_BLOCK bytes."""
+        allowed = self.allowed.get(command)
+        return (magic == REQUEST_MAGIC and allowed is not None and not flags & ~allowed
+                and (length <= MAX_BLOCK or command > _WRITE))  # READ 0, WRITE 1
+
+    def flags(self, command: Command) -> int:
+        """The flags ``command`` may carry (0 when it is not served)."""
+        return self.allowed.get(command, 0)
 _new_tuple = tuple.__new__
 _WRITE_COMMAND: Final = Command.WRITE
 _WRITE: Final = int(Command.WRITE)
@@ -337,6 +363,8 @@ class ServerCodec:
         self._skip = 0  # bytes of a rejected WRITE payload still to discard
         self._allowed: dict[int, int] = {}
         self._fast: dict[int, tuple[Command, int]] = {}
+        self.header_check = HeaderCheck({})
+        """The request header rule (:class:`HeaderCheck`), set when transmission starts."""
 
     # ------------------------------------------------------------------ plumbing
     def _transition(self, step: str) -> None:
@@ -603,6 +631,9 @@ class ServerCodec:
         if self.base_allocation:
             fast.append(Command.BLOCK_STATUS)
         self._fast = {int(c): (c, self._allowed[c]) for c in fast}
+        self.header_check = HeaderCheck({
+            int(c): f for c, f in self._allowed.items()
+            if c is not Command.BLOCK_STATUS or self.base_allocation})
 
     def _negotiated(self) -> Negotiated:
         return Negotiated(self.export_name, self.structured, self.base_allocation,
@@ -666,6 +697,7 @@ class ServerCodec:
             magic, flags, cmd, cookie, offset, length = unpack(data, pos)
             pos += _REQ_SIZE
             entry = fast.get(cmd)
+            # HeaderCheck.accepts, inline (twice: without and with a payload).
             if (
                 entry is not None
                 and magic == REQUEST_MAGIC
