@@ -4,6 +4,7 @@ tests/interop/test_cbt_util_fixtures.py and tests/compat/test_sm_cbtutil.py)."""
 
 from __future__ import annotations
 
+import base64
 import errno
 import shutil
 from pathlib import Path
@@ -248,3 +249,22 @@ def test_set_size_too_large_leaves_the_log_as_it_was(
     assert rc in (errno.EFBIG, errno.ENOSPC)
     assert log in err
     assert Path(log).read_bytes() == (REF / "raw-writes.cbtlog").read_bytes()
+
+
+def test_get_bitmap_of_a_large_log_in_chunks(capsysbinary: Capture, tmp_path: Path) -> None:
+    log = tmp_path / "big.cbtlog"
+    size = (1 << 40) + 1  # 2 MiB of bitmap and one byte: several chunks, a short last one
+    assert run(capsysbinary, "create", "-n", str(log), "-s", str(size))[0] == 0
+    with open(log, "r+b") as f:
+        for pos in (48, 48 + 786431, 48 + 786432, 48 + (2 << 20)):
+            f.seek(pos)
+            f.write(b"\x5a")
+    bitmap = log.read_bytes()[48:]
+    assert len(bitmap) == (2 << 20) + 1
+    rc, out, err = run(capsysbinary, "get", "-n", str(log), "-b")
+    assert (rc, err) == (0, "")
+    assert out == bitmap
+    rc, out, err = run(capsysbinary, "get", "-n", str(log), "-b", "-E")
+    assert (rc, err) == (0, "")
+    assert out.count(b"\n") == 1 and out.endswith(b"\n")
+    assert base64.b64decode(out, validate=False) == bitmap

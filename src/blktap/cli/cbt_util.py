@@ -162,16 +162,18 @@ def _get(argv: Sequence[str]) -> int:
     a = p.parse_args(argv)
     if a.base64 and a.field != "bitmap":
         p.error("-E goes with -b")
-    from blktap.cbtutil.query import get_header, get_log
+    from blktap.cbtutil.query import get_header, iter_bitmap
 
     if a.field == "bitmap":
-        bitmap = get_log(a.name).bitmap
+        # Streamed: nothing is written before the file is validated (the first chunk).
+        # Chunks are a multiple of 3 bytes so that base64 needs no carry between them.
+        out = sys.stdout.buffer
+        sys.stdout.flush()
+        for chunk in iter_bitmap(a.name, 3 << 18):
+            out.write(base64.b64encode(chunk) if a.base64 else chunk)
         if a.base64:
-            _out(base64.b64encode(bitmap).decode("ascii"))
-        else:
-            sys.stdout.flush()
-            sys.stdout.buffer.write(bitmap)
-            sys.stdout.buffer.flush()
+            out.write(b"\n")
+        out.flush()
         return 0
     header = get_header(a.name)
     if a.field == "parent":
