@@ -475,6 +475,7 @@ def test_set_physical_size_and_kill_data(sr: Path) -> None:
     end = int(query("-s", path))
     pread2([VHD_UTIL, "modify", OPT_LOG_ERR, "-s", str(end + 4 * MB), "-n", path])
     assert os.path.getsize(path) == end + 4 * MB
+    assert int(query("-s", path)) == end  # still the end of the data (vhd_get_phys_size)
     with open(path, "rb") as f:
         f.seek(-512, os.SEEK_END)
         assert f.read(8) == b"conectix"
@@ -543,6 +544,16 @@ def test_debug_goes_to_stderr_only(sr: Path) -> None:
         assert plain.returncode == debug.returncode == 0
         assert plain.stdout == debug.stdout, args
         assert b"debug:" in debug.stderr and b"debug:" not in plain.stderr
+
+
+def test_scan_of_an_empty_sr(sr: Path) -> None:
+    # getAllVHDs on a new SR: the pattern matches nothing; the C tool prints nothing and
+    # exits 0 (glob's GLOB_NOMATCH with errno 0). A missing directory is an error.
+    assert get_all_vhds(str(sr / "*.vhd")) == {}
+    assert pread2([VHD_UTIL, "scan", "-f", "-m", str(sr / "*.vhd")]) == ""
+    with pytest.raises(CommandFailed) as exc:
+        pread2([VHD_UTIL, "scan", "-f", "-m", str(sr / "missing" / "*.vhd")])
+    assert exc.value.rc == 2
 
 
 def test_scan_with_an_unreadable_image_retries_with_continue(sr: Path) -> None:

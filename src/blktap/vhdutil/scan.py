@@ -133,6 +133,17 @@ def _line(img: ScanImage, tab: int, opts: ScanOptions) -> str:
     )
 
 
+def _pattern_dir_exists(pattern: str) -> bool:
+    """Whether glob(3) would have found nothing without failing a system call: the
+    pattern has wildcards only in its last component and its directory exists. (A
+    pattern without wildcards names a file that lstat did not find; a missing directory
+    fails opendir: both leave ENOENT, which the C tool reports.)"""
+    head, tail = os.path.split(pattern)
+    if not glob.has_magic(tail) or glob.has_magic(head):
+        return False
+    return os.path.isdir(head or ".")
+
+
 def scan(files: list[str], opts: ScanOptions) -> ScanResult:
     """Scan ``files`` (plus what ``opts.filter`` matches). Never raises for a bad image:
     it becomes a ``scan-error`` line; the scan stops there unless ``continue_on_failure``.
@@ -146,6 +157,10 @@ def scan(files: list[str], opts: ScanOptions) -> ScanResult:
         if not opts.fast:
             matches.sort()
         if not matches:
+            if _pattern_dir_exists(opts.filter):
+                # An empty SR: the C tool's glob fails with GLOB_NOMATCH but errno 0,
+                # which it takes as no error: nothing printed, exit 0.
+                return ScanResult([], 0)
             lines.append(
                 f"vhd={opts.filter} scan-error={-errno.ENOENT} "
                 "error-message='failure scanning target'"
