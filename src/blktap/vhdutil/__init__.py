@@ -9,5 +9,5 @@ Modules: :mod:`.common` (footer rewriting, block allocation helpers), :mod:`.rea
 (reading a chain's virtual disk), :mod:`.progress`, :mod:`.create` (create, snapshot),
 :mod:`.query`, :mod:`.setfield`, :mod:`.dump` (read), :mod:`.check`, :mod:`.repair`,
 :mod:`.journal` (resize journals, revert), :mod:`.resize`, :mod:`.fill`,
-:mod:`.coalesce`, :mod:`.modify`, :mod:`.scan`.
+:mod:`.coalesce`, :mod:`.modify`, :mod:`.scan`, :mod:`.key` (key hashes), :mod:`.copy`.
 """

@@ -9,6 +9,7 @@ Every structure parses into a frozen dataclass and encodes back byte for byte:
 * :mod:`.bat` — the block allocation table;
 * :mod:`.bitmap` — per-block sector bitmaps (MSB first; LSB first for old "tap" 0.1);
 * :mod:`.batmap` — blktap's "tdbatmap" header and bitmap;
+* :mod:`.keyhash` — the key hash of an encrypted VHD (batmap header or extended attribute);
 * :mod:`.check` — the ``vhd-util check`` validator.
 
 No module here touches a file or socket.
