@@ -21,6 +21,10 @@ from tests.helpers import (
     tapdisks_under,
 )
 
+# The NBD fixtures (workdir, serve) of tests/system/test_nbd_server.py and
+# tests/interop/test_nbd_clients.py.
+pytest_plugins = ["tests.nbd_helpers"]
+
 # Directories of this run besides RUN_DIRS (pytest's base temporary directory).
 _RUN_TEMP: list[str] = []
 
