@@ -68,12 +68,10 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--type", choices=("aio", "vhd"), default="aio")
-    args = ap.parse_args()
+def measure(connections: int = 32, kind: str = "aio") -> dict[str, int]:
+    """VmRSS (KiB) of a fresh tapdisk: ``no_vbd``, ``idle`` with one 1 GiB ``kind`` VBD, and
+    ``busy`` with ``connections`` NBD connections open (each has read 1 MiB). Removes
+    everything it made, also on an exception."""
     run_dir = tempfile.mkdtemp(prefix="mem-bench-", dir="/tmp")
     env = dict(os.environ, BLKTAP_RUN_DIR=run_dir, BLKTAP_BLOCKDEV="off")
     proc = subprocess.Popen([str(BIN / "tapdisk"), "-D"], stdout=subprocess.PIPE,
@@ -83,7 +81,7 @@ def main() -> int:
         assert proc.stdout is not None
         proc.stdout.readline()  # the control socket path: tapdisk is listening
         baseline = rss_kib(proc.pid)
-        if args.type == "aio":
+        if kind == "aio":
             image = os.path.join(run_dir, "disk.raw")
             with open(image, "wb") as f:
                 f.truncate(1 << 30)
@@ -94,26 +92,39 @@ def main() -> int:
         rundir = RunDir(Path(run_dir), Path(run_dir) / "dev")
         minor = minors.allocate(rundir)
         client.attach(rundir, proc.pid, minor)
-        client.open(rundir, proc.pid, minor, f"{args.type}:{image}")
+        client.open(rundir, proc.pid, minor, f"{kind}:{image}")
         time.sleep(0.2)
         idle = rss_kib(proc.pid)
         nbd = str(rundir.nbd_socket(proc.pid, minor))
-        for i in range(args.connections):
+        for i in range(connections):
             s = nbd_connect(nbd)
             nbd_read(s, i << 20, 1 << 20)
             conns.append(s)
         time.sleep(0.2)
         busy = rss_kib(proc.pid)
-        print(f"tapdisk RSS: {baseline / 1024:.1f} MiB with no VBD, {idle / 1024:.1f} MiB idle "
-              f"with one {args.type} VBD, {busy / 1024:.1f} MiB with {args.connections} "
-              f"NBD connections (each has read 1 MiB)")
     finally:
         for s in conns:
             s.close()
         proc.terminate()
         proc.wait()
-        proc.stdout.close() if proc.stdout else None
+        if proc.stdout:
+            proc.stdout.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+    return {"no_vbd_kib": baseline, "idle_kib": idle, "busy_kib": busy,
+            "connections": connections}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--type", choices=("aio", "vhd"), default="aio")
+    args = ap.parse_args()
+    m = measure(args.connections, args.type)
+    print(f"tapdisk RSS: {m['no_vbd_kib'] / 1024:.1f} MiB with no VBD, "
+          f"{m['idle_kib'] / 1024:.1f} MiB idle with one {args.type} VBD, "
+          f"{m['busy_kib'] / 1024:.1f} MiB with {args.connections} "
+          f"NBD connections (each has read 1 MiB)")
     return 0
 
 
