@@ -4,7 +4,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-debs=(qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 libvhdi-utils util-linux procps e2fsprogs)
+# qemu-system-common: qemu-storage-daemon, a peer of bench/run's block-device benchmark.
+debs=(qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 libvhdi-utils util-linux procps e2fsprogs
+      qemu-system-common)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -27,7 +29,7 @@ stamp=.venv/.blktap-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ ! -x .venv/bin/tapdisk ]; then
     echo "setup: installing the package into .venv" >&2
-    .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+    .venv/bin/pip install -q --disable-pip-version-check -e ".[test,bench]"
     echo "$want" > "$stamp"
 fi
 # Byte-compile the sources: tapdisk and tap-ctl start in a fraction of the time when they
