@@ -95,7 +95,7 @@ class Admission:
 
     The fast paths copy :meth:`admits` inline for speed (a call per request costs more
     than the rest of the check); each copy says so, and
-    tests/unit/test_vbd.py::test_fast_routes_admit_as_the_rule pins them to it.
+    tests/unit/test_fast_route_rules.py pins them to it.
     """
 
     read_limit: int
@@ -117,6 +117,25 @@ class Admission:
         return not (offset | length) & _SECTOR_MASK and offset >= 0 and offset + length <= limit
 
 
+@dataclass(slots=True)
+class IOCounts:
+    """Requests served by a route that bypasses the VBD's methods, and the bytes they
+    moved, gathered over one batch (or by one thread) and added to their owners at once:
+    :meth:`VBD.count` for the VBD's statistics, a frontend's own for its. Requests served
+    by the VBD's methods are counted there."""
+
+    reads: int = 0
+    read_bytes: int = 0
+    writes: int = 0
+    written_bytes: int = 0
+
+    def add(self, other: IOCounts) -> None:
+        self.reads += other.reads
+        self.read_bytes += other.read_bytes
+        self.writes += other.writes
+        self.written_bytes += other.written_bytes
+
+
 class ThreadIO:
     """I/O of a VBD from one thread other than the event loop's (a thread of an NBD
     connection's lane): get it with :meth:`VBD.thread_io`, give it back with
@@ -127,17 +146,37 @@ class ThreadIO:
     offers ``read_blocking``/``write_blocking``, and decline everything else, failures
     included: the caller then sends the request through the loop, which answers and
     counts it as usual. The VBD waits for I/O in progress here before it closes the image
-    (pause, close); the counters are this thread's alone and the VBD adds them to its own.
+    (pause, close); :attr:`counts` are this thread's alone and the VBD adds them to its
+    own (:meth:`VBD.count`) when the thread is done or the VBD pauses.
     """
 
-    __slots__ = ("_vbd", "busy", "reads", "sectors", "writes")
+    __slots__ = ("_vbd", "busy", "counts")
 
     def __init__(self, vbd: VBD) -> None:
         self._vbd = vbd
         self.busy = False
-        self.reads = 0
-        self.writes = 0
-        self.sectors = [0, 0]  # read, written
+        self.counts = IOCounts()
+
+    @property
+    def reads(self) -> int:
+        return self.counts.reads
+
+    @reads.setter
+    def reads(self, value: int) -> None:
+        self.counts.reads = value
+
+    @property
+    def writes(self) -> int:
+        return self.counts.writes
+
+    @writes.setter
+    def writes(self, value: int) -> None:
+        self.counts.writes = value
+
+    @property
+    def sectors(self) -> list[int]:
+        """Sectors read and written (not yet taken by the VBD)."""
+        return [self.counts.read_bytes >> 9, self.counts.written_bytes >> 9]
 
     def read(self, offset: int, buf: memoryview) -> bool:
         """Fill ``buf`` from ``offset``, blocking this thread; False having done nothing
@@ -158,8 +197,9 @@ class ThreadIO:
                     return False
             except Exception:
                 return False  # the loop tries again and reports the failure
-            self.reads += 1
-            self.sectors[0] += length >> 9
+            counts = self.counts
+            counts.reads += 1
+            counts.read_bytes += length
             return True
         finally:
             self.busy = False
@@ -182,8 +222,9 @@ class ThreadIO:
                     return False
             except Exception:
                 return False  # the loop writes it again and reports the failure
-            self.writes += 1
-            self.sectors[1] += length >> 9
+            counts = self.counts
+            counts.writes += 1
+            counts.written_bytes += length
             return True
         finally:
             self.busy = False
@@ -441,13 +482,8 @@ class VBD:
 
     def _take_counts(self, io: ThreadIO) -> None:
         # Only while its thread does no I/O (released, or the VBD not running).
-        hits = self._now_stats.hits
-        hits[0] += io.reads
-        hits[1] += io.writes
-        self.sectors[0] += io.sectors[0]
-        self.sectors[1] += io.sectors[1]
-        io.reads = io.writes = 0
-        io.sectors = [0, 0]
+        self.count(io.counts)
+        io.counts = IOCounts()
 
     def _wake_waiters(self, exc: BaseException | None) -> None:
         fut, self._running = self._running, None
@@ -567,19 +603,21 @@ class VBD:
         Valid until the caller next yields to the event loop: a pause or close waits for
         the loop. The caller validates each request as the SyncFile says, sends any other
         request and any that fails through :meth:`read`/:meth:`write` (which answer and
-        count the failure), and reports what it served with :meth:`count_sync`.
+        count the failure), and reports what it served with :meth:`count`.
         """
         adm = self._admission
         return adm.sync if adm is not None else None
 
-    def count_sync(self, reads: int, read_bytes: int, writes: int, written_bytes: int) -> None:
-        """Count requests served through :meth:`sync_file` (as :meth:`read_now` would)."""
+    def count(self, counts: IOCounts) -> None:
+        """Count requests a route served past the VBD's methods (through :meth:`sync_file`,
+        or another thread's :class:`ThreadIO`) as :meth:`read_now` would: the one image's
+        hits and the VBD's sectors. Once per batch."""
         hits = self._now_stats.hits
-        hits[0] += reads
-        hits[1] += writes
+        hits[0] += counts.reads
+        hits[1] += counts.writes
         sectors = self.sectors
-        sectors[0] += read_bytes >> 9
-        sectors[1] += written_bytes >> 9
+        sectors[0] += counts.read_bytes >> 9
+        sectors[1] += counts.written_bytes >> 9
 
     def _failed_now(self, rw: int) -> None:
         stats = self._now_stats
@@ -693,16 +731,17 @@ class VBD:
     def stats(self) -> dict[str, Any]:
         """The STATS JSON object of this VBD, with the C tapdisk's keys."""
         images: list[dict[str, Any]] = []
-        ios = self._thread_ios
+        # I/O by other threads counts for the image it went to (see _take_counts).
+        pending = IOCounts()
+        for io in self._thread_ios:
+            pending.add(io.counts)
         if self._chain is not None:
-            # I/O by other threads counts for the image it went to (see _take_counts).
-            thread_hits = [sum(io.reads for io in ios), sum(io.writes for io in ios)]
             for image, st in zip(self._chain.images, self._chain.stats, strict=True):
                 mine = st is self._now_stats
                 images.append({
                     "name": image.path,
-                    "hits": [st.hits[0] + (thread_hits[0] if mine else 0),
-                             st.hits[1] + (thread_hits[1] if mine else 0)],
+                    "hits": [st.hits[0] + (pending.reads if mine else 0),
+                             st.hits[1] + (pending.writes if mine else 0)],
                     "fail": list(st.fail),
                     "driver": {"type": DISK_TYPE_IDS.get(image.type_name, -1),
                                "name": image.type_name, "status": 0},
@@ -712,8 +751,8 @@ class VBD:
             "minor": self.minor,
             "state": self.state_bits,
             "read_only": self.options.read_only,
-            "secs": [self.sectors[0] + sum(io.sectors[0] for io in ios),
-                     self.sectors[1] + sum(io.sectors[1] for io in ios)],
+            "secs": [self.sectors[0] + (pending.read_bytes >> 9),
+                     self.sectors[1] + (pending.written_bytes >> 9)],
             "errors": list(self.errors),
             "images": images,
             "reqs_outstanding": self._inflight,

@@ -13,7 +13,7 @@ from blktap.block.driver import SYNC_WRITE_MAX, OpenOptions
 from blktap.block.drivers.aio import SYNC_READ_MAX
 from blktap.errors import BlktapError, InvalidArgument, NoSpace, ReadOnly, Shutdown
 from blktap.util.buffers import aligned
-from blktap.vbd import VBD, ImageSpec, VBDState
+from blktap.vbd import VBD, ImageSpec, IOCounts, VBDState
 
 SIZE = 1 << 20
 
@@ -150,7 +150,7 @@ def test_sync_file_is_lent_only_while_running_buffered_and_counts(image: str) ->
         assert sync is not None and (sync.size, sync.writable) == (SIZE, True)
         buf = memoryview(bytearray(4096))
         assert os.preadv(sync.fd, [buf], 4096) == 4096 and bytes(buf) == bytes(range(256)) * 16
-        vbd.count_sync(2, 8192, 1, 512)
+        vbd.count(IOCounts(reads=2, read_bytes=8192, writes=1, written_bytes=512))
         stats = vbd.stats()
         assert stats["secs"] == [16, 1] and stats["images"][0]["hits"] == [2, 1]
         await vbd.pause()

@@ -51,7 +51,7 @@ from blktap.proto.nbd import (
     CommandFlag,
     HeaderCheck,
 )
-from blktap.vbd import ThreadIO
+from blktap.vbd import IOCounts, ThreadIO
 
 LANE_READ_MAX = 256 * 1024
 """Larger READs make a read lane return (the loop serves them)."""
@@ -100,12 +100,9 @@ class Lane:
                  bufs: list[memoryview], done: Callable[[LaneResult], None]) -> None:
         self.ios = ios
         self.bufs = bufs
-        # Served requests, changed by the lane's threads only (a write lane's under its
-        # send lock).
-        self.reads = 0
-        self.writes = 0
-        self.bytes_read = 0
-        self.bytes_written = 0
+        self.counts = IOCounts()
+        """Requests served, changed by the lane's threads only (a write lane's under its
+        send lock); the connection takes them when the lane returns."""
         self._loop = loop
         self._done = done
         self._result = LaneResult()
@@ -264,8 +261,9 @@ class ReadLane(Lane):
                 sent = writev(fd, (header, data))
             except BlockingIOError:
                 sent = 0
-            self.reads += 1
-            self.bytes_read += length
+            counts = self.counts
+            counts.reads += 1
+            counts.read_bytes += length
             if sent != len(header) + length:
                 self._send_rest([header, bytes(data)], sent)
                 if self._result.unsent:
@@ -305,8 +303,9 @@ class WriteLane(Lane):
                 return
             reply = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
             with self._send_lock:
-                self.writes += 1
-                self.bytes_written += len(data)
+                counts = self.counts
+                counts.writes += 1
+                counts.written_bytes += len(data)
                 if self._result.unsent:  # stopped while a reply waited for room
                     self._result.unsent.append(reply)
                     continue

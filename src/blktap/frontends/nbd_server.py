@@ -83,7 +83,7 @@ from blktap.proto.nbd import (
 from blktap.util.buffers import BufferPool
 from blktap.util.eager import defer as eager_defer
 from blktap.util.eager import start as eager_start
-from blktap.vbd import VBD, Admission, SyncFile, ThreadIO
+from blktap.vbd import VBD, Admission, IOCounts, SyncFile, ThreadIO
 
 log = logging.getLogger(__name__)
 
@@ -377,13 +377,22 @@ class _Connection(asyncio.BufferedProtocol):
 
     def counters(self) -> tuple[int, ...]:
         lane = self._lane
-        reads, writes, read_bytes, written_bytes = (
-            (lane.reads, lane.writes, lane.bytes_read, lane.bytes_written) if lane
-            else (0, 0, 0, 0))
-        return (1, self.requests + reads + writes, self.reads + reads, self.writes + writes,
-                self.bytes_read + read_bytes, self.bytes_written + written_bytes,
-                self.errors, self.protocol_errors, self.lane_reads + reads,
-                self.lane_writes + writes)
+        c = lane.counts if lane is not None else IOCounts()  # a running lane's so far
+        return (1, self.requests + c.reads + c.writes, self.reads + c.reads,
+                self.writes + c.writes, self.bytes_read + c.read_bytes,
+                self.bytes_written + c.written_bytes, self.errors, self.protocol_errors,
+                self.lane_reads + c.reads, self.lane_writes + c.writes)
+
+    def _served(self, counts: IOCounts, lane: bool) -> None:
+        """Count requests served past _dispatch (inline, or by a lane), once per batch."""
+        self.requests += counts.reads + counts.writes
+        self.reads += counts.reads
+        self.bytes_read += counts.read_bytes
+        self.writes += counts.writes
+        self.bytes_written += counts.written_bytes
+        if lane:
+            self.lane_reads += counts.reads
+            self.lane_writes += counts.writes
 
     def statistics(self) -> Statistics:
         return Statistics(*self.counters())
@@ -697,12 +706,9 @@ class _Connection(asyncio.BufferedProtocol):
             return end
         finally:
             if reads or writes:
-                self.requests += reads + writes
-                self.reads += reads
-                self.bytes_read += read_bytes
-                self.writes += writes
-                self.bytes_written += written
-                self.vbd.count_sync(reads, read_bytes, writes, written)
+                counts = IOCounts(reads, read_bytes, writes, written)
+                self._served(counts, False)
+                self.vbd.count(counts)
                 if self._big > 0:
                     self._big = 0
 
@@ -1249,14 +1255,9 @@ class _Connection(asyncio.BufferedProtocol):
     def _take_lane(self, lane: Lane, result: LaneResult) -> None:
         for io in lane.ios:
             self.vbd.release_thread_io(io)
-        served = lane.reads + lane.writes
-        self.requests += served
-        self.reads += lane.reads
-        self.writes += lane.writes
-        self.lane_reads += lane.reads
-        self.lane_writes += lane.writes
-        self.bytes_read += lane.bytes_read
-        self.bytes_written += lane.bytes_written
+        counts = lane.counts
+        self._served(counts, True)
+        served = counts.reads + counts.writes
         # A lane that served few requests cost threads for little: wait longer next time.
         if isinstance(lane, WriteLane):
             self._write_lane_after = (WRITE_LANE_AFTER if served >= LANE_SHORT
