@@ -93,8 +93,9 @@ class Admission:
     multiples of 512, inside the device, and (a write) the stack writable, which is
     ``offset + length <= write_limit`` with ``write_limit`` -1 when not writable.
 
-    The fast paths copy :meth:`admits` inline for speed (a call per request costs more
-    than the rest of the check); each copy says so, and
+    Threads (:class:`ThreadIO`) call :meth:`admits`; the event loop's fast paths copy it
+    inline for speed (a call per request costs more than the rest of the check): each
+    copy says so, and
     tests/unit/test_fast_route_rules.py pins them to it.
     """
 
@@ -187,10 +188,8 @@ class ThreadIO:
         try:
             adm = self._vbd._admission
             length = len(buf)
-            # Admission.admits, inline.
             if (adm is None or (read := adm.read_blocking) is None
-                    or (offset | length) & _SECTOR_MASK or offset < 0
-                    or offset + length > adm.read_limit):
+                    or not adm.admits(offset, length, False)):
                 return False
             try:
                 if not read(offset, buf):
@@ -212,10 +211,8 @@ class ThreadIO:
         try:
             adm = self._vbd._admission
             length = len(data)
-            # Admission.admits, inline.
             if (adm is None or (write := adm.write_blocking) is None
-                    or (offset | length) & _SECTOR_MASK or offset < 0
-                    or offset + length > adm.write_limit):
+                    or not adm.admits(offset, length, True)):
                 return False
             try:
                 if not write(offset, data, fua):
