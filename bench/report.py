@@ -187,31 +187,31 @@ def metrics(doc: dict[str, Any]) -> dict[str, Metric]:
         for (wl, col), c in cells(g).items():
             out[f"{g['id']}/{wl}/{col}"] = Metric(c.value, c.unit, True)
             if c.p99_us is not None:
-                out[f"{g['id']}/{wl}/{col} p99"] = Metric(c.p99_us, "us", False)
+                out[f"{g['id']}/{wl}/{col}/p99"] = Metric(c.p99_us, "us", False)
     ctl = doc.get("control")
     if ctl:
         for op in ("create", "destroy"):
-            out[f"control/{op} median"] = Metric(statistics.median(ctl[f"{op}_ms"]), "ms", False)
-            out[f"control/{op} p90"] = Metric(_p90(ctl[f"{op}_ms"]), "ms", False)
+            out[f"control/{op}/median"] = Metric(statistics.median(ctl[f"{op}_ms"]), "ms", False)
+            out[f"control/{op}/p90"] = Metric(_p90(ctl[f"{op}_ms"]), "ms", False)
         if "parallel_create_s" in ctl:
             n = ctl["parallel"]
-            out[f"control/{n} parallel creates"] = Metric(ctl["parallel_create_s"], "s", False)
-            out[f"control/{n} parallel RSS sum"] = Metric(
+            out[f"control/parallel-{n}/create"] = Metric(ctl["parallel_create_s"], "s", False)
+            out[f"control/parallel-{n}/rss-sum"] = Metric(
                 sum(ctl["parallel_rss_kib"]) / 1024, "MiB", False)
     for m in doc.get("memory", []):
-        for key, label in (("no_vbd_kib", "no VBD"), ("idle_kib", "one VBD idle"),
-                           ("busy_kib", f"{m['connections']} connections")):
-            out[f"memory/{m['kind']} {label}"] = Metric(m[key] / 1024, "MiB", False)
+        for key, label in (("no_vbd_kib", "no-vbd"), ("idle_kib", "one-vbd-idle"),
+                           ("busy_kib", f"{m['connections']}-connections")):
+            out[f"memory/{m['kind']}/{label}"] = Metric(m[key] / 1024, "MiB", False)
     co = doc.get("coalesce")
     if co:
         out["vhd/coalesce"] = Metric(co["size_mib"] / statistics.median(co["coalesce_s"]),
                                      "MiB/s", True)
-        out["vhd/plain copy"] = Metric(co["size_mib"] / statistics.median(co["copy_s"]),
+        out["vhd/plain-copy"] = Metric(co["size_mib"] / statistics.median(co["copy_s"]),
                                        "MiB/s", True)
     ch = doc.get("chain_depth")
     if ch:
         for (layout, mode, depth), vals in _chain_table(ch).items():
-            out[f"vhd/chain {layout} {mode} depth {depth}"] = Metric(
+            out[f"vhd/chain/{layout}/{mode}/depth-{depth}"] = Metric(
                 statistics.median(vals), "IOPS", True)
     return out
 
@@ -448,6 +448,7 @@ def plot_vhd(doc: dict[str, Any], path: str) -> bool:
     ax = axes[0][1]
     if ch:
         table = _chain_table(ch)
+        ax.set_xscale("log", base=2)
         series = sorted({(layout, mode) for layout, mode, _ in table})
         for i, (layout, mode) in enumerate(series):
             depths = sorted(d for lo, mo, d in table if (lo, mo) == (layout, mode))
@@ -456,7 +457,6 @@ def plot_vhd(doc: dict[str, Any], path: str) -> bool:
                     color=PEER_COLORS[i % len(PEER_COLORS)],
                     linestyle="--" if mode == "first" else "-")
             ax.set_xticks(depths, [str(d) for d in depths])
-        ax.set_xscale("log", base=2)
         ax.set_xlabel("chain depth (VHDs from leaf to base)")
         ax.set_ylabel("4 KiB random reads, IOPS")
         ax.set_title(f"Reads through VHD chains ({ch['size_mib']} MiB disk)", fontsize=10)
