@@ -702,6 +702,8 @@ class _FuseSession:
         length = min(end, self._size) - req.offset
         if length <= 0:
             return _done_payload()
+        if not self._vbd.capabilities.zero:  # the stack does not serve write-zeroes
+            raise BlktapError("zeroing is not supported here", errno=errno.EOPNOTSUPP)
         return self._zero(req.offset, length, bool(mode & fuse.FALLOC_FL_PUNCH_HOLE))
 
     async def _zero(self, offset: int, length: int, may_unmap: bool) -> Payload:
