@@ -6,7 +6,8 @@ cd "$root"
 
 # qemu-system-common: qemu-storage-daemon, a peer of bench/run's block-device benchmark.
 debs=(qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 libvhdi-utils util-linux procps e2fsprogs
-      qemu-system-common)
+      qemu-system-common
+      ceph-mon ceph-mgr ceph-osd ceph-common python3-rbd python3-rados rbd-nbd qemu-block-extra)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -31,6 +32,22 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ ! -x .venv/bin/tap
     echo "setup: installing the package into .venv" >&2
     .venv/bin/pip install -q --disable-pip-version-check -e ".[test,bench]"
     echo "$want" > "$stamp"
+fi
+# Debian's librados/librbd bindings (python3-rados, python3-rbd) are built for its
+# /usr/bin/python3; the venv sees only those two modules, through a directory of links to
+# them, where the venv's interpreter has the same extension ABI.
+ceph_dir=.venv/ceph-bindings
+soabi() { "$1" -c 'import sysconfig; print(sysconfig.get_config_var("SOABI"))'; }
+if [ "$(soabi .venv/bin/python)" = "$(soabi /usr/bin/python3)" ]; then
+    mkdir -p "$ceph_dir"
+    for m in rados rbd; do
+        so=$(/usr/bin/python3 -c "import $m; print($m.__file__)")
+        ln -sfn "$so" "$ceph_dir/$(basename "$so")"
+    done
+    site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    echo "$(pwd)/$ceph_dir" > "$site/blktap-ceph-bindings.pth"
+else
+    echo "setup: .venv's Python ABI differs from /usr/bin/python3's: no rbd driver" >&2
 fi
 # Byte-compile the sources: tapdisk and tap-ctl start in a fraction of the time when they
 # need not compile every module (also where PYTHONDONTWRITEBYTECODE is set).
