@@ -179,3 +179,20 @@ def test_a_layer_that_fails_to_open_leaves_nothing_open(raw: str) -> None:
         assert open_fds() == before
 
     asyncio.run(body())
+
+
+def test_capabilities_are_computed_again_at_resume(raw: str) -> None:
+    async def body() -> None:
+        vbd = VBD(0)
+        await vbd.open(ImageSpec.parse("test-watch:aio:" + raw), OpenOptions(direct=False))
+        try:
+            assert not vbd.capabilities.writes.any
+            await vbd.pause()
+            assert vbd.admission is None
+            await vbd.resume(ImageSpec.parse("null:aio:" + raw))  # the layers may change
+            assert vbd.capabilities.writes.any and vbd.thread_io_possible(write=True)
+            assert vbd.stats()["name"] == "null:aio:" + raw
+        finally:
+            await vbd.close()
+
+    asyncio.run(body())
