@@ -22,11 +22,15 @@ How to write a layer
    cannot promise multi-connection consistency narrows ``multi_conn``. A layer may only
    narrow (:meth:`Capabilities.narrow`). A pass-through layer narrows nothing, so the
    fast routes stay and most requests never reach it.
-4. Open and close: ``open(next, options)`` builds it (the default constructor);
-   override :meth:`Layer.close` to release what the layer holds (write back a bitmap,
-   ...) and then ``await super().close()``, which closes ``next``. A flush must reach
-   the layer's own durable state too: override :meth:`Layer.flush` (write back, then
-   ``await self.next.flush()``).
+4. Open and close: ``open(next, options)`` builds it (the default constructor; a
+   classmethod to override for a layer that opens files, reading its settings from
+   ``options``); override :meth:`Layer.close` to release what the layer holds (write
+   back a bitmap, ...) and then ``await super().close()``, which closes ``next``. A flush
+   must reach the layer's own durable state too: override :meth:`Layer.flush` (write
+   back, then ``await self.next.flush()``). A layer whose record must cover every
+   acknowledged write (a changed-block log) updates it before it awaits
+   ``self.next.write`` (the acknowledgement follows that), for ``write_zeroes`` and
+   ``discard`` as for ``write``.
 5. ``register("name", LayerClass.open)`` at the end of the module.
 6. Tests: the layer in pass-through mode over every driver configuration in
    ``tests/unit/test_driver_conformance.py``, and tests of what it adds.
