@@ -18,14 +18,14 @@ import asyncio
 import enum
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from blktap.block.capabilities import Capabilities
 from blktap.block.chain import Chain, ImageStats, StatusExtent
 from blktap.block.driver import SECTOR_SIZE, SYNC_WRITE_MAX, Image, OpenOptions
-from blktap.block.layer import Stack, open_stack, split_layers
+from blktap.block.layer import LayerOpener, Stack, open_stack, split_layers
 from blktap.errors import BlktapError, Busy, InvalidArgument, NoSpace, ReadOnly, Shutdown
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,7 @@ class VBD:
         self.secondary: str | None = None
         self._chain: Chain | None = None
         self._stack: Stack | None = None
+        self._top_layers: tuple[LayerOpener, ...] = ()
         self._caps = Capabilities(writable=False)
         self._now_stats = ImageStats()  # the one image's (what the fast routes count)
         self._thread_ios: set[ThreadIO] = set()
@@ -332,12 +333,16 @@ class VBD:
         self.state = target
 
     # ------------------------------------------------------------------ control
-    async def open(self, spec: ImageSpec, options: OpenOptions) -> None:
-        """Open the chain for ``spec``. On failure the VBD stays CLOSED with nothing open."""
+    async def open(self, spec: ImageSpec, options: OpenOptions,
+                   layers: Sequence[LayerOpener] = ()) -> None:
+        """Open the stack for ``spec``: its chain, its layers, and on top ``layers`` (top
+        first: layers whose settings do not come in the image string, such as the CBT
+        log; opened again at each resume). On failure the VBD stays CLOSED with nothing
+        open."""
         if self.state != VBDState.CLOSED:
             raise Busy(f"minor {self.minor} is already open")
-        stack = await _open_stack(spec, options)
-        self.spec, self.options = spec, options
+        stack = await _open_stack(spec, options, layers)
+        self.spec, self.options, self._top_layers = spec, options, tuple(layers)
         self._size = stack.size
         self._set_stack(stack)
         self.sectors, self.errors = [0, 0], [0, 0]
@@ -381,7 +386,7 @@ class VBD:
             if attempt:
                 await asyncio.sleep(self.RESUME_RETRY_DELAY)
             try:
-                stack = await _open_stack(new_spec, self.options)
+                stack = await _open_stack(new_spec, self.options, self._top_layers)
             except BlktapError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ENOENT):
                     last = exc
@@ -759,10 +764,12 @@ class VBD:
         }
 
 
-async def _open_stack(spec: ImageSpec, options: OpenOptions) -> Stack:
-    """Open the chain of ``spec``, then its layers over it (closed again on failure)."""
+async def _open_stack(spec: ImageSpec, options: OpenOptions,
+                      top: Sequence[LayerOpener]) -> Stack:
+    """Open the chain of ``spec``, then its layers and ``top`` over it (closed again on
+    failure)."""
     chain = await Chain.open(spec.type, spec.path, options)
-    return await open_stack(spec.layers, chain, options)
+    return await open_stack((*top, *spec.layers), chain, options)
 
 
 # The C tapdisk's disk type numbers (its disk_types table order).

@@ -196,3 +196,25 @@ def test_capabilities_are_computed_again_at_resume(raw: str) -> None:
             await vbd.close()
 
     asyncio.run(body())
+
+
+def test_layers_given_to_open_are_on_top_and_reopened_at_resume(raw: str) -> None:
+    opened: list[Stack] = []
+
+    async def watch(next: Stack, options: OpenOptions) -> Layer:
+        opened.append(next)
+        return WriteWatcher(next, options)
+
+    async def body() -> None:
+        vbd = VBD(0)
+        await vbd.open(ImageSpec.parse("null:aio:" + raw), OpenOptions(direct=False), [watch])
+        try:
+            assert len(opened) == 1 and isinstance(opened[0], Layer)  # over the null layer
+            assert not vbd.capabilities.writes.any
+            await vbd.pause()
+            await vbd.resume()
+            assert len(opened) == 2 and not vbd.capabilities.writes.any
+        finally:
+            await vbd.close()
+
+    asyncio.run(body())

@@ -10,7 +10,7 @@ does not take a fast route to the top of the stack.
 How to write a layer
 --------------------
 1. One module in ``blktap/block/layers/`` (``null.py`` is the smallest), added to
-   ``blktap.block.layers.BUILTIN``.
+   ``BUILTIN`` below.
 2. Subclass :class:`Layer`. Every operation passes to ``self.next`` by default: override
    only what the layer changes, and call ``self.next`` for the rest of the work. The
    arguments a layer receives are already validated by the VBD (inside the device,
@@ -42,7 +42,7 @@ is the bottom of every stack.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from blktap.block.capabilities import Capabilities
@@ -185,13 +185,16 @@ def split_layers(text: str) -> tuple[tuple[str, ...], str]:
         rest = tail
 
 
-async def open_stack(layers: tuple[str, ...], chain: Chain, options: OpenOptions) -> Stack:
-    """Open ``layers`` (top first) over ``chain``, bottom-up. On failure closes every
-    layer opened so far and the chain, then raises."""
+async def open_stack(layers: Sequence[str | LayerOpener], chain: Chain,
+                     options: OpenOptions) -> Stack:
+    """Open ``layers`` (top first; each a registered name or an opener, for a layer whose
+    settings do not come in the image string) over ``chain``, bottom-up. On failure
+    closes every layer opened so far and the chain, then raises."""
     stack: Stack = chain
     try:
-        for name in reversed(layers):
-            stack = await opener_for(name)(stack, options)
+        for layer in reversed(layers):
+            opener = opener_for(layer) if isinstance(layer, str) else layer
+            stack = await opener(stack, options)
     except BaseException:
         await stack.close()
         raise
