@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BUILTIN = ("ram", "aio", "vhd")
+BUILTIN = ("ram", "aio", "vhd", "rbd")
 
 
 def load_all() -> None:
