@@ -107,7 +107,9 @@ async def _run(spec: str, direct: bool, write: bool, batches: int) -> None:
                 parts.append(payload)
         feed(b"".join(parts))
         while conn._inflight or conn._backlog:
-            await asyncio.sleep(0.0005)
+            # Long enough for a batch's AIO completions (the loop serves them meanwhile):
+            # one look per batch, so that the disk's pace does not change the count.
+            await asyncio.sleep(0.005)
     assert conn.requests == batches * BATCH and not conn.errors, (conn.requests, conn.errors)
     conn.connection_lost(None)
     await vbd.close()
@@ -126,8 +128,9 @@ def _measure(args: argparse.Namespace) -> None:
                    "--image", f"{args.prefix}aio:{image}", args.op]
             if args.direct:
                 cmd.append("--direct")
+            # A fixed hash seed: the same dict layouts, hence the same counts, every run.
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+                           stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONHASHSEED="0"))
             with open(out) as f:
                 match = re.search(r"^(?:summary|totals): (\d+)", f.read(), re.M)
             assert match, "no totals in callgrind's output"
