@@ -3,7 +3,9 @@
 A VBD's image stack is, top to bottom: its layers, then the :class:`~blktap.block.chain.Chain`
 (leaf-first images). Layers are named in the image string before the driver type, top
 first, each by its C type name where the C tapdisk has one: ``null:aio:/srv/disk.raw``,
-``log:vhd:/srv/vm.vhd``, ``null:null:aio:/p`` (see :func:`split_layers`). The VBD opens the
+``log:vhd:/srv/vm.vhd``, ``null:null:aio:/p`` (see :func:`split_layers`). A layer registered
+with :func:`register_with_settings` may take one settings field after its name
+(``fault:op=write,errno=EIO:vhd:/p``). The VBD opens the
 chain, then each layer over what is open so far, bottom-up, and sends every request that
 does not take a fast route to the top of the stack.
 
@@ -31,7 +33,9 @@ How to write a layer
    acknowledged write (a changed-block log) updates it before it awaits
    ``self.next.write`` (the acknowledgement follows that), for ``write_zeroes`` and
    ``discard`` as for ``write``.
-5. ``register("name", LayerClass.open)`` at the end of the module.
+5. ``register("name", LayerClass.open)`` at the end of the module; a layer with settings
+   in the image string registers ``register_with_settings("name", make)`` instead, where
+   ``make(settings)`` validates them (InvalidArgument) and returns the opener.
 6. Tests: the layer in pass-through mode over every driver configuration in
    ``tests/unit/test_driver_conformance.py``, and tests of what it adds.
 
@@ -145,11 +149,20 @@ BUILTIN = ("null",)
 """Modules of ``blktap.block.layers`` that register a layer on import."""
 
 _REGISTRY: dict[str, LayerOpener] = {}
+_WITH_SETTINGS: dict[str, Callable[[str], LayerOpener]] = {}
 
 
 def register(name: str, opener: LayerOpener) -> None:
     """Make ``name`` (a prefix in the image string) open a layer with ``opener``."""
     _REGISTRY[name] = opener
+
+
+def register_with_settings(name: str, make: Callable[[str], LayerOpener]) -> None:
+    """Make ``name`` a layer that may take one settings field after it in the image
+    string (``name:SETTINGS:type:path``; see :func:`split_layers`): ``make(settings)``
+    returns its opener ("" when the field is absent) and raises InvalidArgument for bad
+    settings."""
+    _WITH_SETTINGS[name] = make
 
 
 def _load_builtin() -> None:
@@ -159,12 +172,17 @@ def _load_builtin() -> None:
 
 def layer_names() -> frozenset[str]:
     _load_builtin()
-    return frozenset(_REGISTRY)
+    return frozenset(_REGISTRY) | frozenset(_WITH_SETTINGS)
 
 
 def opener_for(name: str) -> LayerOpener:
-    """The opener of layer ``name``. Raises NotFound (ENOENT) for an unknown one."""
+    """The opener of layer ``name``, or of ``"name:SETTINGS"`` for a layer registered
+    with settings. Raises NotFound (ENOENT) for an unknown layer, InvalidArgument for bad
+    settings."""
     _load_builtin()
+    base, _, settings = name.partition(":")
+    if base in _WITH_SETTINGS:
+        return _WITH_SETTINGS[base](settings)
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -172,8 +190,11 @@ def opener_for(name: str) -> LayerOpener:
 
 
 def split_layers(text: str) -> tuple[tuple[str, ...], str]:
-    """Split ``"l1:l2:type:path"`` into the layer names (top first) and ``"type:path"``:
-    leading fields that name a registered layer, as long as a ``type:path`` follows."""
+    """Split ``"l1:l2:type:path"`` into the layers (top first) and ``"type:path"``:
+    leading fields that name a registered layer, as long as a ``type:path`` follows.
+    A layer registered with settings takes the field after its name as its settings
+    when that field is empty or holds a ``=`` (no driver type does), and is returned as
+    ``"name:SETTINGS"``: ``"fault:op=read:aio:/p"`` gives ``(("fault:op=read",), "aio:/p")``."""
     layers: list[str] = []
     names = layer_names()
     rest = text
@@ -181,6 +202,14 @@ def split_layers(text: str) -> tuple[tuple[str, ...], str]:
         head, sep, tail = rest.partition(":")
         if not sep or head not in names or ":" not in tail:
             return tuple(layers), rest
+        if head in _WITH_SETTINGS:
+            settings, _, after = tail.partition(":")
+            if not settings or "=" in settings:
+                if ":" not in after:
+                    return tuple(layers), rest
+                layers.append(f"{head}:{settings}")
+                rest = after
+                continue
         layers.append(head)
         rest = tail
 
