@@ -145,7 +145,7 @@ class Layer:
 LayerOpener = Callable[[Stack, OpenOptions], Awaitable[Layer]]
 """``opener(next, options)`` opens one layer over ``next``."""
 
-BUILTIN = ("null",)
+BUILTIN = ("null", "fault")
 """Modules of ``blktap.block.layers`` that register a layer on import."""
 
 _REGISTRY: dict[str, LayerOpener] = {}
