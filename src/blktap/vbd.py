@@ -18,7 +18,7 @@ import asyncio
 import enum
 import errno
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from blktap.block.capabilities import Capabilities
 from blktap.block.chain import Chain, ImageStats, StatusExtent
 from blktap.block.driver import SECTOR_SIZE, SYNC_WRITE_MAX, Image, OpenOptions
 from blktap.block.layer import LayerOpener, Stack, open_stack, split_layers
+from blktap.block.retry import REQUEST_TIMEOUT_S, retry_transient
 from blktap.errors import BlktapError, Busy, InvalidArgument, NoSpace, ReadOnly, Shutdown
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,8 @@ class VBD:
         self._running: asyncio.Future[None] | None = None
         self.sectors = [0, 0]  # sectors read, written
         self.errors = [0, 0]  # failed reads, writes
+        self.request_timeout_s = REQUEST_TIMEOUT_S
+        """How long a request failing with EAGAIN/EBUSY is retried (blktap.block.retry)."""
         self.log_context: dict[str, object] = {"minor": minor, "image": "-"}
         """Every log record about this VBD carries these (updated on open and resume)."""
         self.log = logging.LoggerAdapter(log, self.log_context)
@@ -652,10 +655,14 @@ class VBD:
         stack = await self._admit()
         try:
             await stack.read(offset, buf)
-        except BaseException:
-            self.errors[0] += 1
-            raise
-        finally:
+        except BaseException as exc:
+            self._done()
+            try:
+                await self._again(exc, lambda stack: stack.read(offset, buf))
+            except BaseException:
+                self.errors[0] += 1
+                raise
+        else:
             self._done()
         self.sectors[0] += length >> 9
 
@@ -683,10 +690,14 @@ class VBD:
         stack = await self._admit()
         try:
             await stack.write(offset, data, fua)
-        except BaseException:
-            self.errors[1] += 1
-            raise
-        finally:
+        except BaseException as exc:
+            self._done()
+            try:
+                await self._again(exc, lambda stack: stack.write(offset, data, fua))
+            except BaseException:
+                self.errors[1] += 1
+                raise
+        else:
             self._done()
         self.sectors[1] += length >> 9
 
@@ -695,10 +706,15 @@ class VBD:
         stack = await self._admit()
         try:
             await stack.write_zeroes(offset, length, may_unmap, fua)
-        except BaseException:
-            self.errors[1] += 1
-            raise
-        finally:
+        except BaseException as exc:
+            self._done()
+            try:
+                await self._again(
+                    exc, lambda stack: stack.write_zeroes(offset, length, may_unmap, fua))
+            except BaseException:
+                self.errors[1] += 1
+                raise
+        else:
             self._done()
         self.sectors[1] += length >> 9
 
@@ -707,15 +723,35 @@ class VBD:
         stack = await self._admit()
         try:
             await stack.discard(offset, length)
-        finally:
+        except BaseException as exc:
+            self._done()
+            await self._again(exc, lambda stack: stack.discard(offset, length))
+        else:
             self._done()
 
     async def flush(self) -> None:
         stack = await self._admit()
         try:
             await stack.flush()
-        finally:
+        except BaseException as exc:
             self._done()
+            await self._again(exc, lambda stack: stack.flush())
+        else:
+            self._done()
+
+    async def _again(self, exc: BaseException, op: Callable[[Stack], Awaitable[None]]) -> None:
+        """After ``op(stack)`` failed with ``exc`` (and is no longer in flight): retry it
+        while the error is transient, up to the request timeout (blktap.block.retry);
+        raises ``exc`` or the last error."""
+
+        async def attempt() -> None:
+            stack = await self._admit()
+            try:
+                await op(stack)
+            finally:
+                self._done()
+
+        await retry_transient(exc, attempt, self.request_timeout_s)
 
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch hint: validated, then ignored (reads are served from the page cache)."""

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from blktap import paths
 from blktap.block.driver import SECTOR_SIZE, OpenOptions
+from blktap.block.retry import REQUEST_TIMEOUT_S
 from blktap.errors import BlktapError, Busy, InvalidArgument, NotFound, errno_of
 from blktap.proto import control as ctl
 from blktap.vbd import VBD, ImageSpec, VBDState
@@ -202,12 +203,12 @@ class Tapdisk:
             read_only=bool(flags & ctl.OpenFlag.RDONLY),
             direct=not flags & ctl.OpenFlag.NO_O_DIRECT,
         )
+        # Requests failing with EAGAIN/EBUSY are retried until this timeout, as in the
+        # C tapdisk (blktap.block.retry); 0 means its default.
+        vbd.request_timeout_s = params.req_timeout or REQUEST_TIMEOUT_S
         await vbd.open(spec, options)
         if params.req_timeout:
-            # The C tapdisk retries requests failing with EAGAIN/EBUSY/EINTR until this
-            # timeout; this one does not retry, so a failing request fails at once.
-            vbd.log.info("request timeout %d s: failed requests are not retried",
-                         params.req_timeout)
+            vbd.log.info("request timeout %d s", params.req_timeout)
         try:
             for factory in self._frontend_factories:
                 frontend = await factory(attached)
