@@ -238,7 +238,11 @@ CASE_IDS = [c.id for c in CASES]
 
 LAYER_CASES: list[DriverCase] = [
     replace(case, id=f"null-{case.id}", layers=("null",)) for case in CASES
-] + [replace(CASES[2], id="null-null-aio-buffered", layers=("null", "null"))]
+] + [replace(CASES[2], id="null-null-aio-buffered", layers=("null", "null"))] + [
+    # fault: every request is a hit that injects nothing (errno=none, no latency).
+    replace(case, id=f"fault-{case.id}", layers=("fault:errno=none",))
+    for case in CASES if case.id in ("aio-buffered", "vhd-dynamic")
+]
 """Every layer in pass-through mode over every driver configuration (and a stack of
 two): the driver suite runs them too. Add a layer here."""
 
