@@ -160,6 +160,11 @@ class CbtLogFile:
         return self._bits.tobytes()
 
     @property
+    def closed(self) -> bool:
+        """:meth:`close` (or :meth:`close_now`) was called."""
+        return self._closed
+
+    @property
     def pending(self) -> bool:
         """Marks not yet made durable by a sync."""
         return self._generation != self._synced

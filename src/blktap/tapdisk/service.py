@@ -15,10 +15,11 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from blktap import paths
 from blktap.block.driver import SECTOR_SIZE, OpenOptions
+from blktap.block.layers.log import LogSlot
 from blktap.block.retry import REQUEST_TIMEOUT_S
 from blktap.errors import BlktapError, Busy, InvalidArgument, NotFound, errno_of
 from blktap.proto import control as ctl
@@ -30,12 +31,14 @@ log = logging.getLogger(__name__)
 CONCURRENT = frozenset({ctl.MessageType.PID, ctl.MessageType.LIST, ctl.MessageType.STATS})
 
 # OPEN flags we honour; any other flag is refused rather than silently ignored.
-SUPPORTED_OPEN_FLAGS = ctl.OpenFlag.SHARED | ctl.OpenFlag.RDONLY | ctl.OpenFlag.NO_O_DIRECT
+SUPPORTED_OPEN_FLAGS = (ctl.OpenFlag.SHARED | ctl.OpenFlag.RDONLY | ctl.OpenFlag.NO_O_DIRECT
+                        | ctl.OpenFlag.ADD_LOG)
 
-# RESUME flags the C tapdisk acts on (a secondary image, a changed-block log); neither is
-# built yet, so a RESUME asking for one is refused. The C tapdisk ignores the other flags
-# of a RESUME (it reopens with the flags of the OPEN), and so does this one.
+# RESUME flags the C tapdisk acts on: a secondary image (not built yet: refused) and a
+# changed-block log (ADD_LOG: the log path follows the message). The C tapdisk ignores
+# the other flags of a RESUME (it reopens with the flags of the OPEN), and so does this one.
 RESUME_FLAGS = ctl.OpenFlag.SECONDARY | ctl.OpenFlag.ADD_LOG
+UNSUPPORTED_RESUME_FLAGS = ctl.OpenFlag.SECONDARY
 
 # What each unsupported flag asks for, named as tap-ctl's option that sets it, so that a
 # refusal says which feature is missing.
@@ -79,6 +82,8 @@ class AttachedVBD:
 
     ``opened`` is set by the first successful OPEN: the C tapdisk's VBD starts with a
     zero state word and gains its CLOSED bit only when an opened chain is closed.
+    ``log`` is the slot of the changed-block log (``tap-ctl -C``) of a writable VBD,
+    set at OPEN; a RESUME with ADD_LOG points it at a new log file.
     """
 
     vbd: VBD
@@ -86,6 +91,7 @@ class AttachedVBD:
     frontends: list[Frontend] = field(default_factory=list)
     device: str | None = None
     opened: bool = False
+    log: LogSlot | None = None
 
     def listing(self) -> tuple[int, int, str]:
         """LIST's (minor, state, ``type:/path``) for this VBD, as the C tapdisk reports them.
@@ -206,7 +212,18 @@ class Tapdisk:
         # Requests failing with EAGAIN/EBUSY are retried until this timeout, as in the
         # C tapdisk (blktap.block.retry); 0 means its default.
         vbd.request_timeout_s = params.req_timeout or REQUEST_TIMEOUT_S
-        await vbd.open(spec, options)
+        log_path = _log_path(request, f"open of {params.path}")
+        if log_path is not None and options.read_only:
+            # The log records writes; the storage manager never asks for one read-only.
+            raise InvalidArgument(f"open of {params.path}: a changed-block log (-C) needs "
+                                  "a writable VBD")
+        # Every writable VBD gets a log slot (a pass-through layer while empty), so that
+        # a RESUME with ADD_LOG can add a log to a VBD opened without one.
+        slot = LogSlot(log_path) if not options.read_only else None
+        await vbd.open(spec, options, [slot.opener()] if slot is not None else [])
+        attached.log = slot
+        if slot is not None and slot.path is not None:
+            vbd.log.info("changed-block log %s", slot.path)
         if params.req_timeout:
             vbd.log.info("request timeout %d s", params.req_timeout)
         try:
@@ -279,12 +296,24 @@ class Tapdisk:
         attached = self._vbd(msg.cookie)
         params = msg.payload
         spec = None
+        log_path = None
         if isinstance(params, ctl.Params):
-            wanted = ctl.OpenFlag(params.flags) & RESUME_FLAGS
+            wanted = ctl.OpenFlag(params.flags) & UNSUPPORTED_RESUME_FLAGS
             if wanted:
                 raise unsupported(wanted, f"resume of minor {msg.cookie}")
             if params.path:
                 spec = ImageSpec.parse(params.path)
+            log_path = _log_path(request, f"resume of minor {msg.cookie}")
+        if log_path is not None:
+            if attached.log is None:
+                raise InvalidArgument(f"resume of minor {msg.cookie}: a changed-block log "
+                                      "(-c) needs a VBD opened writable")
+            if attached.vbd.state not in (VBDState.PAUSED, VBDState.RESUME_FAILED):
+                raise InvalidArgument(f"minor {msg.cookie} is not paused")
+            # As the C tapdisk: the new log replaces the old one for this and every later
+            # resume, even if this resume fails.
+            attached.log.path = log_path
+            attached.vbd.log.info("changed-block log %s", log_path)
         await attached.vbd.resume(spec)
         return self._reply(request)
 
@@ -295,9 +324,9 @@ class Tapdisk:
     async def _stats(self, request: ctl.Request) -> list[bytes]:
         minor = request.message.cookie
         if minor == ctl.NO_MINOR:
-            doc: object = [self.vbds[m].vbd.stats() for m in sorted(self.vbds)]
+            doc: object = [_stats_of(self.vbds[m]) for m in sorted(self.vbds)]
         else:
-            doc = self._vbd(minor).vbd.stats()
+            doc = _stats_of(self._vbd(minor))
         return [ctl.encode_stats_reply(minor, json.dumps(doc).encode())]
 
     async def _disk_info(self, request: ctl.Request) -> list[bytes]:
@@ -317,6 +346,34 @@ class Tapdisk:
             except Exception as exc:
                 attached.vbd.log.error("close at shutdown failed: %s", exc)
             os.close(attached.marker_fd)
+
+
+def _log_path(request: ctl.Request, what: str) -> str | None:
+    """The changed-block log path an OPEN or RESUME carries (ADD_LOG), else ``None``.
+    An empty path is refused (EINVAL), as the C tapdisk refuses ADD_LOG without a path."""
+    params = request.message.payload
+    if not isinstance(params, ctl.Params) or not params.flags & ctl.OpenFlag.ADD_LOG:
+        return None
+    if not request.log_path:
+        raise InvalidArgument(f"{what}: ADD_LOG with an empty log path")
+    return request.log_path
+
+
+# The C tapdisk's disk type number of its log filter (DISK_TYPE_LOG).
+_DISK_TYPE_LOG = 9
+
+
+def _stats_of(attached: AttachedVBD) -> dict[str, Any]:
+    """The VBD's STATS object; an open changed-block log is listed first among the images,
+    as the C tapdisk lists its log filter (an image named by the log's path, driver type
+    ``log``, whose counts stay zero: it passes every request on to the image below)."""
+    doc = attached.vbd.stats()
+    layer = attached.log.open_layer if attached.log is not None else None
+    if layer is not None and doc.get("images"):
+        entry = {"name": layer.log.path, "hits": [0, 0], "fail": [0, 0],
+                 "driver": {"type": _DISK_TYPE_LOG, "name": "log", "status": 0}}
+        doc["images"] = [entry, *doc["images"]]
+    return doc
 
 
 def _reason(exc: BaseException) -> str:

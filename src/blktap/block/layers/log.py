@@ -11,8 +11,9 @@ only when both the image's flush and the log's sync are done, and a FUA write on
 its data and its bits are durable. Closing syncs the log.
 
 Not registered by name: the log's path is not part of the image string (the C tap-ctl
-sends it after the OPEN message), so the VBD opens this layer with
-:meth:`LogLayer.opener` once the path reaches it.
+sends it after the OPEN or RESUME message), so the VBD opens this layer with
+:meth:`LogLayer.opener`, or through a :class:`LogSlot` when the path may change while
+the VBD is paused (``tap-ctl unpause -c``).
 """
 
 from __future__ import annotations
@@ -79,6 +80,43 @@ class LogLayer(Layer):
             await self.log.close()
         finally:
             await super().close()
+
+
+class LogSlot:
+    """The place of a VBD's log layer: what its opener opens at each open of the stack
+    (the VBD opens its top layers again at every resume).
+
+    ``path`` is the log to open, or ``None`` for no log: the slot then opens a layer
+    that passes everything through and narrows nothing (every fast route stays). The
+    tapdisk sets ``path`` when a RESUME carries a log (``tap-ctl unpause -c``), which
+    adds a log to a VBD opened without one or switches to a new log file (the storage
+    manager's CBT snapshot: it renames the old log and creates a new one while the VBD
+    is paused). ``layer`` is the log layer open now, if any.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self.layer: LogLayer | None = None
+
+    def opener(self) -> LayerOpener:
+        """The opener to give the VBD once; it reads :attr:`path` at each open."""
+
+        async def open_(next: Stack, options: OpenOptions) -> Layer:
+            if self.path is None:
+                self.layer = None
+                return Layer(next, options)
+            layer = LogLayer(next, options, CbtLogFile.open(self.path, next.size))
+            self.layer = layer
+            return layer
+
+        return open_
+
+    @property
+    def open_layer(self) -> LogLayer | None:
+        """The log layer open now (``None`` when there is no log, or the stack holding
+        it was closed: paused or closed VBD)."""
+        layer = self.layer
+        return layer if layer is not None and not layer.log.closed else None
 
 
 async def _both(first: Awaitable[None], second: Awaitable[None]) -> None:
