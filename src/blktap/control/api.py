@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from blktap.control import client, lifecycle, listing, minors, spawn
+from blktap.control import cleanup, client, lifecycle, listing, minors, spawn
 from blktap.control.lifecycle import Created
 from blktap.control.listing import TapEntry, VbdDetails
 from blktap.control.options import ImageInfo, OpenOptions
@@ -35,9 +35,19 @@ class Control:
         """Reserve the lowest free minor (its marker exists afterwards)."""
         return minors.allocate(self.rundir)
 
-    def free(self, minor: int) -> None:
-        """Release ``minor``; EWOULDBLOCK while attached, ENOENT if not allocated."""
-        minors.free(self.rundir, minor)
+    def free(self, minor: int) -> cleanup.Cleaned:
+        """Release ``minor``; EWOULDBLOCK while attached, ENOENT if not allocated. What a
+        dead tapdisk left for it (sockets, FUSE mount, loop device, link) is removed; a
+        loop device still mounted stays and is named in the result's ``remaining``."""
+        return cleanup.free(self.rundir, minor)
+
+    def sweep(self) -> cleanup.Cleaned:
+        """Remove what dead tapdisks left in the run directory (``create`` does this)."""
+        return cleanup.sweep(self.rundir)
+
+    def leftovers(self, minor: int) -> cleanup.Leftovers | None:
+        """What dead tapdisks left for ``minor``, or ``None`` while a tapdisk holds it."""
+        return cleanup.orphan_leftovers(self.rundir, minor)
 
     def minors(self) -> list[int]:
         """Allocated minors, ascending."""

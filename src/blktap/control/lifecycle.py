@@ -6,6 +6,10 @@ attach is terminated (the C code leaves it running), a VBD that could not open i
 (its tapdisk then exits; it is terminated if it does not) and the minor is freed.
 
 destroy = close → detach → free (``tap_ctl_destroy``), stopping at the first error.
+
+Dead tapdisks (see :mod:`blktap.control.cleanup`): ``create`` first removes what they
+left in the run directory; ``destroy`` of a VBD whose tapdisk is dead removes its
+leftovers and frees the minor instead of failing.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from blktap.control import client, listing, minors, spawn
+from blktap.control import cleanup, client, listing, minors, spawn
+from blktap.control.errors import MinorBusy, NoSuchTapdisk
 from blktap.control.options import ImageInfo, OpenOptions, split_image
 from blktap.control.rundir import RunDir
-from blktap.errors import BlktapError, Busy
+from blktap.errors import BlktapError, Busy, NotFound
 
 __all__ = ["EXIT_WAIT", "Created", "create", "destroy", "device_path"]
 
@@ -102,6 +107,7 @@ def create(
     opts = options or OpenOptions()
     split_image(image)
     opts.request(0, image)  # reject what cannot be encoded before touching anything
+    cleanup.sweep(rundir)
     if not find_existing:
         return _create(rundir, image, opts)
     with _image_lock(rundir, image):
@@ -167,13 +173,39 @@ def destroy(rundir: RunDir, pid: int, minor: int, *, timeout: float | None = Non
 
     ``timeout`` bounds the close (ETIMEDOUT past it), as in the C tap-ctl. When the VBD
     was the tapdisk's last, this returns once the tapdisk has exited.
+
+    When tapdisk ``pid`` is dead but left its ``ctl<pid>`` or ``nbd<pid>.<minor>``
+    socket here (so the minor was its), ``minor`` is freed with what it left
+    (:func:`blktap.control.cleanup.free`) and its sockets are removed; a loop device
+    still mounted stays, marked to detach itself when unmounted, and is logged as a
+    warning. A dead pid that left nothing here, or whose minor another tapdisk now
+    holds, raises :class:`~blktap.control.errors.NoSuchTapdisk` (ENOENT) as before.
     """
+    if cleanup.is_dead(rundir, pid):
+        _destroy_dead(rundir, pid, minor)
+        return
     client.close(rundir, pid, minor, timeout=timeout)
     client.detach(rundir, pid, minor)
     if not _attached(rundir, pid):
         _retire(rundir, pid)
     minors.free(rundir, minor)
     log.info("destroyed minor %d of tapdisk %d", minor, pid)
+
+
+def _destroy_dead(rundir: RunDir, pid: int, minor: int) -> None:
+    ours = rundir.nbd_socket(pid, minor).exists() or rundir.ctl_socket(pid).exists()
+    if not ours:
+        raise NoSuchTapdisk(f"no tapdisk with pid {pid} (to release minor {minor} of a "
+                            f"dead tapdisk: tap-ctl free -m {minor})")
+    log.info("tapdisk %d is gone; removing what it left for minor %d", pid, minor)
+    try:
+        cleanup.free(rundir, minor)
+    except (MinorBusy, NotFound):
+        raise NoSuchTapdisk(f"no tapdisk with pid {pid}; minor {minor} is not its") from None
+    finally:
+        if not rundir.nbd_sockets(pid):  # its last VBD: the control socket goes too
+            cleanup.remove_sockets(rundir, pid)
+    log.info("destroyed minor %d of dead tapdisk %d", minor, pid)
 
 
 def _attached(rundir: RunDir, pid: int) -> set[int]:

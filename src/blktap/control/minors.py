@@ -21,7 +21,7 @@ from blktap.control.errors import ControlError, MinorBusy
 from blktap.control.rundir import MAX_MINOR, RunDir
 from blktap.errors import InvalidArgument, NotFound
 
-__all__ = ["allocate", "check_minor", "free", "is_held", "list_minors"]
+__all__ = ["allocate", "check_minor", "free", "is_held", "list_minors", "locked_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ def check_minor(minor: int) -> None:
 
 
 @contextmanager
-def _locked_dir(rundir: RunDir) -> Iterator[None]:
+def locked_dir(rundir: RunDir) -> Iterator[None]:
+    """Hold the exclusive ``flock`` on ``tapdisk/`` that ``allocate`` and ``free`` take."""
     rundir.ensure()
     fd = os.open(rundir.minors_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -65,7 +66,7 @@ def allocate(rundir: RunDir) -> int:
     Raises :class:`ControlError` (ENOSPC) when all 16384 minors are taken, or OSError-derived
     errors from the file system. On failure no marker was created.
     """
-    with _locked_dir(rundir):
+    with locked_dir(rundir):
         used = set(list_minors(rundir))
         for minor in range(MAX_MINOR + 1):
             if minor in used:
@@ -93,7 +94,7 @@ def free(rundir: RunDir, minor: int) -> None:
     """
     check_minor(minor)
     path = rundir.marker(minor)
-    with _locked_dir(rundir):
+    with locked_dir(rundir):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
