@@ -455,7 +455,7 @@ def test_free_of_an_attached_minor_fails(sm_run_dir: str) -> None:
 
 
 # The options SM passes for features not built yet (IntelliCache's local cache and shared
-# parent, storage migration's mirror, CBT's log, encryption): tapdisk refuses each with
+# parent, storage migration's mirror, encryption): tapdisk refuses each with
 # EOPNOTSUPP and says which feature, and the VBD stays attached and unopened, so that
 # launch_on_tap's undo (detach) works.
 UNSUPPORTED_OPEN = [
@@ -463,7 +463,6 @@ UNSUPPORTED_OPEN = [
     ({"existing_prt": 0}, "shared parent chain"),
     ({"secondary": "vhd:/nonexistent/secondary.vhd"}, "secondary image"),
     ({"secondary": "vhd:/nonexistent/secondary.vhd", "standby": True}, "standby secondary"),
-    ({"cbtlog": "/nonexistent/x.cbtlog"}, "changed-block log"),
 ]
 
 
@@ -505,7 +504,6 @@ def test_encrypted_open_is_refused(sm_run_dir: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("extra", "feature"), [
     ({"mirror": "vhd:/nonexistent/m.vhd"}, "secondary image"),
-    ({"cbtlog": "/nonexistent/x.cbtlog"}, "changed-block log"),
 ])
 def test_unpause_options_not_built_are_refused(
         sm_run_dir: str, tmp_path: Path, extra: dict[str, str], feature: str) -> None:
