@@ -221,6 +221,12 @@ def _build_list() -> _Parser:
         On a terminal, columns "%8s %4s %4s %10s %s" of pid, minor, state, type and
         file, with "-" for a missing value. state is the VBD state word in C's %#x
         form: 0 running, 0x2 closed, 0x2a paused (CLOSED|QUIESCED|PAUSED).
+
+        A VBD whose tapdisk died (killed, crashed) lists as a minor with no tapdisk
+        (minor=N), as in the C tap-ctl. With --json such a minor also gives
+        dead_pids and leftovers: the dead tapdisk's sockets, FUSE mount, loop device
+        and tapdevN link. `free -m N` (or `destroy -p DEADPID -m N`) removes them;
+        so does the next `create`, which leaves the minor allocated.
         """,
     )
     p.add_argument("-p", dest="pid", type=_PID, metavar="PID", help="only this tapdisk")
@@ -245,6 +251,16 @@ def _keep(entry: TapEntry, ns: argparse.Namespace) -> bool:
     return not (ns.file is not None and entry.path is not None and entry.path != ns.file)
 
 
+def _orphan_fields(ctl: Control, entry: TapEntry) -> dict[str, Any]:
+    """For a minor with no tapdisk: the dead tapdisks that had it and what they left."""
+    if entry.pid is not None or entry.minor is None:
+        return {}
+    found = ctl.leftovers(entry.minor)
+    if found is None:
+        return {}
+    return {"dead_pids": list(found.dead_pids), "leftovers": found.paths()}
+
+
 def _run_list(ctl: Control, ns: argparse.Namespace, out: IO[str]) -> int:
     entries = [e for e in ctl.list(pid=ns.pid) if _keep(e, ns)]
     if ns.json:
@@ -261,6 +277,7 @@ def _run_list(ctl: Control, ns: argparse.Namespace, out: IO[str]) -> int:
                 "nbd_socket": None if info.nbd_socket is None else str(info.nbd_socket),
                 "block_device": None if info.block_device is None else str(info.block_device),
                 "chain": list(info.chain),
+                **_orphan_fields(ctl, entry),
             })
         out.write(json.dumps(docs, indent=2) + "\n")
         return 0
@@ -298,6 +315,14 @@ def _build_free() -> _Parser:
         """
         Release an allocated minor (remove its marker). Fails with EWOULDBLOCK (11)
         while a tapdisk has the minor attached, ENOENT (2) if it is not allocated.
+
+        What a dead tapdisk left for the minor goes too: its nbd<pid>.<minor> and
+        ctl<pid> sockets, the FUSE mount <run-dir>/fuse/<minor>, the loop device and
+        the <dev-dir>/tapdev<minor> link. A loop device that still has a mounted file
+        system (or is held open) cannot go yet: it fails every I/O, is marked to
+        detach itself on its last close, and a warning names it and its mount point.
+        Unmount it (umount MOUNTPOINT) and the loop device disappears; the file
+        system's unwritten data is lost with the tapdisk.
         """,
     )
     p.add_argument("-m", dest="minor", type=_MINOR, required=True, metavar="MINOR",
@@ -323,6 +348,10 @@ def _build_create() -> _Parser:
         is read-only (-R) and the other VBD does not report itself read-write. The VBD
         is exported over NBD on the Unix socket <run-dir>/nbd<pid>.<minor>; use `list`
         to find the pid.
+
+        Before creating, what dead tapdisks left in the run directory is removed
+        (sockets, FUSE mounts, loop devices, tapdev links of minors no tapdisk
+        holds; see `free`); their minors stay allocated until freed.
         """,
         """
 examples:
@@ -358,6 +387,10 @@ def _build_destroy() -> _Parser:
         """
         Destroy a VBD: close the image, detach the minor from the tapdisk (which exits
         when that was its last VBD) and free the minor. Stops at the first error.
+
+        If tapdisk PID is dead but left its sockets here, the minor is freed as by
+        `free -m MINOR`, with everything the tapdisk left (see `free`: a loop device
+        with a file system still mounted stays until it is unmounted).
         """,
     )
     _pid_minor(p)
