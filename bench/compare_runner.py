@@ -64,7 +64,7 @@ def run_group(group: Group, runtime: float, repeat: int, workdir: str,
     cmd = [sys.executable, str(NBD_COMPARE), "--runtime", f"{runtime:g}",
            "--repeat", str(repeat), "--numjobs", str(group.numjobs), "--ref", group.ours,
            "--workloads", ",".join(group.workloads), "--json", out,
-           "--fio-timeout", f"{fio_timeout:g}"]
+           "--fio-timeout", f"{fio_timeout:g}", "--start-timeout", "60"]
     for name, path in group.files:
         cmd += ["--file", f"{name}::{path}"]
     cmd.append(group.image)
@@ -72,14 +72,14 @@ def run_group(group: Group, runtime: float, repeat: int, workdir: str,
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             cwd=workdir)
     assert proc.stderr is not None
-    tail: list[str] = []
+    log: list[str] = []  # nbd-compare's other lines: its errors
     try:
         for line in proc.stderr:
             m = _RUN_LINE.match(line)
             if m:
                 step(f"{group.id} {m.group(2)} {m.group(1)}: {m.group(4).strip()}")
             else:
-                tail = [*tail[-20:], line.rstrip()]
+                log.append(line.rstrip())
         proc.wait()
     except BaseException:
         if proc.poll() is None:
@@ -94,11 +94,11 @@ def run_group(group: Group, runtime: float, repeat: int, workdir: str,
         proc.stderr.close()
     if not os.path.exists(out):
         raise RuntimeError(f"nbd-compare failed ({proc.returncode}) for {group.id}: "
-                           + " | ".join(tail[-5:]))
+                           + " | ".join(log[-5:]))
     with open(out) as f:
         result: dict[str, Any] = json.load(f)
     os.unlink(out)
     return {"id": group.id, "section": group.section, "title": group.title,
             "ours": group.ours, "numjobs": group.numjobs, "note": group.note,
             "params": group.params, "runtime_s": runtime, "repeat": repeat,
-            "exit_status": proc.returncode, "result": result}
+            "exit_status": proc.returncode, "log": log[-50:], "result": result}

@@ -225,7 +225,9 @@ def _tapdisk(options: str, image: str = "aio:{image}") -> str:
 
 def nbd_groups(plan: Plan, raw: str, vhd: str, empty: str, fresh: str) -> list[Group]:
     """The four NBD comparisons: ours first in each (the column ratios are computed to)."""
-    seed = f"cp --sparse=always {shlex.quote(empty)} {{image}} && exec"
+    # Each run: no dirty pages left by the previous server, then a new copy of the empty
+    # VHD under a new name (truncating the last run's file would cost the next server).
+    seed = f"sync && f={{image}}.$$ && cp --sparse=always {shlex.quote(empty)} \"$f\" && exec"
     return [
         Group("raw-buffered", "nbd", "Raw image, buffered (page cache)", raw,
               plan.buffered_workloads, "tapdisk",
@@ -247,8 +249,8 @@ def nbd_groups(plan: Plan, raw: str, vhd: str, empty: str, fresh: str) -> list[G
                    "nbdkit reads no VHD"),
         Group("vhd-first-writes", "nbd", "First writes into an empty dynamic VHD, buffered",
               fresh, plan.first_write_workloads, "tapdisk",
-              servers=[("tapdisk", f"{seed} " + _tapdisk("--no-direct", "vhd:{image}")),
-                       ("qemu-nbd", f"{seed} qemu-nbd -t -e 16 -f vpc -k {{socket}} {{image}}")],
+              servers=[("tapdisk", f"{seed} " + _tapdisk("--no-direct", 'vhd:"$f"')),
+                       ("qemu-nbd", f'{seed} qemu-nbd -t -e 16 -f vpc -k {{socket}} "$f"')],
               note="each fio run starts on a fresh empty 8 GiB dynamic VHD: writes allocate "
                    "blocks (2 MiB each) as they go"),
     ]
