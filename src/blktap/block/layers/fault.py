@@ -63,7 +63,7 @@ OPS = ("read", "write", "zero", "trim", "flush")
 """The operations a fault layer can act on (``op=``)."""
 
 _SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_TIME_SUFFIX = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "": 1e-3}
+_TIME_PER_SECOND = {"us": 1e6, "ms": 1e3, "s": 1.0, "": 1e3}
 _KEYS = ("op", "errno", "offset", "rate", "after", "count", "latency", "seed")
 
 
@@ -171,12 +171,12 @@ def _seconds(text: str) -> float:
     number = text.rstrip("mus")
     suffix = text[len(number):]
     try:
-        value = float(number) if suffix in _TIME_SUFFIX else -1.0
+        value = float(number) if suffix in _TIME_PER_SECOND else -1.0
     except ValueError:
         value = -1.0
     if not 0.0 <= value < float("inf"):
         raise InvalidArgument(f"fault: latency={text!r} must be N[us|ms|s]")
-    return value * _TIME_SUFFIX[suffix]
+    return value / _TIME_PER_SECOND[suffix]
 
 
 class Injector:
