@@ -93,6 +93,22 @@ environment:
   {TAPDISK_ENV:<16} the tapdisk executable to spawn (default: the tapdisk installed
                    with tap-ctl, else tapdisk on $PATH)"""
 
+_IMAGE_STACK = """\
+image stack:
+  TYPE:PATH may be preceded by layers, top first: [LAYER:]...TYPE:PATH.
+  null:TYPE:PATH       a layer that changes nothing
+  fault:SPEC:TYPE:PATH fault injection; SPEC is comma-separated key=value, each optional:
+    op=OPS             read, write, zero, trim, flush joined with +, or any (default)
+    errno=NAME         EIO (default), ENOSPC, EAGAIN, EBUSY, ... or none (latency only)
+    offset=START-END   only requests overlapping [START,END) (K/M/G suffixes)
+    rate=P             probability 0..1 that a matching request is hit (default 1)
+    after=N, count=N   let N matching requests pass first; hit at most N times
+    latency=T          wait before failing/passing: 5ms, 100us, 0.2s
+    seed=N             seed of the rate draws (same seed, same requests hit)
+  EAGAIN and EBUSY are retried with growing waits (10 ms to 1 s) until the request
+  timeout (-t), then the request fails (NBD clients get EIO).
+  e.g. fault:op=write,errno=ENOSPC,offset=0-1M,rate=0.5,after=10:vhd:/srv/vm.vhd"""
+
 _EXIT_STATUS = """\
 exit status:
   0 on success; otherwise the errno of the failure, whose strerror() is printed on
@@ -135,7 +151,8 @@ def _open_flags(p: _Parser) -> None:
     p.add_argument("-s", dest="standby", action="store_true",
                    help="with -2: use the secondary only on ENOSPC (STANDBY)")
     p.add_argument("-t", dest="req_timeout", type=_REQ_TIMEOUT, default=0, metavar="SECS",
-                   help="I/O request timeout in seconds (default: tapdisk's, 120)")
+                   help="I/O request timeout in seconds: how long a request failing with "
+                        "EAGAIN/EBUSY is retried (default: tapdisk's, 120)")
     p.add_argument("-D", dest="no_o_direct", action="store_true",
                    help="do not use O_DIRECT (NO_O_DIRECT)")
     p.add_argument("-C", dest="log_path", metavar="LOGPATH",
@@ -357,7 +374,8 @@ def _build_create() -> _Parser:
 examples:
   tap-ctl create -a aio:/srv/vm1.img
   tap-ctl create -R -a vhd:/srv/base.vhd
-""",
+  tap-ctl create -t 5 -a fault:op=write,errno=EAGAIN,rate=0.1:aio:/srv/vm1.img
+""" + "\n" + _IMAGE_STACK,
     )
     p.add_argument("-a", dest="image", required=True, metavar="TYPE:PATH",
                    help="the image, e.g. aio:/srv/disk.img or vhd:/srv/disk.vhd")
@@ -470,6 +488,7 @@ def _build_open() -> _Parser:
         <run-dir>/nbd<pid>.<minor>, and a kernel block device where the host allows).
         A missing image fails with ENOENT (2), an unknown image type with ENOENT too.
         """,
+        _IMAGE_STACK,
     )
     _pid_minor(p)
     p.add_argument("-a", dest="image", required=True, metavar="TYPE:PATH",

@@ -18,6 +18,10 @@ detached or it receives SIGTERM. Each opened VBD is exported over NBD on the Uni
 nbd<pid>.<minor> in the run directory and, where the host allows, as a kernel block
 device <dev-dir>/tapdev<minor>. It is normally started by `tap-ctl spawn` or
 `tap-ctl create`, not by hand.
+
+Images are named [LAYER:]...TYPE:PATH: layers over the image, top first, such as null
+(pass-through) and fault:SPEC (injected errors and latency; EAGAIN/EBUSY retried until
+the OPEN's request timeout). `tap-ctl create --help` describes SPEC.
 """
 
 EPILOG = f"""\
