@@ -101,10 +101,13 @@ def test_closing_with_writes_in_flight_keeps_their_buffers_until_done(
     path.write_bytes(b"")
     before = open_fds()
 
+    # The file stays open until the ring's writes are over: a write the kernel has not
+    # started yet would otherwise find its descriptor closed (EBADF) and write nothing.
+    fd = os.open(path, os.O_WRONLY)
+
     async def body() -> list[BaseException | int]:
         loop = asyncio.get_running_loop()
         ring = ring_or_skip(loop)
-        fd = os.open(path, os.O_WRONLY)
         futs = []
         for i in range(16):
             buf = aligned(1 << 20)
@@ -112,10 +115,16 @@ def test_closing_with_writes_in_flight_keeps_their_buffers_until_done(
             addr, obj = address(buf)
             futs.append(ring.write(fd, addr, 1 << 20, i << 20, obj))
         ring.release()  # at once: most writes are still in the kernel
-        os.close(fd)
         return await asyncio.gather(*futs, return_exceptions=True)
 
-    results = asyncio.run(body())
+    try:
+        results = asyncio.run(body())
+    finally:
+        deadline = time.monotonic() + 10
+        while any(t.name == "uring-close" for t in threading.enumerate()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.close(fd)
     (closing,) = [m for r in caplog.records
                   if (m := re.fullmatch(r"closing the io_uring with (\d+) writes in flight",
                                         r.getMessage()))]
@@ -124,10 +133,6 @@ def test_closing_with_writes_in_flight_keeps_their_buffers_until_done(
     assert len(results) == 16
     for res in results:  # done, or failed with ESHUTDOWN: never anything else
         assert res == 1 << 20 or (isinstance(res, OSError) and res.errno == errno.ESHUTDOWN)
-    deadline = time.monotonic() + 10
-    while any(t.name == "uring-close" for t in threading.enumerate()):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
     assert open_fds() == before
     data = path.read_bytes()
     chunks = [data[i << 20 : (i + 1) << 20] for i in range(16)]
