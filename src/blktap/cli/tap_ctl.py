@@ -278,6 +278,17 @@ def _orphan_fields(ctl: Control, entry: TapEntry) -> dict[str, Any]:
     return {"dead_pids": list(found.dead_pids), "leftovers": found.paths()}
 
 
+def _supervisor_fields(ctl: Control, entry: TapEntry) -> dict[str, Any]:
+    """For a supervised VBD: its supervisor's pid, restarts and stable NBD path."""
+    if entry.minor is None:
+        return {}
+    state = ctl.supervision(entry.minor)
+    if state is None or (entry.pid is not None and entry.pid not in state.pids):
+        return {}
+    return {"supervisor": {"pid": state.supervisor_pid, "restarts": state.restarts,
+                           "tapdisk_pids": list(state.pids), "nbd_path": state.nbd_path}}
+
+
 def _run_list(ctl: Control, ns: argparse.Namespace, out: IO[str]) -> int:
     entries = [e for e in ctl.list(pid=ns.pid) if _keep(e, ns)]
     if ns.json:
@@ -295,6 +306,7 @@ def _run_list(ctl: Control, ns: argparse.Namespace, out: IO[str]) -> int:
                 "block_device": None if info.block_device is None else str(info.block_device),
                 "chain": list(info.chain),
                 **_orphan_fields(ctl, entry),
+                **_supervisor_fields(ctl, entry),
             })
         out.write(json.dumps(docs, indent=2) + "\n")
         return 0
@@ -355,7 +367,7 @@ def _run_free(ctl: Control, ns: argparse.Namespace, out: IO[str]) -> int:
 def _build_create() -> _Parser:
     p = _parser(
         "create", "-a TYPE:PATH [-d DEV] [-R] [-e MINOR] [-r] [-2 TYPE:PATH] [-s] [-t SECS] "
-                  "[-D] [-C LOGPATH] [-c SLICE]",
+                  "[-D] [-C LOGPATH] [-c SLICE] [--supervise]",
         """
         Create a VBD: allocate a minor, spawn a tapdisk, attach the minor to it and
         open the image on it; print the device path (see `allocate`). If a step fails,
@@ -371,9 +383,25 @@ def _build_create() -> _Parser:
         holds; see `free`); their minors stay allocated until freed.
         """,
         """
+supervision (--supervise):
+  A supervisor process (one per VBD, no terminal, logging to syslog) starts the
+  tapdisk and, when it dies (killed, crashed), starts a new one on the same minor,
+  image and options, usually within a second. The NBD socket path of the first
+  tapdisk, <run-dir>/nbd<first pid>.<minor>, stays valid: after a restart it is a
+  symbolic link to the new tapdisk's nbd<pid>.<minor>. An NBD client that
+  reconnects (qemu's reconnect-delay=SECS, a retried nbdcopy) sees no error and
+  loses no acknowledged write. A kernel block device gets a new loop device: a file
+  system mounted on the old one must be mounted again. `list` shows the current pid
+  (`list --json`: the supervisor, restarts and stable nbd_path); `destroy -p PID`
+  accepts the first pid or any later one. A tapdisk that exits on purpose (last VBD
+  detached, SIGTERM) is not restarted. The supervisor's state is
+  <run-dir>/supervise<minor>.json, its lock <run-dir>/supervise<minor>.lock;
+  `destroy` stops it and removes both.
+
 examples:
   tap-ctl create -a aio:/srv/vm1.img
   tap-ctl create -R -a vhd:/srv/base.vhd
+  tap-ctl create --supervise -a vhd:/srv/vm2.vhd
   tap-ctl create -t 5 -a fault:op=write,errno=EAGAIN,rate=0.1:aio:/srv/vm1.img
 """ + "\n" + _IMAGE_STACK,
     )
@@ -383,6 +411,9 @@ examples:
                    help="accepted for compatibility with the C tap-ctl; ignored")
     p.add_argument("-c", dest="slice", metavar="SLICE",
                    help="cgroup slice for the tapdisk: not supported, ignored with a warning")
+    p.add_argument("--supervise", action="store_true",
+                   help="restart the tapdisk on the same minor, image and NBD socket path "
+                        "whenever it dies, until `destroy` (see below)")
     _open_flags(p)
     return p
 
@@ -394,7 +425,7 @@ def _ignored_slice(ns: argparse.Namespace) -> None:
 
 def _run_create(ctl: Control, ns: argparse.Namespace, out: IO[str]) -> int:
     _ignored_slice(ns)
-    created = ctl.create(ns.image, _options(ns))
+    created = ctl.create(ns.image, _options(ns), supervised=ns.supervise)
     out.write(f"{created.device}\n")
     return 0
 

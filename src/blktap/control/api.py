@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from blktap.control import cleanup, client, lifecycle, listing, minors, spawn
+from blktap.control import cleanup, client, lifecycle, listing, minors, spawn, supervise
 from blktap.control.lifecycle import Created
 from blktap.control.listing import TapEntry, VbdDetails
 from blktap.control.options import ImageInfo, OpenOptions
@@ -117,10 +117,22 @@ class Control:
 
     # composites
     def create(
-        self, image: str, options: OpenOptions | None = None, *, find_existing: bool = True
+        self,
+        image: str,
+        options: OpenOptions | None = None,
+        *,
+        find_existing: bool = True,
+        supervised: bool = False,
     ) -> Created:
-        """allocate → spawn → attach → open, undone completely on failure."""
-        return lifecycle.create(self.rundir, image, options, find_existing=find_existing)
+        """allocate → spawn → attach → open, undone completely on failure. ``supervised``:
+        a supervisor restarts the tapdisk when it dies (:mod:`blktap.control.supervise`)."""
+        return lifecycle.create(self.rundir, image, options, find_existing=find_existing,
+                                supervised=supervised)
+
+    def supervision(self, minor: int) -> supervise.State | None:
+        """The supervisor's record of ``minor`` (current tapdisk pid, restarts, stable NBD
+        path), or ``None`` if the minor is not supervised."""
+        return supervise.read_state(self.rundir, minor)
 
     def destroy(self, pid: int, minor: int, *, timeout: float | None = None) -> None:
         """close → detach → free."""

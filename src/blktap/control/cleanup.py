@@ -46,6 +46,7 @@ __all__ = [
     "Cleaned",
     "Leftovers",
     "LoopDevice",
+    "clean_minor",
     "dead_pids",
     "find",
     "free",
@@ -307,6 +308,17 @@ def free(rundir: RunDir, minor: int) -> Cleaned:
     for pid in dead:
         if not rundir.nbd_sockets(pid):
             done.removed += remove_sockets(rundir, pid)
+    _report(done)
+    return done
+
+
+def clean_minor(rundir: RunDir, minor: int) -> Cleaned:
+    """Remove what dead tapdisks left for ``minor``, keeping its marker (the minor stays
+    allocated). Raises :class:`MinorBusy` (touching nothing) if a tapdisk holds it."""
+    dead = dead_pids(rundir)
+    with minors.locked_dir(rundir), _minor_free_of_tapdisks(rundir, minor):
+        found = find(rundir, minor, dead)
+        done = Cleaned() if found.empty else _clean(rundir, found)
     _report(done)
     return done
 

@@ -14,6 +14,7 @@ leftovers and frees the minor instead of failing.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -23,13 +24,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from blktap.control import cleanup, client, listing, minors, spawn
+from blktap.control import cleanup, client, listing, minors, spawn, supervise
 from blktap.control.errors import MinorBusy, NoSuchTapdisk
 from blktap.control.options import ImageInfo, OpenOptions, split_image
 from blktap.control.rundir import RunDir
 from blktap.errors import BlktapError, Busy, NotFound
 
-__all__ = ["EXIT_WAIT", "Created", "create", "destroy", "device_path"]
+__all__ = ["EXIT_WAIT", "Created", "create", "destroy", "device_path", "serve_minor"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,12 @@ def _retire(rundir: RunDir, pid: int) -> None:
 
 
 def create(
-    rundir: RunDir, image: str, options: OpenOptions | None = None, *, find_existing: bool = True
+    rundir: RunDir,
+    image: str,
+    options: OpenOptions | None = None,
+    *,
+    find_existing: bool = True,
+    supervised: bool = False,
 ) -> Created:
     """Make a VBD serving ``image`` (``"type:/path"``) in a new tapdisk.
 
@@ -103,40 +109,60 @@ def create(
     are those of the failing step (e.g. ENOENT from OPEN for a missing image). On any
     failure, including KeyboardInterrupt, every earlier step has been undone: no marker,
     tapdisk or socket of this call remains.
+
+    With ``supervised``, a supervisor process (:mod:`blktap.control.supervise`) starts
+    the tapdisk and restarts it on the same minor, image and NBD path whenever it dies,
+    until ``destroy``. An encryption key cannot be supervised (InvalidArgument).
     """
     opts = options or OpenOptions()
     split_image(image)
     opts.request(0, image)  # reject what cannot be encoded before touching anything
     cleanup.sweep(rundir)
+    if supervised:
+        supervise.options_to_json(opts)  # refuse what a restart could not repeat
     if not find_existing:
-        return _create(rundir, image, opts)
+        return _create(rundir, image, opts, supervised)
     with _image_lock(rundir, image):
         _refuse_shared_write(rundir, image, opts)
-        return _create(rundir, image, opts)
+        return _create(rundir, image, opts, supervised)
 
 
-def _create(rundir: RunDir, image: str, opts: OpenOptions) -> Created:
+def _create(rundir: RunDir, image: str, opts: OpenOptions, supervised: bool) -> Created:
     minor = minors.allocate(rundir)
     try:
-        pid = spawn.spawn(rundir)
+        if supervised:
+            pid, info = supervise.start(rundir, minor, image, opts)
+        else:
+            pid, info = serve_minor(rundir, minor, image, opts)
     except BaseException:
         _undo(f"free minor {minor}", minors.free, rundir, minor)
         raise
+    log.info("created minor %d on tapdisk %d for %s%s", minor, pid, image,
+             " (supervised)" if supervised else "")
+    return Created(pid=pid, minor=minor, device=device_path(rundir, minor), info=info)
+
+
+def serve_minor(
+    rundir: RunDir, minor: int, image: str, opts: OpenOptions
+) -> tuple[int, ImageInfo]:
+    """spawn → attach ``minor`` (allocated) → open ``image``; return (pid, image info).
+
+    On failure, including KeyboardInterrupt, the tapdisk started here is gone (detached
+    and retired, or terminated); the minor stays allocated.
+    """
+    pid = spawn.spawn(rundir)
     try:
         client.attach(rundir, pid, minor)
     except BaseException:
         _undo(f"terminate tapdisk {pid}", spawn.terminate, rundir, pid)
-        _undo(f"free minor {minor}", minors.free, rundir, minor)
         raise
     try:
         info = client.open(rundir, pid, minor, image, opts)
     except BaseException:
         _undo(f"detach minor {minor}", client.detach, rundir, pid, minor)
         _undo(f"retire tapdisk {pid}", _retire, rundir, pid)
-        _undo(f"free minor {minor}", minors.free, rundir, minor)
         raise
-    log.info("created minor %d on tapdisk %d for %s", minor, pid, image)
-    return Created(pid=pid, minor=minor, device=device_path(rundir, minor), info=info)
+    return pid, info
 
 
 @contextmanager
@@ -180,7 +206,35 @@ def destroy(rundir: RunDir, pid: int, minor: int, *, timeout: float | None = Non
     still mounted stays, marked to detach itself when unmounted, and is logged as a
     warning. A dead pid that left nothing here, or whose minor another tapdisk now
     holds, raises :class:`~blktap.control.errors.NoSuchTapdisk` (ENOENT) as before.
+
+    A supervised VBD may be named by any pid its supervisor started: the supervisor is
+    stopped first (it finishes a restart in progress), then the current tapdisk's VBD
+    is destroyed and the supervisor's state file and stable NBD link are removed. If
+    that fails the VBD stays, unsupervised; destroying it again finishes the job.
     """
+    state = supervise.read_state(rundir, minor)
+    if state is not None and pid in state.pids:
+        state = supervise.stop(rundir, minor)
+        assert state is not None
+        if pid != state.pid:
+            log.info("minor %d: tapdisk %d was restarted as %d", minor, pid, state.pid)
+        try:
+            if cleanup.is_dead(rundir, state.pid):  # stopped before it could restart
+                with contextlib.suppress(NotFound):
+                    cleanup.free(rundir, minor)
+                cleanup.remove_sockets(rundir, state.pid)
+            else:
+                _destroy(rundir, state.pid, minor, timeout)
+        except BaseException:
+            log.warning("minor %d is no longer supervised; destroy -p %d -m %d again "
+                        "to finish", minor, pid, minor)
+            raise
+        supervise.forget(rundir, state)
+        return
+    _destroy(rundir, pid, minor, timeout)
+
+
+def _destroy(rundir: RunDir, pid: int, minor: int, timeout: float | None) -> None:
     if cleanup.is_dead(rundir, pid):
         _destroy_dead(rundir, pid, minor)
         return
