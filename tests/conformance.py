@@ -25,6 +25,7 @@ from blktap.block.chain import STATE_HOLE, Chain
 from blktap.block.driver import Alloc, Extent, FastIO, Image, ImageInfo, OpenOptions, opener_for
 from blktap.block.layer import Stack, open_stack
 from blktap.vhd.create import create_dynamic, create_fixed
+from tests.ceph_helpers import rbd_image
 
 ImageMaker = Callable[[Path, bytes], contextlib.AbstractContextManager[str]]
 """``make(tmp_dir, initial)``: a context giving the path of an image that reads as
@@ -231,6 +232,7 @@ CASES: list[DriverCase] = [
     DriverCase("aio-buffered-loop", "aio", loop_maker(512), direct=False, file_times=False),
     DriverCase("vhd-dynamic", "vhd", vhd_maker(create_dynamic), direct=False),
     DriverCase("vhd-fixed", "vhd", vhd_maker(create_fixed), direct=False),
+    DriverCase("rbd", "rbd", rbd_image, file_times=False),  # on tests/ceph_helpers' cluster
 ]
 """Every driver configuration the shared suites check. Add a driver here."""
 

@@ -330,9 +330,11 @@ def test_read_only_open_refuses_writes_and_changes_nothing(
         # atime older than mtime: a plain read would update it even under relatime.
         st = os.stat(image_path)
         os.utime(image_path, ns=(st.st_mtime_ns - 10**12, st.st_mtime_ns))
-    before = os.stat(image_path)
-    before_bytes = file_bytes(image_path)
+    local = os.path.exists(image_path)  # not an rbd image in a cluster
+    before = os.stat(image_path) if local else None
+    before_bytes = file_bytes(image_path) if local else b""
     if case.file_times:  # reading it just now must not count as an access
+        assert before is not None
         os.utime(image_path, ns=(before.st_atime_ns, before.st_mtime_ns))
         before = os.stat(image_path)
 
@@ -352,9 +354,13 @@ def test_read_only_open_refuses_writes_and_changes_nothing(
             await image.close()
 
     run(body())
+    if not local:
+        assert run(stored(case, image_path)) == initial
+        return
     after = os.stat(image_path)
     assert file_bytes(image_path) == before_bytes
     if case.file_times:
+        assert before is not None
         assert after.st_atime_ns == before.st_atime_ns
         assert after.st_mtime_ns == before.st_mtime_ns
         assert after.st_ctime_ns == before.st_ctime_ns
