@@ -12,9 +12,10 @@ and closes stdout. Then it waits on a pidfd of the tapdisk:
   supervisor removes its state file, lock file and stable NBD link, and exits;
 - the tapdisk died (its ``ctl<pid>`` is still there): what it left is removed, a new
   tapdisk is started on the same minor, image and options, the stable NBD path is
-  pointed at its socket, and the state file lists the new pid. A tapdisk that dies
-  again within ``QUICK_DEATH`` seconds is restarted after a growing delay (0.5 s,
-  doubling, at most ``MAX_DELAY``); a restart that fails is retried the same way.
+  pointed at its socket, and the state file lists the new pid. Restarts are immediate
+  up to ``FREE_RESTARTS`` deaths within ``WINDOW`` seconds; beyond that (a crash loop)
+  each waits a growing delay (0.5 s, doubling, at most ``MAX_DELAY``), and so does
+  each retry of a restart that failed.
 
 SIGTERM before the VBD is open undoes what was done; after, it stops the supervisor
 (finishing a restart in progress) and leaves the tapdisk and the state file alone.
@@ -24,6 +25,7 @@ Logs go to syslog (daemon facility) as ``tap-ctl-supervisor[pid]``.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -52,8 +54,9 @@ from blktap.errors import BlktapError, errno_of
 
 log = logging.getLogger("blktap.control.supervisor")
 
-QUICK_DEATH = 5.0
-"""A tapdisk that dies sooner than this after its start is restarted after a delay."""
+FREE_RESTARTS = 5
+WINDOW = 60.0
+"""Up to FREE_RESTARTS deaths within WINDOW seconds are restarted without delay."""
 
 MAX_DELAY = 30.0
 
@@ -102,7 +105,7 @@ class Supervisor:
         self.options_doc = options_doc
         self.state: State | None = None
         self.started_at = 0.0
-        self.quick_deaths = 0
+        self.deaths: collections.deque[float] = collections.deque()
 
     def begin(self) -> int:
         """Start the first tapdisk and report; return the exit status if it failed,
@@ -167,10 +170,13 @@ class Supervisor:
 
     def _restart(self, dead: int) -> None:
         assert self.state is not None
-        lived = time.monotonic() - self.started_at
-        self.quick_deaths = self.quick_deaths + 1 if lived < QUICK_DEATH else 0
+        now = time.monotonic()
+        lived = now - self.started_at
+        self.deaths.append(now)
+        while self.deaths and self.deaths[0] < now - WINDOW:
+            self.deaths.popleft()
         log.warning("minor %d: tapdisk %d died after %.1f s; restarting", self.minor, dead, lived)
-        attempt = self.quick_deaths
+        attempt = max(0, len(self.deaths) - FREE_RESTARTS)
         while True:
             if attempt:
                 delay = min(0.5 * 2 ** (attempt - 1), MAX_DELAY)
