@@ -52,3 +52,17 @@ fi
 # Byte-compile the sources: tapdisk and tap-ctl start in a fraction of the time when they
 # need not compile every module (also where PYTHONDONTWRITEBYTECODE is set).
 .venv/bin/python -m compileall -q src >/dev/null
+# The nbd image driver uses libnbd's Python bindings (python3-libnbd), which Debian installs
+# for its own python3: the venv sees them through a directory of links that a .pth file
+# names, only when the extension's ABI tag is the venv Python's.
+debian_py=/usr/lib/python3/dist-packages
+ext=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+if [ -f "$debian_py/nbd.py" ] && [ -f "$debian_py/libnbdmod$ext" ]; then
+    mkdir -p .venv/debian-libnbd
+    ln -sfn "$debian_py/nbd.py" "$debian_py/libnbdmod$ext" .venv/debian-libnbd/
+    echo "$root/.venv/debian-libnbd" > "$site/debian-libnbd.pth"
+else
+    rm -f "$site/debian-libnbd.pth"
+    echo "setup: python3-libnbd has no module for this Python ($ext): no nbd driver" >&2
+fi
