@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BUILTIN = ("ram", "aio", "vhd", "rbd")
+BUILTIN = ("ram", "aio", "vhd", "rbd", "nbd")
 
 
 def load_all() -> None:
