@@ -22,7 +22,7 @@ from typing import Any
 
 from blktap.control.errors import ControlError, NoSuchTapdisk, TapdiskError, TimedOut
 from blktap.control.minors import check_minor
-from blktap.control.options import ImageInfo, OpenOptions
+from blktap.control.options import ImageInfo, OpenOptions, check_name
 from blktap.control.rundir import RunDir
 from blktap.errors import InvalidArgument, ProtocolError
 from blktap.proto import control as ctl
@@ -224,6 +224,8 @@ def unpause(
     """Reopen the chain of paused VBD ``minor`` (RESUME), on ``image`` if given (the
     live-snapshot primitive), with a ``secondary`` image or a changed-block ``log_path``."""
     check_minor(minor)
+    for what, name in (("image", image), ("secondary image", secondary), ("log path", log_path)):
+        check_name(what, name or "")
     flags = ctl.OpenFlag(0)
     if secondary is not None:
         flags |= ctl.OpenFlag.SECONDARY

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 from blktap.errors import InvalidArgument
 from blktap.proto import control as ctl
 
-__all__ = ["ImageInfo", "OpenOptions", "split_image"]
+__all__ = ["ImageInfo", "OpenOptions", "check_name", "split_image"]
+
+
+def check_name(what: str, text: str) -> None:
+    """Raise :class:`InvalidArgument` if ``text`` (an image, secondary or log path) holds
+    a control character: a newline would forge lines of ``list``'s one-VBD-per-line
+    output. tapdisk refuses them too."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise InvalidArgument(f"{what} {text!r}: control characters are not allowed")
 
 
 def split_image(image: str) -> tuple[str, str]:
@@ -64,7 +72,11 @@ class OpenOptions:
 
     def request(self, minor: int, image: str) -> ctl.Request:
         """The OPEN request for VBD ``minor`` and ``image``; :class:`InvalidArgument` if a
-        value does not fit the message (a path of 256 bytes or more, a bad key size...)."""
+        value does not fit the message (a path of 256 bytes or more, a bad key size, a
+        control character in a name...)."""
+        check_name("image", image)
+        check_name("secondary image", self.secondary or "")
+        check_name("log path", self.log_path or "")
         params = ctl.Params(
             flags=self.flags,
             devnum=minor,

@@ -147,6 +147,7 @@ class Tapdisk:
             log.warning("unsupported control message %s", _type_name(msg.type))
             return [ctl.encode(ctl.error_reply(msg.cookie, errno.EINVAL))]
         try:
+            _check_names(request)
             if msg.type in CONCURRENT:
                 return await handler(request)
             async with self._exclusive:
@@ -346,6 +347,19 @@ class Tapdisk:
             except Exception as exc:
                 attached.vbd.log.error("close at shutdown failed: %s", exc)
             os.close(attached.marker_fd)
+
+
+def _check_names(request: ctl.Request) -> None:
+    """Refuse (EINVAL) an image, secondary or log path holding a control character: a
+    newline in a name would forge lines of ``tap-ctl list`` (one VBD per line) and of
+    the logs. Every other character is the file system's business."""
+    params = request.message.payload
+    names = [request.log_path or ""]
+    if isinstance(params, ctl.Params):
+        names += [params.path, params.secondary]
+    for name in names:
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+            raise InvalidArgument(f"{name!r}: control characters are not allowed in names")
 
 
 def _log_path(request: ctl.Request, what: str) -> str | None:
