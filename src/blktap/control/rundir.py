@@ -10,6 +10,7 @@ sockets, ``<dev>/tapdev<minor>`` kernel block devices. The run directory is
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -18,13 +19,24 @@ from pathlib import Path
 
 from blktap import paths
 
-__all__ = ["MAX_MINOR", "RunDir"]
+__all__ = ["MAX_MINOR", "RunDir", "private"]
+
+log = logging.getLogger(__name__)
 
 MAX_MINOR = paths.MAX_MINOR
 """Minors are 0..16383, as in the C implementation."""
 
 _CTL_NAME = re.compile(r"ctl([0-9]+)")
 _NBD_NAME = re.compile(r"nbd([0-9]+)\.([0-9]+)")
+
+
+def private(directory: Path) -> None:
+    """Make ``directory`` mode 0700 if the caller owns it and it lets others in: its
+    sockets are the keys to every VBD (other owners' directories are left alone)."""
+    st = directory.stat()
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        log.warning("%s was mode %o; making it 0700", directory, st.st_mode & 0o7777)
+        directory.chmod(0o700)
 
 
 @dataclass(frozen=True)
@@ -65,10 +77,12 @@ class RunDir:
         return self.dev_dir / f"tapdev{minor}"
 
     def ensure(self) -> None:
-        """Create the run and minors directories (mode 0700) if they are missing."""
+        """Create the run and minors directories (mode 0700) if they are missing; one of
+        ours that lets others in (group or other bits) is made 0700."""
         for directory in (self.root, self.minors_dir):
             with contextlib.suppress(FileExistsError):
                 directory.mkdir(mode=0o700, parents=True)
+            private(directory)
 
     def socket_pids(self) -> list[int]:
         """Pids named by ``ctl<pid>`` entries, ascending. Not checked for liveness."""

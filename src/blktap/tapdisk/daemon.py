@@ -95,6 +95,9 @@ def run(options: DaemonOptions) -> int:
     """Run a tapdisk. Returns the exit status."""
     rundir = paths.run_dir(options.run_dir)
     paths.ensure_dir(rundir)
+    st = os.stat(rundir)
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        os.chmod(rundir, 0o700)  # its sockets are the keys to every VBD
     if not options.foreground:
         _daemonize()
     _setup_logging(options.foreground, options.log_level)
