@@ -1,0 +1,502 @@
+"""The ``nbd`` image driver against real servers: nbdkit (memory and file plugins, its
+error and delay filters, killed and restarted), qemu-nbd, and our own export; as a leaf
+and under ``tap-ctl create -a nbd:...`` serving fio; bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from blktap.block.chain import Chain
+from blktap.block.driver import Alloc, Extent, OpenOptions, opener_for
+from blktap.block.drivers import nbd as nbd_driver
+from blktap.errors import BlktapError, InvalidArgument
+from tests.helpers import short_tempdir
+from tests.nbd_helpers import ServedImage, make_image, pattern
+from tests.nbdkit_helpers import Nbdkit, free_port, libnbd_missing, nbdkit
+
+_why = libnbd_missing()
+pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
+
+MIB = 1 << 20
+RW = OpenOptions(read_only=False, direct=False)
+RO = OpenOptions(read_only=True, direct=False)
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    with short_tempdir("nbdd-") as path:
+        yield path
+
+
+async def open_nbd(path: str, options: OpenOptions = RW) -> nbd_driver.NbdImage:
+    image = await opener_for("nbd")(path, options)
+    assert isinstance(image, nbd_driver.NbdImage)
+    return image
+
+
+async def read(image: Any, offset: int, length: int) -> bytes:
+    buf = memoryview(bytearray(length))
+    await image.read(offset, buf)
+    return bytes(buf)
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(("path", "words"), [
+    ("http://example.com/disk", "unknown NBD URI scheme 'http'"),
+    ("nbd+vsock:///", "unknown NBD URI scheme 'nbd+vsock'"),
+    ("", "names no server"),
+    ("relative.sock", "not a socket path"),
+    ("host:notaport", "not a socket path"),
+    ("127.0.0.1:70000", "not a socket path"),
+    ("nbd+unix:///?socket=/x&connections=99", "connections='99'"),
+])
+def test_bad_image_strings_are_einval(path: str, words: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        asyncio.run(open_nbd(path))
+    assert info.value.errno == errno.EINVAL
+    assert words in str(info.value)
+
+
+def test_forms_parse() -> None:
+    assert nbd_driver.parse_target("/run/x.sock").unix == "/run/x.sock"
+    t = nbd_driver.parse_target("10.0.0.2:10809")
+    assert (t.host, t.port) == ("10.0.0.2", 10809)
+    t = nbd_driver.parse_target("[::1]:10809")
+    assert (t.host, t.port) == ("::1", 10809)
+    t = nbd_driver.parse_target("nbds://h/e?tls-certificates=/etc/pki&connections=2")
+    assert t.connections == 2 and t.uri == "nbds://h/e?tls-certificates=/etc/pki"
+
+
+def test_no_server_is_the_socket_errno(sockdir: str) -> None:
+    with pytest.raises(BlktapError) as info:
+        asyncio.run(open_nbd(os.path.join(sockdir, "nobody")))
+    assert info.value.errno == errno.ENOENT
+    port = free_port()
+    with pytest.raises(BlktapError) as info:
+        asyncio.run(open_nbd(f"127.0.0.1:{port}"))
+    assert info.value.errno == errno.ECONNREFUSED
+
+
+def test_read_write_open_of_a_read_only_export_is_erofs(sockdir: str) -> None:
+    sock = os.path.join(sockdir, "s")
+    with nbdkit(["-r", "memory", "1M"], sock=sock):
+        with pytest.raises(OSError) as info:
+            asyncio.run(open_nbd(sock))
+        assert info.value.errno == errno.EROFS
+
+        async def ro() -> None:
+            image = await open_nbd(sock, RO)
+            assert image.read_only
+            await image.close()
+
+        asyncio.run(ro())
+
+
+# ------------------------------------------------------------------ nbdkit
+def test_nbdkit_memory_commands_and_holes(sockdir: str) -> None:
+    sock = os.path.join(sockdir, "s")
+    data = pattern(1, 3 * MIB)
+
+    async def go() -> None:
+        image = await open_nbd(sock)
+        try:
+            assert image.info.size == 64 * MIB
+            assert image.can_status and image.structured and image.can_flush
+            assert image.allocation(0, 64 * MIB) == [
+                Extent(0, 64 * MIB, Alloc.ZERO)]
+            assert not image.fully_allocated
+            await image.write(MIB, memoryview(data), fua=True)
+            await image.write_zeroes(2 * MIB, 4096, may_unmap=True)
+            await image.flush()
+            # Many requests in flight at once on the one connection.
+            parts = await asyncio.gather(*(read(image, MIB + i * 65536, 65536)
+                                           for i in range(48)))
+            want = bytearray(data)
+            want[MIB : MIB + 4096] = bytes(4096)
+            assert b"".join(parts) == bytes(want)
+            kinds = image.allocation(0, 8 * MIB)
+            assert [e.alloc for e in kinds] == [Alloc.ZERO, Alloc.DATA, Alloc.ZERO,
+                                                Alloc.DATA, Alloc.ZERO]
+            await image.discard(3 * MIB, MIB)
+            assert await read(image, 0, MIB) == bytes(MIB)
+        finally:
+            await image.close()
+        # A second open reads the map from the server: the data is where it was written.
+        image = await open_nbd(sock, RO)
+        try:
+            ext = image.allocation(0, 8 * MIB)
+            assert ext[0] == Extent(0, MIB, Alloc.ZERO)
+            assert ext[1].alloc == Alloc.DATA and ext[1].offset == MIB
+            assert await read(image, MIB + 4096, 8192) == data[4096:12288]
+        finally:
+            await image.close()
+
+    with nbdkit(["memory", "64M"], sock=sock):
+        asyncio.run(go())
+
+
+def test_tcp_forms_and_uri_export_name(sockdir: str) -> None:
+    port = free_port()
+    image_file = make_image(sockdir, "disk.raw", 4 * MIB, {4096: b"tcp" * 100})
+
+    async def go(path: str) -> None:
+        image = await open_nbd(path, RO)
+        try:
+            assert (await read(image, 4096, 512))[:300] == b"tcp" * 100
+        finally:
+            await image.close()
+
+    with nbdkit(["file", image_file], port=port):
+        asyncio.run(go(f"127.0.0.1:{port}"))
+        asyncio.run(go(f"nbd://127.0.0.1:{port}/anyname"))
+
+
+def test_server_error_is_its_errno_at_once(sockdir: str) -> None:
+    sock = os.path.join(sockdir, "s")
+
+    async def go() -> None:
+        image = await open_nbd(sock)
+        try:
+            with pytest.raises(OSError) as info:
+                await read(image, 0, 4096)
+            assert info.value.errno == errno.EPERM
+            assert "the server answered" in str(info.value)
+            await image.write(0, memoryview(b"w" * 4096))  # the connection is still good
+            assert image.reconnects == 0
+        finally:
+            await image.close()
+
+    with nbdkit(["--filter=error", "memory", "4M", "error-pread=EPERM", "error-pread-rate=100%"],
+                sock=sock):
+        asyncio.run(go())
+
+
+def test_multi_conn(sockdir: str) -> None:
+    sock = os.path.join(sockdir, "s")
+    data = pattern(7, 4 * MIB)
+
+    async def go() -> None:
+        image = await open_nbd(f"nbd+unix:///?socket={sock}&connections=3")
+        try:
+            assert len(image._conns) == 3
+            await asyncio.gather(*(image.write(i * 65536, memoryview(data)[i * 65536:
+                                                                         (i + 1) * 65536])
+                                   for i in range(64)))
+            await image.flush()
+            parts = await asyncio.gather(*(read(image, i * 65536, 65536) for i in range(64)))
+            assert b"".join(parts) == data
+        finally:
+            await image.close()
+
+    with nbdkit(["memory", "8M"], sock=sock):
+        asyncio.run(go())
+    with nbdkit(["--filter=multi-conn", "memory", "8M", "multi-conn-mode=disable"],
+                sock=sock), pytest.raises(InvalidArgument, match="does not offer multi-conn"):
+        asyncio.run(open_nbd(f"nbd+unix:///?socket={sock}&connections=2"))
+
+
+# ------------------------------------------------------------------ reconnect
+def test_reconnect_after_the_server_restarts(sockdir: str) -> None:
+    """Requests in flight when the server dies, and requests sent while it is away, wait
+    and complete once it is back; the data is all there."""
+    sock = os.path.join(sockdir, "s")
+    backing = make_image(sockdir, "disk.raw", 8 * MIB)
+    data = pattern(3, 2 * MIB)
+    server = Nbdkit(["--filter=delay", "file", backing, "wdelay=300ms", "rdelay=300ms"],
+                    sock=sock)
+    server.start()
+    try:
+        async def go() -> None:
+            image = await open_nbd(sock)
+            try:
+                writes = [asyncio.ensure_future(
+                    image.write(i * 65536, memoryview(data)[i * 65536 : (i + 1) * 65536]))
+                    for i in range(32)]
+                await asyncio.sleep(0.1)
+                server.stop()  # SIGKILL with the writes in flight
+                later = asyncio.ensure_future(read(image, 0, 65536))
+                await asyncio.sleep(0.5)
+                assert not later.done()
+                server.start()
+                await asyncio.gather(*writes)
+                await later
+                assert image.reconnects >= 1
+                await image.flush()
+                parts = await asyncio.gather(*(read(image, i * 65536, 65536)
+                                               for i in range(32)))
+                assert b"".join(parts) == data
+            finally:
+                await image.close()
+
+        asyncio.run(go())
+    finally:
+        server.stop()
+    with open(backing, "rb") as f:
+        assert f.read(len(data)) == data
+
+
+def test_requests_fail_with_eio_when_the_server_stays_away(sockdir: str) -> None:
+    sock = os.path.join(sockdir, "s")
+    backing = make_image(sockdir, "disk.raw", 4 * MIB, {0: b"back"})
+    server = Nbdkit(["file", backing], sock=sock)
+    server.start()
+    try:
+        async def go() -> None:
+            image = await open_nbd(sock)
+            image.wait_s = 1.0
+            try:
+                server.stop()
+                await asyncio.sleep(0.05)
+                start = time.monotonic()
+                with pytest.raises(OSError) as info:
+                    await read(image, 0, 4096)
+                assert info.value.errno == errno.EIO
+                assert "no connection for 1 s" in str(info.value)
+                assert time.monotonic() - start < 30
+                server.start()  # back: the next request is served
+                assert (await read(image, 0, 512))[:4] == b"back"
+            finally:
+                await image.close()
+
+        asyncio.run(go())
+    finally:
+        server.stop()
+
+
+def test_a_server_that_comes_back_with_another_size_fails_requests(sockdir: str) -> None:
+    sock = os.path.join(sockdir, "s")
+    server = Nbdkit(["memory", "4M"], sock=sock)
+    server.start()
+    try:
+        async def go() -> None:
+            image = await open_nbd(sock)
+            try:
+                server.stop()
+                server.args = ["memory", "2M"]
+                server.start()
+                with pytest.raises(OSError) as info:
+                    await read(image, 0, 4096)
+                assert info.value.errno == errno.EIO
+                assert "2097152 bytes instead of 4194304" in str(info.value)
+            finally:
+                await image.close()
+
+        asyncio.run(go())
+    finally:
+        server.stop()
+
+
+class HangUpServer:
+    """An NBD server (a thread) that negotiates, then answers every READ with half a
+    reply and hangs up: a server that fails in the middle of a reply."""
+
+    def __init__(self, sock: str, size: int = MIB) -> None:
+        self.size = size
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(sock)
+        self.listener.listen(8)
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import struct
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                try:
+                    conn.sendall(struct.pack(">QQH", 0x4E42444D41474943, 0x49484156454F5054, 3))
+                    conn.recv(4)
+                    while True:
+                        head = self._exact(conn, 16)
+                        _, opt, n = struct.unpack(">QII", head)
+                        self._exact(conn, n)
+                        if opt == 7:  # GO: INFO_EXPORT, then ACK (simple replies only)
+                            info = struct.pack(">HQH", 0, self.size, 1)
+                            conn.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, 3,
+                                                     len(info)) + info)
+                            conn.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, 1, 0))
+                            break
+                        conn.sendall(struct.pack(">QIII", 0x3E889045565A9, opt,
+                                                 (1 << 31) + 1, 0))
+                    req = self._exact(conn, 28)
+                    _, _, _, cookie, _, length = struct.unpack(">IHHQQI", req)
+                    conn.sendall(struct.pack(">IIQ", 0x67446698, 0, cookie) + bytes(length // 2))
+                except (OSError, EOFError):
+                    pass
+
+    @staticmethod
+    def _exact(conn: socket.socket, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            got = conn.recv(n - len(out))
+            if not got:
+                raise EOFError
+            out += got
+        return out
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+def test_a_server_that_hangs_up_mid_reply_gives_eio(sockdir: str) -> None:
+    sock = os.path.join(sockdir, "s")
+    server = HangUpServer(sock)
+    try:
+        async def go() -> None:
+            image = await open_nbd(sock, RO)
+            try:
+                assert not image.structured and image.fully_allocated
+                with pytest.raises(OSError) as info:
+                    await read(image, 0, 4096)
+                assert info.value.errno == errno.EIO
+                assert f"dropped before the answer {nbd_driver.MAX_SENDS} times" in str(
+                    info.value)
+            finally:
+                await image.close()
+
+        asyncio.run(go())
+        assert server.connections == nbd_driver.MAX_SENDS
+    finally:
+        server.close()
+
+
+# ------------------------------------------------------------ other servers
+def test_qemu_nbd(sockdir: str) -> None:
+    if shutil.which("qemu-nbd") is None:
+        pytest.skip("qemu-nbd is not installed (scripts/setup.sh installs qemu-utils)")
+    sock = os.path.join(sockdir, "q")
+    written = pattern(5, MIB)
+    backing = make_image(sockdir, "disk.raw", 16 * MIB, {4 * MIB: written})
+    proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", sock, "-t", "-e", "4",
+                             "--cache=none", "--aio=threads", backing],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.02)
+
+        async def go() -> None:
+            image = await open_nbd(f"nbd+unix:///?socket={sock}")
+            try:
+                assert image.structured and image.can_status
+                assert [e.alloc for e in image.allocation(0, 16 * MIB)] == [
+                    Alloc.ZERO, Alloc.DATA, Alloc.ZERO]
+                assert await read(image, 4 * MIB, MIB) == written
+                await image.write(0, memoryview(b"q" * 8192), fua=True)
+                await image.write_zeroes(4 * MIB, 65536, may_unmap=False)
+                await image.flush()
+            finally:
+                await image.close()
+
+        asyncio.run(go())
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    with open(backing, "rb") as f:
+        got = f.read()
+    assert got[:8192] == b"q" * 8192
+    assert got[4 * MIB : 4 * MIB + 65536] == bytes(65536)
+    assert got[4 * MIB + 65536 : 5 * MIB] == written[65536:]
+
+
+def test_our_own_export(serve: Callable[..., ServedImage], workdir: str) -> None:
+    data = pattern(9, 2 * MIB)
+    backing = make_image(workdir, "own.raw", 16 * MIB, {8 * MIB: data})
+    s = serve(backing, direct=False)
+
+    async def go() -> None:
+        image = await open_nbd(s.uri)
+        try:
+            assert image.can_status and image.can_multi_conn
+            assert await read(image, 8 * MIB, 2 * MIB) == data
+            await image.write(0, memoryview(b"o" * 65536), fua=True)
+            assert image.allocation(0, 65536) == [Extent(0, 65536, Alloc.DATA)]
+        finally:
+            await image.close()
+
+    asyncio.run(go())
+    with open(backing, "rb") as f:
+        assert f.read(65536) == b"o" * 65536
+
+
+def test_a_chain_of_one_nbd_image_reads_holes_locally(sockdir: str) -> None:
+    """The chain sees the export's holes: reading one sends no request to the server."""
+    sock = os.path.join(sockdir, "s")
+
+    async def go() -> None:
+        chain = await Chain.open("nbd", sock, RW)
+        try:
+            await chain.write(MIB, memoryview(b"c" * 4096))
+            image = chain.leaf
+            assert isinstance(image, nbd_driver.NbdImage)
+            sent = image.requests_sent
+            buf = memoryview(bytearray(65536))
+            await chain.read(4 * MIB, buf)
+            assert bytes(buf) == bytes(65536)
+            assert image.requests_sent == sent
+            await chain.read(MIB, buf[:4096])
+            assert bytes(buf[:4096]) == b"c" * 4096 and image.requests_sent == sent + 1
+            assert [s.flags for s in chain.block_status(0, 2 * MIB)] == [3, 0, 3]
+        finally:
+            await chain.close()
+
+    with nbdkit(["memory", "8M"], sock=sock):
+        asyncio.run(go())
+
+
+# ------------------------------------------------------------ tap-ctl
+needs_fio = pytest.mark.skipif(shutil.which("fio") is None,
+                               reason="fio is not installed (scripts/setup.sh installs it)")
+
+
+@needs_fio
+def test_tap_ctl_create_nbd_serves_fio(run_dir: str, sockdir: str) -> None:
+    """``tap-ctl create -a nbd:SOCKET`` over nbdkit: fio with crc32c verify through the
+    tapdisk's own NBD export; stats name the driver."""
+    from tests.system.test_tap_ctl import assert_clean, nbd_uri, ok, parse_list
+
+    sock = os.path.join(sockdir, "s")
+    with nbdkit(["memory", "32M"], sock=sock):
+        spec = f"nbd:{sock}"
+        ok("create", "-a", spec)
+        (entry,) = [e for e in parse_list(ok("list")) if e.get("args") == spec]
+        pid, minor = entry["pid"], entry["minor"]
+        try:
+            proc = subprocess.run(
+                ["fio", "--output-format=json", "--name=nbd", "--ioengine=nbd",
+                 f"--uri={nbd_uri(run_dir, int(pid), int(minor))}", "--bs=4k",
+                 "--rw=randrw", "--iodepth=16", "--size=8M", "--verify=crc32c",
+                 "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0"],
+                capture_output=True, text=True, timeout=180)
+            assert proc.returncode == 0, proc.stderr + proc.stdout
+            result = json.loads(proc.stdout[proc.stdout.index("{"):])
+            assert all(job["error"] == 0 for job in result["jobs"])
+            assert result["jobs"][0]["write"]["io_bytes"] > 0
+            stats = json.loads(ok("stats", "-p", pid, "-m", minor))
+            assert [(i["name"], i["driver"]["name"], i["driver"]["type"])
+                    for i in stats["images"]] == [(sock, "nbd", 15)]
+            assert stats["errors"] == [0, 0]
+        finally:
+            ok("destroy", "-p", pid, "-m", minor)
+    assert_clean(run_dir)
+
