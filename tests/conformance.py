@@ -26,6 +26,7 @@ from blktap.block.driver import Alloc, Extent, FastIO, Image, ImageInfo, OpenOpt
 from blktap.block.layer import Stack, open_stack
 from blktap.vhd.create import create_dynamic, create_fixed
 from tests.ceph_helpers import rbd_image
+from tests.nbdkit_helpers import nbdkit_memory_image
 
 ImageMaker = Callable[[Path, bytes], contextlib.AbstractContextManager[str]]
 """``make(tmp_dir, initial)``: a context giving the path of an image that reads as
@@ -233,6 +234,7 @@ CASES: list[DriverCase] = [
     DriverCase("vhd-dynamic", "vhd", vhd_maker(create_dynamic), direct=False),
     DriverCase("vhd-fixed", "vhd", vhd_maker(create_fixed), direct=False),
     DriverCase("rbd", "rbd", rbd_image, file_times=False),  # on tests/ceph_helpers' cluster
+    DriverCase("nbd", "nbd", nbdkit_memory_image, file_times=False),  # nbdkit memory, Unix socket
 ]
 """Every driver configuration the shared suites check. Add a driver here."""
 

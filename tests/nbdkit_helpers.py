@@ -110,7 +110,7 @@ def nbdkit(args: list[str], *, sock: str | None = None,
 @contextlib.contextmanager
 def nbdkit_memory_image(tmp: Path, initial: bytes) -> Iterator[str]:
     """A conformance image: nbdkit's memory plugin on a Unix socket holding ``initial``
-    (written through libnbd before the test opens it); the path is the socket."""
+    (written through libnbd before the test opens it); the path is an ``nbd+unix`` URI."""
     why = libnbd_missing()
     if why is not None:
         pytest.skip(why)
@@ -126,4 +126,4 @@ def nbdkit_memory_image(tmp: Path, initial: bytes) -> Iterator[str]:
                 if chunk.count(0) != len(chunk):
                     h.pwrite(chunk, off)
             h.shutdown()
-            yield sock
+            yield f"nbd+unix:///?socket={sock}"
