@@ -24,7 +24,7 @@ import pytest
 from blktap.block.drivers.rbd import DEFAULT_TIMEOUT, RbdTarget, client_id_from_env, parse_target
 from blktap.errors import InvalidArgument
 from tests.ceph_helpers import Cluster, shared_cluster, stop_shared_cluster, unique_image
-from tests.helpers import TAP_CTL, Tapdisk, short_tempdir, tapdisks_under
+from tests.helpers import TAP_CTL, VHD_UTIL, Tapdisk, short_tempdir, tapdisks_under
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -91,9 +91,9 @@ def sh(*args: str, timeout: float = 300) -> str:
     return proc.stdout
 
 
-def qemu_io(target: str, *commands: str, read_only: bool = False) -> str:
+def qemu_io(target: str, *commands: str, read_only: bool = False, fmt: str = "raw") -> str:
     """qemu-io on ``target``; fails the test when a command fails."""
-    args = ["qemu-io", "-f", "raw", *(["-r"] if read_only else [])]
+    args = ["qemu-io", "-f", fmt, *(["-r"] if read_only else [])]
     for c in commands:
         args += ["-c", c]
     out = sh(*args, target, timeout=120)
@@ -388,3 +388,24 @@ def test_cluster_stopped_gives_errors_then_io_resumes(
         time.sleep(1)
     destroy(pid, minor)
     qemu_io(ceph_cluster.qemu_uri(new_image), "read -P 0x23 16M 64k")
+
+
+def test_local_vhd_snapshot_over_an_rbd_parent(
+    ceph_cluster: Cluster, run_dir: str, new_image: str, tmp_path: Path,
+) -> None:
+    qemu_io(ceph_cluster.qemu_uri(new_image), "write -P 0x81 0 4M", "write -P 0x82 60M 4M")
+    child = str(tmp_path / "child.vhd")
+    parent = spec(ceph_cluster, new_image)
+    sh(VHD_UTIL, "snapshot", "-n", child, "-p", parent, "-m")
+    assert sh(VHD_UTIL, "query", "-n", child, "-v").strip() == str(SIZE // MiB)
+    assert sh(VHD_UTIL, "query", "-n", child, "-p").strip() == parent
+    pid, minor, uri = create(run_dir, f"vhd:{child}")
+    stats = json.loads(ok("stats", "-p", str(pid), "-m", str(minor)))
+    assert [i["driver"]["name"] for i in stats["images"]] == ["vhd", "rbd"]
+    qemu_io(uri, "read -P 0x81 0 4M", "read -P 0x82 60M 4M", "read -P 0 4M 1M",
+            "write -P 0x83 1M 64k", "read -P 0x83 1M 64k", "read -P 0x81 0 1M")
+    destroy(pid, minor)
+    # The write went to the local child; the shared base is unchanged and was opened
+    # read-only (another host may open it read-write meanwhile).
+    qemu_io(ceph_cluster.qemu_uri(new_image), "read -P 0x81 0 4M")
+    qemu_io(child, "read -P 0x83 1M 64k", fmt="vpc")

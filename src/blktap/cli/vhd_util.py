@@ -142,7 +142,8 @@ def _snapshot(argv: Sequence[str]) -> int:
     p.add_argument("-l", dest="limit", type=int, metavar="DEPTH",
                    help="refuse (ENOSPC) if the new chain would hold more than DEPTH images")
     p.add_argument("-m", dest="raw", action="store_true",
-                   help="PARENT is a raw image (opened with the aio driver)")
+                   help="PARENT is a raw image (opened with the aio driver), or an "
+                        "RBD image named rbd:POOL/IMAGE[:key=value...]")
     p.add_argument("-S", dest="prealloc", type=int, metavar="MB",
                    help="size the metadata for a disk of MB MiB (see create -S)")
     p.add_argument("-e", dest="exact", action="store_true",
@@ -187,6 +188,7 @@ def _query(argv: Sequence[str]) -> int:
         p.add_argument(flag, dest=dest, action="store_true", help=text)
     a = p.parse_args(argv)
     from blktap.proto.vhd.constants import DiskType
+    from blktap.vhd.image import network_parent
     from blktap.vhdutil.create import chain_depth
     from blktap.vhdutil.query import query
 
@@ -198,8 +200,8 @@ def _query(argv: Sequence[str]) -> int:
     if a.parent:
         if info.disk_type != DiskType.DIFFERENCING or info.parent is None:
             _out(f"{a.name} has no parent")
-        elif a.unresolved:
-            _out(info.parent)
+        elif a.unresolved or network_parent(info.parent) is not None:
+            _out(info.parent)  # an rbd:pool/image parent is no file to resolve
         else:
             _out(os.path.realpath(info.parent))  # as C vhd_find_parent: realpath
     if a.fields:

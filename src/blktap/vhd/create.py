@@ -31,7 +31,7 @@ from blktap.proto.vhd.constants import (
 )
 from blktap.proto.vhd.footer import new_footer
 from blktap.proto.vhd.header import ParentLocator, encode_locator_path, new_header
-from blktap.vhd.image import VhdFile, pwrite_all, read_footer_of
+from blktap.vhd.image import VhdFile, network_parent, pwrite_all, read_footer_of
 
 TABLE_OFFSET = FOOTER_SIZE + HEADER_SIZE
 """1536: where vhd-util puts the BAT."""
@@ -126,10 +126,14 @@ def create_dynamic(
     if _parent is not None:
         ppath, raw = _parent
         disk_type = DiskType.DIFFERENCING
-        rel = relative_locator_path(path, ppath)
-        st = os.stat(ppath)
-        parent_ts = vhd_time(st.st_mtime)
-        parent_name = os.path.basename(ppath)
+        if raw and network_parent(ppath) is not None:
+            rel = ppath  # verbatim: no file to point at relatively
+            parent_ts = vhd_time(time.time())
+            parent_name = ppath
+        else:
+            rel = relative_locator_path(path, ppath)
+            parent_ts = vhd_time(os.stat(ppath).st_mtime)
+            parent_name = os.path.basename(ppath)
         if not raw:
             pfoot = read_footer_of(ppath)
             if pfoot is None:
@@ -199,16 +203,24 @@ def snapshot(
     The child gets the parent's size (or ``size``, which may not be smaller), the parent's
     block size (2 MiB for a raw parent), the parent's base name, footer uuid and mtime
     (``prt_ts``), and three relative locators (MACX, W2KU, W2RU). With ``raw_parent`` the
-    parent is a raw image (opened with the aio driver), its uuid null. ``metadata_size``:
+    parent is a raw image (opened with the aio driver), its uuid null; a raw parent may
+    also be a network image ``rbd:pool/image`` (blktap.vhd.image.network_parent), which
+    the locators then hold verbatim and whose ``size`` the caller gives. ``metadata_size``:
     as :func:`create_dynamic`.
 
     Raises NotFound/OSError for a missing parent, ImageFormatError for a malformed VHD
     parent, InvalidArgument for a bad size. Skipping empty parents (vhd-util's default
     without ``-e``) is the caller's choice.
     """
-    if not os.path.exists(parent):
+    network = raw_parent and network_parent(parent) is not None
+    if network:
+        if size is None:
+            raise InvalidArgument(f"the size of network parent {parent} must be given")
+        psize = size
+        pblock = DEFAULT_BLOCK_SIZE
+    elif not os.path.exists(parent):
         raise FileNotFoundError(errno.ENOENT, "parent not found", parent)
-    if raw_parent:
+    elif raw_parent:
         psize = os.stat(parent).st_size
         if psize <= 0 or psize % SECTOR_SIZE:
             # A raw parent that is not whole sectors: the child covers it rounded up.

@@ -64,12 +64,27 @@ MAX_BLOCK_SIZE = 1 << 30
 _ZEROS = bytes(1 << 20)
 
 
+NETWORK_PARENT_TYPES = ("rbd",)
+"""Driver types whose images a raw parent locator may name as ``type:path`` instead of a
+file (``rbd:pool/image``, see blktap.block.drivers.rbd): stored verbatim, never resolved
+against the child's directory nor checked for existence here."""
+
+
+def network_parent(path: str) -> tuple[str, str] | None:
+    """``(type, path)`` when ``path`` names a network image (``rbd:pool/image``), else None."""
+    kind, sep, rest = path.partition(":")
+    if sep and rest and kind in NETWORK_PARENT_TYPES:
+        return kind, rest
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class ParentLink:
     """The parent a differencing VHD names, resolved to a file that exists."""
 
     path: str
-    """Absolute, normalised path of the parent file."""
+    """Absolute, normalised path of the parent file (or a raw network parent's
+    ``type:path``, see :func:`network_parent`)."""
     raw: bool
     """True for a raw parent (``vhd-util snapshot -m``; the child's parent uuid is null)."""
     locator: int
@@ -474,6 +489,8 @@ class VhdFile:
         me = os.path.realpath(self.path)
         tried: list[str] = []
         for code, stored in self.locator_paths():
+            if not any(h.parent_uuid) and network_parent(stored) is not None:
+                return ParentLink(path=stored, raw=True, locator=code)
             location = resolve_parent_path(me, stored)
             tried.append(location)
             if not os.path.exists(location):

@@ -8,6 +8,7 @@ data movement (up to 2 TiB, what XenServer's LVM storage asks for).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 
@@ -15,7 +16,7 @@ from blktap.errors import BlktapError
 from blktap.proto.vhd.constants import BAT_UNUSED, DiskType
 from blktap.vhd import create_dynamic, create_fixed
 from blktap.vhd import snapshot as _lib_snapshot
-from blktap.vhd.image import VhdFile
+from blktap.vhd.image import VhdFile, network_parent
 
 
 class DepthExceeded(BlktapError):
@@ -112,6 +113,11 @@ def snapshot(
     Raises FileNotFoundError (no parent), ImageFormatError (parent malformed),
     DepthExceeded, FileExistsError, OSError; nothing is left behind on failure.
     """
+    if raw_parent and network_parent(parent) is not None:
+        # rbd:pool/image: the size comes from the image itself, through its driver.
+        _lib_snapshot(path, parent, raw_parent=True, size=_network_size(parent),
+                      metadata_size=prealloc)
+        return parent
     if not os.path.exists(parent):
         raise FileNotFoundError(errno.ENOENT, "parent not found", parent)
     if raw_parent:
@@ -131,3 +137,21 @@ def snapshot(
             psize = p.size
     _lib_snapshot(path, target, raw_parent=raw, size=psize, metadata_size=prealloc)
     return target
+
+
+def _network_size(parent: str) -> int:
+    """The size of a network image (``rbd:pool/image``), opened read-only to ask it.
+    Raises as the driver's open (NotFound, OSError, ...)."""
+    from blktap.block.driver import OpenOptions, opener_for
+
+    remote = network_parent(parent)
+    assert remote is not None
+
+    async def ask() -> int:
+        image = await opener_for(remote[0])(remote[1], OpenOptions(read_only=True))
+        try:
+            return image.info.size
+        finally:
+            await image.close()
+
+    return asyncio.run(ask())

@@ -56,7 +56,7 @@ from blktap.block.drivers.aio import AioImage, open_aio
 from blktap.errors import NotFound, ReadOnly
 from blktap.proto.vhd import bitmap as bm
 from blktap.proto.vhd.constants import BAT_UNUSED, DiskType
-from blktap.vhd.image import VhdFile
+from blktap.vhd.image import VhdFile, network_parent
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,16 @@ class VhdImage:
         link = vf.parent
         self._parent: ParentRef | None = None
         if link is not None:
-            self._parent = ParentRef("aio" if link.raw else "vhd", link.path)
+            remote = network_parent(link.path) if link.raw else None
+            if remote is not None:  # e.g. rbd:pool/image, opened by that driver
+                self._parent = ParentRef(*remote)
+            else:
+                self._parent = ParentRef("aio" if link.raw else "vhd", link.path)
 
     @property
     def parent(self) -> ParentRef | None:
-        """``ParentRef("vhd", abs path)``, ``ParentRef("aio", raw path)`` or None."""
+        """``ParentRef("vhd", abs path)``, ``ParentRef("aio", raw path)``,
+        ``ParentRef("rbd", "pool/image...")`` for a raw parent on RBD, or None."""
         return self._parent
 
     # ------------------------------------------------------------------ lookups
