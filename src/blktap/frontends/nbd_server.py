@@ -351,6 +351,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._into_payload = False
         self._header_next = False  # see get_buffer
         self._carry = 0  # bytes of a request kept at the start of _rbuf (see _inline)
+        self._inline_counts = IOCounts()  # what one _inline call served
         self._pumping = False
         self._out_bytes = 0  # READ data in self._out
         # The lanes (nbd_lane): lone READs and large WRITEs in a row so far (-1: no lane
@@ -631,8 +632,9 @@ class _Connection(asyncio.BufferedProtocol):
         read_limit = adm.read_limit
         write_limit = adm.write_limit if sync.writable else -1
         check = codec.header_check
-        read_flags = check.flags(_READ)
-        write_flags = check.flags(_WRITE)
+        allowed = check.allowed  # (HeaderCheck.flags without a call per batch)
+        read_flags = allowed.get(_READ_LOW, 0)
+        write_flags = allowed.get(_WRITE_LOW, 0)
         free = self._free
         out = self._out  # both replaced by each flush
         sending = self._sending
@@ -706,7 +708,9 @@ class _Connection(asyncio.BufferedProtocol):
             return end
         finally:
             if reads or writes:
-                counts = IOCounts(reads, read_bytes, writes, written)
+                counts = self._inline_counts  # reused: no object built per batch
+                counts.reads, counts.read_bytes = reads, read_bytes
+                counts.writes, counts.written_bytes = writes, written
                 self._served(counts, False)
                 self.vbd.count(counts)
                 if self._big > 0:
