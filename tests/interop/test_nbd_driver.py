@@ -500,3 +500,101 @@ def test_tap_ctl_create_nbd_serves_fio(run_dir: str, sockdir: str) -> None:
             ok("destroy", "-p", pid, "-m", minor)
     assert_clean(run_dir)
 
+
+
+# ------------------------------------------------------------------ TLS
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def make_ca(directory: str, name: str) -> tuple[str, str]:
+    """A CA (key, certificate) in ``directory``."""
+    key, cert = os.path.join(directory, f"{name}-key.pem"), os.path.join(directory,
+                                                                         f"{name}-cert.pem")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+             "-days", "2", "-subj", f"/CN={name}")
+    return key, cert
+
+
+def issue(directory: str, ca: tuple[str, str], name: str, cn: str, usage: str) -> None:
+    """``name-key.pem`` and ``name-cert.pem`` in ``directory``, signed by ``ca``."""
+    key, cert = os.path.join(directory, f"{name}-key.pem"), os.path.join(directory,
+                                                                         f"{name}-cert.pem")
+    csr = os.path.join(directory, f"{name}.csr")
+    ext = os.path.join(directory, f"{name}.ext")
+    with open(ext, "w") as f:
+        f.write(f"subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+             "-subj", f"/CN={cn}")
+    _openssl("x509", "-req", "-in", csr, "-CA", ca[1], "-CAkey", ca[0], "-CAcreateserial",
+             "-out", cert, "-days", "2", "-extfile", ext)
+    os.unlink(csr)
+    os.unlink(ext)
+
+
+@pytest.fixture
+def tls_dirs(sockdir: str) -> tuple[str, str, str]:
+    """(server dir, client dir, client dir of another CA), laid out as nbdkit and libnbd
+    read them: ca-cert.pem, server-/client-cert.pem and -key.pem."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    server, client, stranger = (os.path.join(sockdir, d) for d in ("srv", "cli", "other"))
+    for d in (server, client, stranger):
+        os.mkdir(d, 0o700)
+    ca = make_ca(server, "ca")
+    shutil.copy(ca[1], os.path.join(client, "ca-cert.pem"))
+    issue(server, ca, "server", "localhost", "serverAuth")
+    issue(client, ca, "client", "blktap-client", "clientAuth")
+    other = make_ca(stranger, "ca")
+    issue(stranger, other, "client", "blktap-client", "clientAuth")
+    os.unlink(other[0])
+    return server, client, stranger
+
+
+def test_tls_x509(tls_dirs: tuple[str, str, str]) -> None:
+    """nbds:// with tls-certificates=DIR against nbdkit --tls=require --tls-verify-peer;
+    a client whose certificates another CA issued, or one without TLS, is refused."""
+    server_dir, client_dir, stranger_dir = tls_dirs
+    port = free_port()
+
+    async def go(uri: str) -> None:
+        image = await open_nbd(uri)
+        try:
+            await image.write(0, memoryview(b"tls!" * 128), fua=True)
+            assert await read(image, 0, 512) == b"tls!" * 128
+        finally:
+            await image.close()
+
+    with nbdkit(["--tls=require", f"--tls-certificates={server_dir}", "--tls-verify-peer",
+                 "memory", "4M"], port=port):
+        asyncio.run(go(f"nbds://localhost:{port}/?tls-certificates={client_dir}"))
+        with pytest.raises(BlktapError) as info:
+            asyncio.run(go(f"nbds://localhost:{port}/?tls-certificates={stranger_dir}"))
+        assert "nbds://localhost" in str(info.value)
+        assert "certificate verification" in str(info.value)
+        with pytest.raises(BlktapError) as info:
+            asyncio.run(go(f"nbd://localhost:{port}/"))
+        assert "server requires TLS" in str(info.value)
+        assert info.value.errno == errno.ENOTSUP
+
+
+def test_tls_psk(sockdir: str) -> None:
+    sock = os.path.join(sockdir, "s")
+    psk = os.path.join(sockdir, "keys.psk")
+    with open(psk, "w") as f:
+        f.write("alice:" + os.urandom(32).hex() + "\n")
+    os.chmod(psk, 0o600)
+
+    async def go(uri: str) -> bytes:
+        image = await open_nbd(uri)
+        try:
+            await image.write(4096, memoryview(b"p" * 4096))
+            return await read(image, 4096, 4096)
+        finally:
+            await image.close()
+
+    with nbdkit(["--tls=require", f"--tls-psk={psk}", "memory", "4M"], sock=sock):
+        assert asyncio.run(go(f"nbds+unix://alice@/?socket={sock}&tls-psk-file={psk}")) == (
+            b"p" * 4096)
+        with pytest.raises(BlktapError):
+            asyncio.run(go(f"nbds+unix://mallory@/?socket={sock}&tls-psk-file={psk}"))
