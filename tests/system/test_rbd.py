@@ -24,7 +24,14 @@ import pytest
 from blktap.block.drivers.rbd import DEFAULT_TIMEOUT, RbdTarget, client_id_from_env, parse_target
 from blktap.errors import InvalidArgument
 from tests.ceph_helpers import Cluster, shared_cluster, stop_shared_cluster, unique_image
-from tests.helpers import TAP_CTL, VHD_UTIL, Tapdisk, short_tempdir, tapdisks_under
+from tests.helpers import (
+    TAP_CTL,
+    VHD_UTIL,
+    Tapdisk,
+    host_block_device_support,
+    short_tempdir,
+    tapdisks_under,
+)
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -409,3 +416,48 @@ def test_local_vhd_snapshot_over_an_rbd_parent(
     # read-only (another host may open it read-write meanwhile).
     qemu_io(ceph_cluster.qemu_uri(new_image), "read -P 0x81 0 4M")
     qemu_io(child, "read -P 0x83 1M 64k", fmt="vpc")
+
+
+def test_live_snapshot_unpauses_onto_an_rbd_clone(
+    ceph_cluster: Cluster, run_dir: str, new_image: str,
+) -> None:
+    pid, minor, uri = create(run_dir, spec(ceph_cluster, new_image))
+    qemu_io(uri, "write -P 0x91 0 1M")
+    ok("pause", "-p", str(pid), "-m", str(minor), "-t", "30")
+    # Paused, the image is closed (its lock released): the snapshot and clone can be made.
+    ceph_cluster.rbd("snap", "create", f"{new_image}@live")
+    ceph_cluster.rbd("snap", "protect", f"{new_image}@live")
+    leaf = f"rbd/{unique_image('leaf')}"
+    ceph_cluster.rbd("clone", f"{new_image}@live", leaf)
+    ok("unpause", "-p", str(pid), "-m", str(minor), "-a", spec(ceph_cluster, leaf))
+    qemu_io(uri, "read -P 0x91 0 1M", "write -P 0x92 0 64k", "read -P 0x92 0 64k")
+    destroy(pid, minor)
+    qemu_io(ceph_cluster.qemu_uri(f"{new_image}@live"), "read -P 0x91 0 1M", read_only=True)
+    qemu_io(ceph_cluster.qemu_uri(leaf), "read -P 0x92 0 64k", "read -P 0x91 64k 960k")
+    ceph_cluster.rbd("rm", "--no-progress", leaf)
+
+
+_blockdev_ok, _blockdev_why = host_block_device_support()
+
+
+@pytest.mark.skipif(not _blockdev_ok, reason=f"no FUSE+loop block device here: {_blockdev_why}")
+def test_fio_crc32c_verify_at_qd32_through_the_block_device(
+    ceph_cluster: Cluster, run_dir: str, new_image: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BLKTAP_BLOCKDEV", "on")
+    image = spec(ceph_cluster, new_image)
+    device = ok("create", "-a", image).strip()
+    assert device == os.path.join(os.environ["BLKTAP_DEV_DIR"], "tapdev0")
+    (entry,) = [dict(f.split("=", 1) for f in line.split())
+                for line in ok("list").splitlines() if "pid=" in line]
+    assert entry["args"] == image
+    out = sh("fio", "--name=rbd-bdev", f"--filename={device}", "--ioengine=libaio",
+             "--direct=1", "--rw=randwrite", "--bsrange=4k-64k", "--size=32M",
+             "--iodepth=32", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+             "--verify_state_save=0", "--output-format=json")
+    job = fio_json(out)
+    assert job["error"] == 0
+    write, read = job["write"], job["read"]
+    assert isinstance(write, dict) and isinstance(read, dict)
+    assert write["io_bytes"] == 32 * MiB and read["io_bytes"] == 32 * MiB
+    destroy(int(entry["pid"]), int(entry["minor"]))
