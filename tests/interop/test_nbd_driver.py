@@ -298,6 +298,25 @@ def test_a_server_that_comes_back_with_another_size_fails_requests(sockdir: str)
         server.stop()
 
 
+def test_close_with_a_request_the_server_never_answers(sockdir: str) -> None:
+    """Closing does not wait for a server that sits on a request: the request fails with
+    EIO and the close returns."""
+    sock = os.path.join(sockdir, "s")
+
+    async def go() -> None:
+        image = await open_nbd(sock, RO)
+        pending = asyncio.ensure_future(read(image, 0, 4096))
+        await asyncio.sleep(0.2)
+        assert not pending.done()
+        await asyncio.wait_for(image.close(), 20)
+        with pytest.raises(OSError) as info:
+            await pending
+        assert info.value.errno == errno.EIO and "closed" in str(info.value)
+
+    with nbdkit(["--filter=delay", "memory", "1M", "rdelay=120"], sock=sock):
+        asyncio.run(go())
+
+
 class HangUpServer:
     """An NBD server (a thread) that negotiates, then answers every READ with half a
     reply and hangs up: a server that fails in the middle of a reply."""

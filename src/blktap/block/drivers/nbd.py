@@ -91,6 +91,7 @@ import errno
 import importlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -371,13 +372,18 @@ class _Connection:
         self.image._connection_lost(self, reason, ops)
 
     def close(self) -> None:
-        """Disconnect (requests in flight are the caller's to fail)."""
+        """Disconnect (requests in flight are the caller's to fail). Never waits for the
+        server: with requests still in flight the socket is shut down first, so that
+        libnbd's orderly shutdown (which waits for their answers) ends at once."""
         was = self.alive
         self.alive = False
         if was:
             self.loop.remove_reader(self.fd)
             if self.writing:
                 self.loop.remove_writer(self.fd)
+        if self.h.aio_in_flight() > 0:
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self.fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(Exception):
             self.h.shutdown()
 
@@ -509,7 +515,8 @@ class NbdImage:
     # ------------------------------------------------------------ connections
     def _adopt(self, handle: Any) -> _Connection:
         conn = _Connection(self, handle)
-        self._conns.append(conn)
+        if conn.alive:  # it may have died already (then _connection_lost has run)
+            self._conns.append(conn)
         return conn
 
     def _connection_lost(self, conn: _Connection, reason: str, ops: list[_Op]) -> None:
@@ -526,6 +533,10 @@ class NbdImage:
 
     def _requeue(self, op: _Op, reason: str) -> None:
         if op.fut.done():
+            return
+        if self._closed:
+            op.fut.set_exception(OSError(errno.EIO, f"nbd:{self.target.text}: the image "
+                                         "is closed"))
             return
         if op.sends >= MAX_SENDS:
             op.fut.set_exception(OSError(
