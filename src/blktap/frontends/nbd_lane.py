@@ -257,13 +257,14 @@ class ReadLane(Lane):
                 self._result.received = bytes(head[:n])  # for the loop, unparsed
                 return
             header = reply_header(cookie, offset, length)
+            # Counted before the reply leaves: a client that has it sees it counted.
+            counts = self.counts
+            counts.reads += 1
+            counts.read_bytes += length
             try:
                 sent = writev(fd, (header, data))
             except BlockingIOError:
                 sent = 0
-            counts = self.counts
-            counts.reads += 1
-            counts.read_bytes += length
             if sent != len(header) + length:
                 self._send_rest([header, bytes(data)], sent)
                 if self._result.unsent:
