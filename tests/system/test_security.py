@@ -217,7 +217,7 @@ def test_a_type_with_path_characters_opens_nothing(
     assert sorted(os.listdir(tmp_path)) == ["disk.img"]
 
 
-@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/shadow", "a\nb", "x" * 4096])
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/dev/sda", "a\nb", "x" * 4096])
 def test_an_export_name_reaches_nothing_else(run_dir: str, tmp_path: Path, name: str) -> None:
     img = image(tmp_path)
     data = os.urandom(4096)
