@@ -625,8 +625,7 @@ class _Connection(asyncio.BufferedProtocol):
 
         Which requests it takes is HeaderCheck.accepts (the codec's rule) and
         Admission.admits (the VBD's), copied inline: a call per request costs more than
-        the system call's share (test_nbd_codec.py::test_inline_takes_only_what_the_rules_
-        admit pins the copies).
+        the system call's share (tests/unit/test_fast_route_rules.py pins the copies).
         """
         fd = sync.fd
         read_limit = adm.read_limit
