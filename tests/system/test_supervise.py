@@ -145,7 +145,7 @@ def test_supervised_vbd_lists_its_supervisor_and_destroys_by_a_later_pid(
     run_dir = supervised_run_dir
     first = create_supervised(image(tmp_path))
     (doc,) = json.loads(ok("list", "--json"))
-    assert doc["supervisor"]["tapdisk_pids"] == [first]
+    assert doc["supervisor"]["tapdisk_pids"] == [first] and doc["supervisor"]["running"]
     assert doc["supervisor"]["nbd_path"] == f"{run_dir}/nbd{first}.0"
     os.kill(first, signal.SIGKILL)
     second, _ = wait_for_new_tapdisk(first)

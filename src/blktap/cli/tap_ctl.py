@@ -285,8 +285,9 @@ def _supervisor_fields(ctl: Control, entry: TapEntry) -> dict[str, Any]:
     state = ctl.supervision(entry.minor)
     if state is None or (entry.pid is not None and entry.pid not in state.pids):
         return {}
-    return {"supervisor": {"pid": state.supervisor_pid, "restarts": state.restarts,
-                           "tapdisk_pids": list(state.pids), "nbd_path": state.nbd_path}}
+    return {"supervisor": {"pid": state.supervisor_pid, "running": ctl.supervised(entry.minor),
+                           "restarts": state.restarts, "tapdisk_pids": list(state.pids),
+                           "nbd_path": state.nbd_path}}
 
 
 def _run_list(ctl: Control, ns: argparse.Namespace, out: IO[str]) -> int:

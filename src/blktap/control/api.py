@@ -134,6 +134,10 @@ class Control:
         path), or ``None`` if the minor is not supervised."""
         return supervise.read_state(self.rundir, minor)
 
+    def supervised(self, minor: int) -> bool:
+        """True while a supervisor runs for ``minor``."""
+        return supervise.supervisor_running(self.rundir, minor)
+
     def destroy(self, pid: int, minor: int, *, timeout: float | None = None) -> None:
         """close → detach → free."""
         lifecycle.destroy(self.rundir, pid, minor, timeout=timeout)
