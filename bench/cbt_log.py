@@ -16,9 +16,10 @@ each repetition (so that noise from other load on the machine spreads over all o
 Each run gets a fresh sparse image and log and its own tapdisk. Prints every run, then the
 median IOPS, mean completion latency and tapdisk CPU time per write (user + system of
 all its threads, from /proc: less sensitive to other load than IOPS) of each
-configuration, and the log's cost in percent of the plain median. By default the image is opened without O_DIRECT (``-D``):
-the writes then cost the least, which shows the layer's own cost at its largest;
-``--direct`` measures with O_DIRECT, where the disk dominates. fio and tapdisk share the
+configuration, and the log's cost in percent of the plain median. By default the image
+is opened without O_DIRECT (``-D``): the writes then cost the least, which shows the
+layer's own cost at its largest; ``--direct`` measures with O_DIRECT, where the disk
+dominates. fio and tapdisk share the
 machine's CPUs with whatever else runs: read the numbers as noisy.
 """
 
