@@ -450,19 +450,22 @@ def plot_vhd(doc: dict[str, Any], path: str) -> bool:
         table = _chain_table(ch)
         ax.set_xscale("log", base=2)
         series = sorted({(layout, mode) for layout, mode, _ in table})
-        for i, (layout, mode) in enumerate(series):
+        layouts = sorted({layout for layout, _ in series})
+        styles = {"warm": "-", "first": "--", "fio": ":"}
+        for layout, mode in series:
             depths = sorted(d for lo, mo, d in table if (lo, mo) == (layout, mode))
             ys = [statistics.median(table[layout, mode, d]) for d in depths]
             ax.plot(depths, ys, marker="o", label=f"{layout}, {mode}",
-                    color=PEER_COLORS[i % len(PEER_COLORS)],
-                    linestyle="--" if mode == "first" else "-")
+                    color=PEER_COLORS[layouts.index(layout) % len(PEER_COLORS)],
+                    linestyle=styles.get(mode, "-"))
             ax.set_xticks(depths, [str(d) for d in depths])
         ax.set_xlabel("chain depth (VHDs from leaf to base)")
         ax.set_ylabel("4 KiB random reads, IOPS")
         ax.set_title(f"Reads through VHD chains ({ch['size_mib']} MiB disk)", fontsize=10)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0),
+                  title="layout, path", title_fontsize=8)
     else:
         ax.axis("off")
     _save(fig, path)

@@ -150,6 +150,7 @@ def run_fio(leaf: str, seconds: float) -> float:
     server = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "serve_tapdisk.py"), "--no-direct",
          "--read-only", "--socket", sock, f"vhd:{leaf}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # tapdisk's log
     )
     try:
         for _ in range(200):
