@@ -21,8 +21,8 @@ import pytest
 from blktap.block.chain import Chain
 from blktap.block.driver import Alloc, Extent, OpenOptions, opener_for
 from blktap.block.drivers import nbd as nbd_driver
-from blktap.errors import BlktapError, InvalidArgument
-from tests.helpers import short_tempdir
+from blktap.errors import BlktapError, ImageFormatError, InvalidArgument
+from tests.helpers import VHD_UTIL, short_tempdir
 from tests.nbd_helpers import ServedImage, make_image, pattern
 from tests.nbdkit_helpers import Nbdkit, free_port, libnbd_missing, nbdkit
 
@@ -483,20 +483,76 @@ def test_a_chain_of_one_nbd_image_reads_holes_locally(sockdir: str) -> None:
         asyncio.run(go())
 
 
+# ------------------------------------------------------- VHD over an nbd parent
+def snapshot_over(child: str, parent: str) -> None:
+    """``vhd-util snapshot -m``: a differencing VHD over the raw image ``parent``."""
+    proc = subprocess.run([VHD_UTIL, "snapshot", "-n", child, "-p", parent, "-m"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_vhd_child_over_an_nbd_parent(sockdir: str) -> None:
+    """A local VHD snapshot over a remote base: the locator holds ``nbd:URI``; reads fall
+    through to the export, holes included, writes stay in the child."""
+    sock = os.path.join(sockdir, "s")
+    base_data = pattern(11, 2 * MIB)
+    base = make_image(sockdir, "base.raw", 8 * MIB, {2 * MIB: base_data})
+    child = os.path.join(sockdir, "child.vhd")
+    with nbdkit(["-r", "file", base], sock=sock):
+        snapshot_over(child, f"nbd:nbd+unix:///?socket={sock}")
+
+        async def go() -> None:
+            chain = await Chain.open("vhd", child, RW)
+            try:
+                assert [i.type_name for i in chain.images] == ["vhd", "nbd"]
+                assert chain.size == 8 * MIB
+                assert await read(chain, 2 * MIB, 2 * MIB) == base_data
+                await chain.write(2 * MIB + 4096, memoryview(b"c" * 4096))
+                got = await read(chain, 2 * MIB, 3 * 4096)
+                assert got == base_data[:4096] + b"c" * 4096 + base_data[8192:12288]
+                # Holes of the base show through the child (NBD base:allocation).
+                flags = [(e.offset, e.length, e.flags) for e in chain.block_status(0, 8 * MIB)]
+                assert flags[0] == (0, 2 * MIB, 3)
+                assert flags[-1] == (4 * MIB, 4 * MIB, 3)
+            finally:
+                await chain.close()
+
+        asyncio.run(go())
+    with open(base, "rb") as f:
+        f.seek(2 * MIB)
+        assert f.read(len(base_data)) == base_data  # the base is never written
+
+
+def test_an_export_smaller_than_the_vhd_is_refused(sockdir: str) -> None:
+    sock = os.path.join(sockdir, "s")
+    child = os.path.join(sockdir, "child.vhd")
+    with nbdkit(["memory", "8M"], sock=sock):
+        snapshot_over(child, f"nbd:{sock}")
+    with nbdkit(["memory", "4M"], sock=sock), pytest.raises(ImageFormatError) as info:
+        asyncio.run(Chain.open("vhd", child, RW))
+    assert info.value.errno == errno.EINVAL
+    assert "has 4194304 bytes, fewer than the child's virtual size 8388608" in str(info.value)
+
+
 # ------------------------------------------------------------ tap-ctl
 needs_fio = pytest.mark.skipif(shutil.which("fio") is None,
                                reason="fio is not installed (scripts/setup.sh installs it)")
 
 
 @needs_fio
-def test_tap_ctl_create_nbd_serves_fio(run_dir: str, sockdir: str) -> None:
-    """``tap-ctl create -a nbd:SOCKET`` over nbdkit: fio with crc32c verify through the
-    tapdisk's own NBD export; stats name the driver."""
+@pytest.mark.parametrize("form", ["socket", "tcp", "uri"])
+def test_tap_ctl_create_nbd_serves_fio(run_dir: str, sockdir: str, form: str) -> None:
+    """``tap-ctl create -a nbd:SOCKET`` (or ``nbd:IP:PORT``, ``nbd:nbd+unix://...``) over
+    nbdkit: fio with crc32c verify through the tapdisk's own NBD export; stats name the
+    driver."""
     from tests.system.test_tap_ctl import assert_clean, nbd_uri, ok, parse_list
 
     sock = os.path.join(sockdir, "s")
-    with nbdkit(["memory", "32M"], sock=sock):
-        spec = f"nbd:{sock}"
+    port = free_port()
+    where = {"socket": sock, "tcp": f"127.0.0.1:{port}",
+             "uri": f"nbd+unix:///?socket={sock}"}[form]
+    with nbdkit(["memory", "32M"], **({"port": port} if form == "tcp" else {"sock": sock})):
+        spec = f"nbd:{where}"
         ok("create", "-a", spec)
         (entry,) = [e for e in parse_list(ok("list")) if e.get("args") == spec]
         pid, minor = entry["pid"], entry["minor"]
@@ -513,7 +569,7 @@ def test_tap_ctl_create_nbd_serves_fio(run_dir: str, sockdir: str) -> None:
             assert result["jobs"][0]["write"]["io_bytes"] > 0
             stats = json.loads(ok("stats", "-p", pid, "-m", minor))
             assert [(i["name"], i["driver"]["name"], i["driver"]["type"])
-                    for i in stats["images"]] == [(sock, "nbd", 15)]
+                    for i in stats["images"]] == [(where, "nbd", 15)]
             assert stats["errors"] == [0, 0]
         finally:
             ok("destroy", "-p", pid, "-m", minor)

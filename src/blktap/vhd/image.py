@@ -64,10 +64,11 @@ MAX_BLOCK_SIZE = 1 << 30
 _ZEROS = bytes(1 << 20)
 
 
-NETWORK_PARENT_TYPES = ("rbd",)
+NETWORK_PARENT_TYPES = ("rbd", "nbd")
 """Driver types whose images a raw parent locator may name as ``type:path`` instead of a
-file (``rbd:pool/image``, see blktap.block.drivers.rbd): stored verbatim, never resolved
-against the child's directory nor checked for existence here."""
+file (``rbd:pool/image``, see blktap.block.drivers.rbd; ``nbd:`` and a socket path,
+``HOST:PORT`` or an NBD URI, see blktap.block.drivers.nbd): stored verbatim, never
+resolved against the child's directory nor checked for existence here."""
 
 
 def network_parent(path: str) -> tuple[str, str] | None:

@@ -53,6 +53,7 @@ from blktap.block.driver import (
     register,
 )
 from blktap.block.drivers.aio import AioImage, open_aio
+from blktap.block.drivers.nbd import check_export_covers
 from blktap.errors import NotFound, ReadOnly
 from blktap.proto.vhd import bitmap as bm
 from blktap.proto.vhd.constants import BAT_UNUSED, DiskType
@@ -439,11 +440,19 @@ class VhdImage:
 
 async def open_vhd(path: str, options: OpenOptions) -> VhdImage:
     """Open ``path`` as a VHD. Raises NotFound (no such file), ImageFormatError (malformed
-    image, missing or mismatched parent), OSError. Writes nothing."""
+    image, missing or mismatched parent, an NBD parent export smaller than the disk),
+    OSError. Writes nothing."""
     try:
         vf = VhdFile.open(path, writable=not options.read_only)
     except FileNotFoundError as exc:
         raise NotFound(f"{path}: {exc.strerror}") from None
+    remote = network_parent(vf.parent.path) if vf.parent and vf.parent.raw else None
+    if remote is not None and remote[0] == "nbd":
+        try:  # the chain would read zeros past a smaller export's end: refuse it here
+            await check_export_covers(remote[1], vf.size, path)
+        except BaseException:
+            vf.close()
+            raise
     engine: AioImage | None = None
     if options.direct:
         try:
