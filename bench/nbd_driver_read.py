@@ -7,6 +7,7 @@ clients run in this process on one asyncio loop, as the driver would inside tapd
 * ``libnbd`` — Debian's python3-libnbd: one handle, ``aio_pread`` into the caller's buffer
   (``nbd.Buffer.from_buffer``, no copy), completion callbacks resolving futures, the
   handle's descriptor watched with ``loop.add_reader`` and ``aio_notify_read``;
+* ``driver`` — the ``nbd`` driver built on the first (its request bookkeeping on top);
 * ``own`` — a minimal client of our own (fixed newstyle, structured replies, OPT_GO), an
   ``asyncio.Protocol`` parsing simple and structured replies with ``struct``: the shape the
   driver's own client would have had (proto/ codec plus a protocol).
@@ -190,6 +191,29 @@ async def own_run(sock: str, depth: int, count: int) -> tuple[float, float]:
     return done / took, cpu / done * 1e6
 
 
+async def driver_run(sock: str, depth: int, count: int) -> tuple[float, float]:
+    """The nbd driver itself (blktap.block.drivers.nbd, on libnbd)."""
+    from blktap.block.driver import OpenOptions, opener_for
+
+    image = await opener_for("nbd")(sock, OpenOptions(read_only=True))
+    rng = random.Random(1)
+    blocks = SIZE // BS
+
+    async def worker(n: int) -> None:
+        buf = memoryview(bytearray(BS))
+        for _ in range(n):
+            await image.read(rng.randrange(blocks) * BS, buf)
+
+    start = time.perf_counter()
+    cpu = time.process_time()
+    await asyncio.gather(*(worker(count // depth) for _ in range(depth)))
+    took = time.perf_counter() - start
+    cpu = time.process_time() - cpu
+    await image.close()
+    done = count // depth * depth
+    return done / took, cpu / done * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=5)
@@ -211,7 +235,8 @@ def main() -> None:
         results: dict[str, list[tuple[float, float]]] = {}
         for _ in range(args.runs):
             for depth in (1, 32):
-                for name, run in (("libnbd", libnbd_run), ("own", own_run)):
+                for name, run in (("libnbd", libnbd_run), ("own", own_run),
+                                  ("driver", driver_run)):
                     got = asyncio.run(run(sock, depth, args.count))
                     results.setdefault(f"{name} QD{depth}", []).append(got)
         for key, values in results.items():

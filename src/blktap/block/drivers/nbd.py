@@ -12,34 +12,48 @@ What follows ``nbd:`` in the image string names the server, in one of these form
   ``tls-psk-file=FILE`` (a PSK file as ``nbdkit --tls-psk`` reads; the user name is the
   URI's ``user@``). Other schemes (``nbd+vsock``, ``http``...) are refused (EINVAL).
 
-Usable as a leaf and as the parent of a differencing VHD: a VHD whose parent locator
-holds ``nbd:`` followed by one of the forms above (see ``blktap.vhd.image``) has this
-driver open its parent read-only, after checking that the export covers the child's
-virtual size (:func:`check_export_covers`).
+Usable as a leaf and as the parent of a differencing VHD: a local snapshot over a remote
+base is made with ``vhd-util snapshot -m -n child.vhd -p nbd:SERVER`` (a raw parent: null
+parent uuid; the locators hold ``nbd:SERVER`` verbatim, see
+``blktap.vhd.image.NETWORK_PARENT_TYPES``; the child's size is the export's). The vhd
+driver opens such a parent with this driver, read-only, after checking that the export
+still covers the child's virtual size (:func:`check_export_covers`): a smaller export is
+refused (EINVAL) rather than read as zeros past its end.
 
 Client: libnbd's Python bindings, not a client of our own
 ---------------------------------------------------------
-Chosen by measurement (bench/nbd_driver_read.py: 4 KiB random reads from nbdkit's file
-plugin on a Unix socket, 20000 reads per run, medians of 9 runs on the shared 2-core
-machine, in the client process): libnbd's asynchronous API driven from asyncio against a
-minimal asyncio client of our own (struct-parsed simple and structured replies):
+Chosen by measurement and by what each brings. bench/nbd_driver_read.py: 4 KiB random
+reads from nbdkit's file plugin (random bytes in /dev/shm) on a Unix socket, 20000 reads
+per run, in one asyncio process: libnbd's asynchronous API driven from the loop
+(``aio_pread`` into the caller's buffer, completion callbacks, ``add_reader``), this driver
+on top of it, and a minimal asyncio client of our own (fixed newstyle, structured
+replies, ``struct`` parsing in an ``asyncio.Protocol``). The machine is shared (2 cores,
+other helpers' tests), so IOPS swing 10x between runs; the client's CPU time per read
+is steadier. Medians of 15 runs (in brackets: the medians of two earlier series of 9):
 
-============  ===========  ================  ===========  ================
-              libnbd IOPS  libnbd CPU/read   own IOPS     own CPU/read
-============  ===========  ================  ===========  ================
-QD1           16852        19.7 us           9064         45.9 us
-QD32          29695        15.1 us           31190        8.6 us
-============  ===========  ================  ===========  ================
+======  ============  ========================  ========================  ================
+depth   client        IOPS                      CPU per read              ratio CPU
+======  ============  ========================  ========================  ================
+QD1     libnbd        16172 (16852, 17427)      18.9 us (19.7, 18.9)
+QD1     own           9345 (9064, 17404)        35.1 us (45.9, 13.4)      0.7x-2.4x libnbd
+QD1     this driver   11859 (-, 13343)          22.6 us (-, 24.3)
+QD32    libnbd        20798 (29695, 34630)      12.9 us (15.1, 11.4)
+QD32    own           26029 (31190, 30500)      7.5 us (8.6, 6.4)         ~0.55x libnbd
+QD32    this driver   18375 (-, 18346)          18.4 us (-, 15.6)
+======  ============  ========================  ========================  ================
 
-libnbd costs less than half the CPU at queue depth 1 (it reads each reply straight into
-the caller's buffer in C; a Python protocol takes a loop iteration per reply segment);
-ours costs less at depth 32 (one parse per batch), where both are bound by the server.
-A guest's synchronous I/O is depth 1, and libnbd also brings what a client of our own
-would still have to be written and tested for: URIs, STARTTLS with X.509 and PSK
-(Python 3.11's ssl module has no PSK), structured replies, block status, the block-size
-constraints. So libnbd it is: Debian's python3-libnbd, made importable in the venv by
-scripts/setup.sh (a ``.pth`` file naming a directory of links to the Debian module, only
-when its ABI tag matches the venv's Python).
+At depth 32 a client of our own costs about half libnbd's CPU per read (one parse per
+batch of replies, where libnbd calls back into Python once per reply); IOPS are the
+server's and within the noise. At depth 1 ours swings with timing (a reply whose header
+and data arrive in separate segments costs a second loop wakeup; libnbd reads both in C
+in one notify) and is as often dearer as cheaper. Neither is a bottleneck next to a
+network round trip. libnbd brings what a client of our own would still need written
+and tested against every server: URIs, STARTTLS with X.509 *and PSK* (Python 3.11's ssl
+module has no PSK), structured replies, block status, the block-size constraints, and
+strict checking of what the server sends. So libnbd it is: Debian's python3-libnbd, made
+importable in the venv by scripts/setup.sh (a ``.pth`` naming a directory of links to the
+Debian module, only when its ABI tag matches the venv's Python). What this driver adds
+per request (its request record, retry bookkeeping) costs 4-6 us of CPU.
 
 Behaviour
 ---------
