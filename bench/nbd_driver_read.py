@@ -17,7 +17,10 @@ structured replies carry data), on a Unix socket. Each run does ``--count`` read
 queue depth 1 and 32; the medians of ``--runs`` runs are printed (the machine is shared):
 IOPS, and the client process's CPU time per read (steadier on a busy machine).
 
-    .venv/bin/python bench/nbd_driver_read.py [--runs 5] [--count 20000]
+    .venv/bin/python bench/nbd_driver_read.py [--runs 5] [--count 20000] [--multi-conn]
+
+``--multi-conn`` measures the driver alone at depth 32 over 1, 2 and 4 connections
+(``connections=N``).
 """
 
 from __future__ import annotations
@@ -218,6 +221,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--count", type=int, default=20000)
+    ap.add_argument("--multi-conn", action="store_true",
+                    help="instead: the driver at QD32 over 1, 2 and 4 connections")
     args = ap.parse_args()
     if shutil.which("nbdkit") is None:
         sys.exit("nbdkit is not installed (scripts/setup.sh installs it)")
@@ -233,7 +238,12 @@ def main() -> None:
                 break
             time.sleep(0.05)
         results: dict[str, list[tuple[float, float]]] = {}
-        for _ in range(args.runs):
+        for _ in range(args.runs if args.multi_conn else 0):
+            for n in (1, 2, 4):
+                got = asyncio.run(driver_run(f"nbd+unix:///?socket={sock}&connections={n}",
+                                             32, args.count))
+                results.setdefault(f"driver QD32 {n} conn", []).append(got)
+        for _ in range(0 if args.multi_conn else args.runs):
             for depth in (1, 32):
                 for name, run in (("libnbd", libnbd_run), ("own", own_run),
                                   ("driver", driver_run)):
@@ -242,7 +252,7 @@ def main() -> None:
         for key, values in results.items():
             iops = [v[0] for v in values]
             cpu = [v[1] for v in values]
-            print(f"{key:12} median {statistics.median(iops):7.0f} IOPS "
+            print(f"{key:20} median {statistics.median(iops):7.0f} IOPS "
                   f"{statistics.median(cpu):5.1f} us CPU/read  "
                   f"(IOPS runs: {', '.join(f'{v:.0f}' for v in iops)})")
     finally:

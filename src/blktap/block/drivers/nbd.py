@@ -68,7 +68,12 @@ Behaviour
   and flush does nothing when the server has no flush (it says its writes are durable).
 * Multi-conn: with ``connections=N`` in a URI's query (1 to 8; default 1) and a server
   that offers CAN_MULTI_CONN, N connections share the requests (a flush on one covers the
-  others then). Refused for a server that does not offer it.
+  others then). Refused for a server that does not offer it. Off by default because on
+  one host it does not help: ``bench/nbd_driver_read.py --multi-conn`` (nbdkit file
+  plugin, QD32, medians of 7 runs) gave 30386 IOPS at 15.2 us CPU per read over one
+  connection, 16840 / 25147 IOPS at 21.2 / 23.6 us over two / four: one event loop serves
+  them all, and nbdkit already serves one connection's requests in parallel. It is for a
+  network path where one TCP stream is window- or latency-limited.
 * Reconnect: when a connection drops, the requests it had in flight and every new one wait
   while the driver reconnects with exponential backoff (:data:`BACKOFF_FIRST_S` doubling up
   to :data:`BACKOFF_MAX_S`). A request that waits longer than :data:`REQUEST_WAIT_S` fails
