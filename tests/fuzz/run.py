@@ -5,9 +5,9 @@
 
 TARGET is nbd, control or vhd (tests/fuzz/targets.py). The committed corpus
 tests/fuzz/corpus/TARGET/ seeds the run and is only read; inputs that reach new
-coverage are written to the work directory (default /tmp/blktap-fuzz/TARGET), crashes
-and hangs to WORK/crashes/ (``crash-<sha1>``, ``timeout-<sha1>``). ``--merge`` then
-adds to the committed corpus only the work directory's inputs that add coverage
+coverage are written to WORK/corpus/ (WORK: --work, default /tmp/blktap-fuzz/TARGET),
+crashes and hangs to WORK/crashes/ (``crash-<sha1>``, ``timeout-<sha1>``). ``--merge``
+then adds to the committed corpus only the inputs of WORK/corpus/ that add coverage
 (libFuzzer's -merge=1). The last lines printed are libFuzzer's (``stat::``
 executions, executions per second). Exit status: 0 when nothing was found, else
 libFuzzer's (a crash or a hang).
@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
+from pathlib import Path
 
 from tests.fuzz import targets
 from tests.fuzz.targets import TARGETS, corpus_dir
+
+_ROOT = Path(__file__).resolve().parents[2]
 
 # Everything a target runs, imported under atheris's instrumentation for coverage.
 _INSTRUMENTED = {
@@ -50,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="merge the work directory's coverage-adding inputs into the "
                         "committed corpus instead of fuzzing")
     p.add_argument("--runs", type=int, default=-1, help="stop after N inputs")
+    p.add_argument("--libfuzzer", nargs=argparse.REMAINDER, default=None,
+                   help="pass the rest to libFuzzer as they are (how libFuzzer starts "
+                        "this script again for a merge)")
     args = p.parse_args(argv)
     try:
         import atheris
@@ -63,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         for module in _INSTRUMENTED[args.target]:
             importlib.import_module(module)
     work = args.work or os.path.join("/tmp/blktap-fuzz", args.target)
+    # libFuzzer reads corpus directories recursively: new inputs get one of their own.
+    found = os.path.join(work, "corpus")
     crashes = os.path.join(work, "crashes")
+    os.makedirs(found, exist_ok=True)
     os.makedirs(crashes, exist_ok=True)
     corpus = corpus_dir(args.target)
     # libFuzzer ends the process without returning: the target's temporary files go
@@ -78,13 +88,25 @@ def main(argv: list[str] | None = None) -> int:
     def one(data: bytes) -> None:
         target.one(data)
 
-    if args.merge:
-        flags = ["-merge=1", corpus, work]
+    argv0 = sys.argv[0]
+    if args.libfuzzer is not None:
+        flags = args.libfuzzer
+    elif args.merge:
+        # libFuzzer merges in child processes it starts as argv[0]: a launcher that
+        # comes back here with the same target.
+        launcher = os.path.join(work, "launcher")
+        with open(launcher, "w") as f:
+            f.write(f"#!/bin/sh\ncd {shlex.quote(str(_ROOT))} && exec "
+                    f"{shlex.quote(sys.executable)} -m tests.fuzz.run {args.target} "
+                    f"--work {shlex.quote(work)} --libfuzzer \"$@\"\n")
+        os.chmod(launcher, 0o755)
+        argv0 = launcher
+        flags = ["-merge=1", corpus, found]
     else:
         flags = [f"-max_total_time={args.seconds}", f"-runs={args.runs}", "-timeout=30",
                  "-rss_limit_mb=4096", f"-artifact_prefix={crashes}/", "-print_final_stats=1",
-                 work, corpus]
-    atheris.Setup([sys.argv[0], *flags], one)
+                 found, corpus]
+    atheris.Setup([argv0, *flags], one)
     try:
         atheris.Fuzz()  # exits the process when done (libFuzzer's exit status)
     finally:
