@@ -416,6 +416,19 @@ def test_local_vhd_snapshot_over_an_rbd_parent(
     # read-only (another host may open it read-write meanwhile).
     qemu_io(ceph_cluster.qemu_uri(new_image), "read -P 0x81 0 4M")
     qemu_io(child, "read -P 0x83 1M 64k", fmt="vpc")
+    # A snapshot of that VHD links to it; one of an empty such VHD links to the RBD
+    # image itself (vhd-util skips empty parents without -e).
+    grandchild = str(tmp_path / "grandchild.vhd")
+    sh(VHD_UTIL, "snapshot", "-n", grandchild, "-p", child)
+    assert sh(VHD_UTIL, "query", "-n", grandchild, "-p").strip() == child
+    empty = str(tmp_path / "empty.vhd")
+    sh(VHD_UTIL, "snapshot", "-n", empty, "-p", parent, "-m")
+    skipping = str(tmp_path / "skipping.vhd")
+    sh(VHD_UTIL, "snapshot", "-n", skipping, "-p", empty)
+    assert sh(VHD_UTIL, "query", "-n", skipping, "-p").strip() == parent
+    pid, minor, uri = create(run_dir, f"vhd:{grandchild}")
+    qemu_io(uri, "read -P 0x83 1M 64k", "read -P 0x81 0 1M", "read -P 0x82 60M 4M")
+    destroy(pid, minor)
 
 
 def test_live_snapshot_unpauses_onto_an_rbd_clone(
