@@ -6,13 +6,16 @@ fuzzers and the corpus replay (tests/fuzz/test_fuzz.py). A target is started onc
 fed many inputs, and stopped; between inputs it leaves the server as a new client
 would find it.
 
-- ``nbd``: an NBD server on a served VBD (a 1 MiB raw image), through a real Unix
-  socket connection. The first byte of the input picks how far the harness takes the
-  connection before it sends the rest: 0 nothing (the rest is the client's handshake),
-  1 through NBD_OPT_GO (the rest is transmission), 2 through structured replies and
-  NBD_OPT_GO. The harness then shuts its sending side and reads to the end: the
-  server must close the connection within HANG_S seconds, log no error (an exception
-  a request cannot cause), and reach no event-loop exception handler.
+- ``nbd``: NBD servers on two served VBDs (1 MiB raw images; the second under fault
+  layers, :data:`FAULTS`), through a real Unix socket connection. The first byte of
+  the input picks the VBD (values 3-5: the faulty one) and, modulo 3, how far the
+  harness takes the connection before it sends the rest: 0 nothing (the rest is the
+  client's handshake), 1 through NBD_OPT_GO (the rest is transmission), 2 through
+  structured replies and NBD_OPT_GO. The harness then shuts its sending side and
+  reads to the end: the server must close the connection within HANG_S seconds, then
+  forget it with no
+  request left in flight, log no error (an exception a request cannot cause), and
+  reach no event-loop exception handler.
 - ``control``: tapdisk's control server (the service behind ``ctl<pid>``) on a real
   socket, minors 0 and 1 allocated. The input is cut into messages of the wire size;
   each goes on its own connection (one request per connection, as tap-ctl does),
@@ -132,32 +135,49 @@ def _option(sock: socket.socket, opt: int, payload: bytes) -> bool:
             return False
 
 
+FAULTS = ("fault:op=read+write,errno=EIO,rate=0.3,seed=1:"
+          "fault:op=zero+trim+flush,errno=ENOSPC,rate=0.3,seed=2:"
+          "fault:errno=EAGAIN,rate=0.05,seed=3:aio:")
+"""The layers of the ``nbd`` target's second VBD (its error paths and retries)."""
+
+
 class NbdTarget:
     name = "nbd"
 
     def __init__(self) -> None:
         self._dir = ""
+        self._served: list[Any] = []
         self.served: Any = None
         self._log = _ErrorLog()
 
     def start(self) -> None:
+        from blktap.vbd import ImageSpec
         from tests.nbd_helpers import ServedImage, make_image
 
         self._dir = tempfile.mkdtemp(prefix="fuzz-nbd-", dir=_shm())
-        image = make_image(self._dir, size=1 << 20)
         self._log.__enter__()
-        self.served = ServedImage(self._dir, image, direct=False)
+        for name in ("plain", "faulty"):
+            os.mkdir(os.path.join(self._dir, name))
+            image = make_image(os.path.join(self._dir, name), size=1 << 20)
+            served = ServedImage(os.path.join(self._dir, name), image, direct=False)
+            self._served.append(served)
+        faulty = self._served[1]
+        faulty.vbd.request_timeout_s = 0.02
+        faulty.call(faulty.vbd.pause())
+        faulty.call(faulty.vbd.resume(ImageSpec.parse(FAULTS + faulty.image)))
 
     def stop(self) -> None:
         try:
-            if self.served is not None:
-                self.served.close()
+            for served in self._served:
+                served.close()
         finally:
             self._log.__exit__()
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def one(self, data: bytes) -> None:
-        mode, rest = (data[0] % 3, data[1:]) if data else (0, b"")
+        mode, rest = (data[0] % 6, data[1:]) if data else (0, b"")
+        self.served = self._served[mode // 3]
+        mode %= 3
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(HANG_S)
@@ -179,8 +199,22 @@ class NbdTarget:
             _drain(sock, time.monotonic() + HANG_S)
         finally:
             sock.close()
+        self._settled()
         self._log.check()
         assert not self.served.loop_errors, self.served.loop_errors
+
+    def _settled(self) -> None:
+        """The connection is gone from the server and no request is left in flight."""
+        served = self.served
+        deadline = time.monotonic() + HANG_S
+        while True:
+            state = served.run(lambda: (served.server.connections, served.vbd.inflight))
+            if state == (0, 0):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"leak: (connections, requests in flight) = {state} "
+                                     f"{HANG_S} s after the client left")
+            time.sleep(0.001)
 
 
 # --------------------------------------------------------------------- control

@@ -89,7 +89,7 @@ def _nbd_request(draw: st.DrawFn) -> bytes:
 
 @settings(max_examples=150, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
-@given(mode=st.sampled_from([b"\x01", b"\x02"]),
+@given(mode=st.sampled_from([b"\x01", b"\x02", b"\x04", b"\x05"]),
        requests=st.lists(_nbd_request(), max_size=8),
        tail=st.binary(max_size=40))
 def test_hypothesis_nbd_transmission(nbd_target: Target, mode: bytes,
