@@ -181,3 +181,23 @@ def test_close_ends_a_retrying_request_with_eshutdown(image: str) -> None:
         assert exc.value.errno == errno.ESHUTDOWN
 
     asyncio.run(main())
+
+
+def test_pause_does_not_wait_for_a_request_between_attempts(image: str) -> None:
+    async def main() -> None:
+        vbd = VBD(1)
+        vbd.request_timeout_s = 30
+        await vbd.open(ImageSpec.parse(f"fault:op=write,errno=EAGAIN,count=3:aio:{image}"),
+                       OpenOptions(direct=False))
+        task = asyncio.create_task(vbd.write(0, memoryview(b"\x02" * 512)))
+        await asyncio.sleep(0.005)
+        await asyncio.wait_for(vbd.pause(), 5)  # the request is not in flight
+        assert not task.done()
+        await vbd.resume()  # a new stack: its fault layer fails three more times
+        await asyncio.wait_for(task, 10)
+        buf = memoryview(bytearray(512))
+        await vbd.read(0, buf)
+        assert bytes(buf) == b"\x02" * 512
+        await vbd.close()
+
+    asyncio.run(main())
