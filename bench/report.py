@@ -225,12 +225,18 @@ def _chain_table(ch: dict[str, Any]) -> dict[tuple[str, str, int], list[float]]:
     return table
 
 
+def _load(doc: dict[str, Any]) -> str:
+    start = doc.get("machine", {}).get("loadavg_start")
+    return f"{start[0]:.1f}" if start else "?"
+
+
 def compare_text(old: dict[str, Any], new: dict[str, Any], old_name: str) -> str:
     """What changed between two runs: every metric both have, flagged where it moved by
     CHANGE_THRESHOLD or more; metrics only one of them has are listed as such."""
     a, b = metrics(old), metrics(new)
     lines = [f"Changes since {old_name} ({old.get('mode', '?')} run of {old.get('date', '?')}) "
-             f"to the {new.get('mode', '?')} run of {new.get('date', '?')}:"]
+             f"to the {new.get('mode', '?')} run of {new.get('date', '?')}; load average at "
+             f"the start {_load(old)} then {_load(new)} (a busy machine moves every column):"]
     if old.get("mode") != new.get("mode"):
         lines.append("note: the two runs are of different modes; short quick runs are noisy")
     width = max((len(k) for k in {**a, **b}), default=10)
@@ -281,12 +287,17 @@ def plot_group_bars(group: dict[str, Any], path: str) -> None:
     cols = columns(group)
     ncols = min(len(wls), 3)
     nrows = math.ceil(len(wls) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(4.2 * ncols, 8.0), 3.4 * nrows),
+                             squeeze=False)
     for i, wl in enumerate(wls):
         ax: Axes = axes[i // ncols][i % ncols]
         present = [c for c in cols if (wl, c) in cs]
         values = [cs[wl, c].value for c in present]
-        bars = ax.bar(present, values, color=_colors(present, group["ours"]))
+        limits = set(group.get("params", {}).get("limits", []))
+        colors = ["#bbbbbb" if c in limits else c_ for c, c_ in
+                  zip(present, _colors(present, group["ours"]), strict=True)]
+        bars = ax.bar([f"{c}\n(limit)" if c in limits else c for c in present], values,
+                      color=colors, hatch=["//" if c in limits else "" for c in present])
         ax.bar_label(bars, labels=[fmt(v) for v in values], fontsize=8)
         ax.set_title(wl, fontsize=10)
         ax.set_ylabel(workload_unit(wl) + " (median, higher is better)", fontsize=8)
