@@ -187,3 +187,19 @@ def test_supervised_create_of_a_missing_image_leaves_nothing(
     assert tapdisk_pids(run_dir) == []
     assert sorted(set(os.listdir(run_dir)) - {"tapdisk", "dev"}) == []
     assert ok("list") == ""
+
+
+def test_control_library_supervises(supervised_run_dir: str, tmp_path: Path) -> None:
+    from blktap.control import Control
+
+    ctl = Control()
+    created = ctl.create(f"aio:{image(tmp_path)}", supervised=True)
+    first = ctl.supervision(created.minor)
+    assert first is not None and first.pids == (created.pid,) and ctl.supervised(created.minor)
+    os.kill(created.pid, signal.SIGKILL)
+    new_pid, _ = wait_for_new_tapdisk(created.pid)
+    later = ctl.supervision(created.minor)
+    assert later is not None and later.pid == new_pid and later.restarts == 1
+    ctl.destroy(created.pid, created.minor)
+    assert ctl.supervision(created.minor) is None
+    assert ctl.list() == []

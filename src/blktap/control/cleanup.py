@@ -37,10 +37,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blktap.control import minors, spawn
+from blktap.control import minors, spawn, supervise
 from blktap.control.errors import MinorBusy
 from blktap.control.rundir import MAX_MINOR, RunDir
-from blktap.errors import NotFound
+from blktap.errors import BlktapError, NotFound
 
 __all__ = [
     "Cleaned",
@@ -327,10 +327,12 @@ def sweep(rundir: RunDir) -> Cleaned:
     """Remove what dead tapdisks left anywhere in ``rundir``: their sockets, and the FUSE
     mounts, loop devices and links of minors no tapdisk holds. Minor markers stay (an
     allocated minor with no tapdisk is a valid state: ``allocate`` makes one). Minors
-    that a tapdisk holds are not touched. Never raises for one leftover it cannot
-    remove: that goes into ``remaining`` (and the log)."""
+    that a tapdisk holds, and dead tapdisks a running supervisor started (it restarts
+    them), are not touched. Never raises for one leftover it cannot remove: that goes
+    into ``remaining`` (and the log)."""
     done = Cleaned()
-    dead = dead_pids(rundir)
+    # A supervisor decides about its own dead tapdisk (it reads the sockets it left).
+    dead = [pid for pid in dead_pids(rundir) if pid not in _supervised_pids(rundir)]
     candidates = _minors_with_leftovers(rundir, dead)
     if candidates:
         with minors.locked_dir(rundir):
@@ -346,6 +348,20 @@ def sweep(rundir: RunDir) -> Cleaned:
         done.removed += remove_sockets(rundir, pid)
     _report(done)
     return done
+
+
+def _supervised_pids(rundir: RunDir) -> set[int]:
+    """Tapdisk pids that a running supervisor of ``rundir`` started."""
+    pids: set[int] = set()
+    for name in _names(rundir.root):
+        match = re.fullmatch(r"supervise([0-9]+)\.json", name)
+        if match is None or not supervise.supervisor_running(rundir, int(match.group(1))):
+            continue
+        with contextlib.suppress(BlktapError):
+            state = supervise.read_state(rundir, int(match.group(1)))
+            if state is not None:
+                pids.update(state.pids)
+    return pids
 
 
 def orphan_leftovers(rundir: RunDir, minor: int) -> Leftovers | None:

@@ -10,12 +10,14 @@ and closes stdout. Then it waits on a pidfd of the tapdisk:
 
 - the tapdisk exited and removed its control socket (last VBD detached, SIGTERM): the
   supervisor removes its state file, lock file and stable NBD link, and exits;
-- the tapdisk died (its ``ctl<pid>`` is still there): what it left is removed, a new
+- the tapdisk died (its ``ctl<pid>`` is still there; ``sweep`` leaves the sockets of
+  a supervised tapdisk to its supervisor): what it left is removed, a new
   tapdisk is started on the same minor, image and options, the stable NBD path is
   pointed at its socket, and the state file lists the new pid. Restarts are immediate
   up to ``FREE_RESTARTS`` deaths within ``WINDOW`` seconds; beyond that (a crash loop)
   each waits a growing delay (0.5 s, doubling, at most ``MAX_DELAY``), and so does
-  each retry of a restart that failed.
+  each retry of a restart that failed. If the minor is freed meanwhile (its marker is
+  gone), supervision ends.
 
 SIGTERM before the VBD is open undoes what was done; after, it stops the supervisor
 (finishing a restart in progress) and leaves the tapdisk and the state file alone.
@@ -145,7 +147,9 @@ class Supervisor:
                     log.info("minor %d: tapdisk %d exited; supervision ends", self.minor, pid)
                     forget(self.rundir, self.state)
                     return 0
-                self._restart(pid)
+                if not self._restart(pid):
+                    forget(self.rundir, self.state)
+                    return 0
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         except _Stop:
             log.info("minor %d: supervision stopped", self.minor)
@@ -168,7 +172,9 @@ class Supervisor:
         # A tapdisk that exits by itself removes its control socket; a killed one cannot.
         return not self.rundir.ctl_socket(pid).exists()
 
-    def _restart(self, dead: int) -> None:
+    def _restart(self, dead: int) -> bool:
+        """Start a tapdisk in place of ``dead``; False if the minor was freed meanwhile
+        (someone ended the VBD: nothing to heal)."""
         assert self.state is not None
         now = time.monotonic()
         lived = now - self.started_at
@@ -181,6 +187,10 @@ class Supervisor:
             if attempt:
                 delay = min(0.5 * 2 ** (attempt - 1), MAX_DELAY)
                 self._sleep(delay)
+            if not self.rundir.marker(self.minor).exists():
+                log.warning("minor %d was freed; supervision ends", self.minor)
+                cleanup.remove_sockets(self.rundir, dead)
+                return False
             try:
                 cleanup.remove_sockets(self.rundir, dead)
                 cleanup.clean_minor(self.rundir, self.minor)
@@ -197,6 +207,7 @@ class Supervisor:
         write_state(self.rundir, self.state)
         log.warning("minor %d: tapdisk %d serves %s again (restart %d)", self.minor, pid,
                     self.image, self.state.restarts)
+        return True
 
     def _sleep(self, seconds: float) -> None:
         # SIGTERM is blocked here; let it end the wait (and the supervisor).
