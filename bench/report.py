@@ -489,8 +489,12 @@ def _rel(path: str, start_file: str) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table; columns whose cells all start with a digit (or are "-") align
+    right."""
+    def numeric(i: int) -> bool:
+        return bool(rows) and all(r[i][:1].isdigit() or r[i] == "-" for r in rows)
     out = ["| " + " | ".join(header) + " |",
-           "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+           "|" + "|".join("---:" if numeric(i) else "---" for i in range(len(header))) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return out
 
