@@ -73,8 +73,12 @@ class Nbdkit:
         raise RuntimeError("nbdkit did not start listening within 10 s")
 
     def _listening(self) -> bool:
+        """A connection is accepted (the socket file appears before nbdkit listens)."""
         if self.sock is not None:
-            return os.path.exists(self.sock)
+            if not os.path.exists(self.sock):
+                return False
+            with socket.socket(socket.AF_UNIX) as s:
+                return s.connect_ex(self.sock) == 0
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", self.port or 0)) == 0
 

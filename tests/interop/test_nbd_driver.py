@@ -409,9 +409,10 @@ def test_qemu_nbd(sockdir: str) -> None:
                              "--cache=none", "--aio=threads", backing],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(200):
-            if os.path.exists(sock):
-                break
+        for _ in range(500):  # until it accepts (the file appears before it listens)
+            with socket.socket(socket.AF_UNIX) as probe:
+                if os.path.exists(sock) and probe.connect_ex(sock) == 0:
+                    break
             time.sleep(0.02)
 
         async def go() -> None:
