@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import process_cmdline
+from tests.helpers import VHD_UTIL, process_cmdline
 from tests.system.test_tap_ctl import image, ok, parse_list, tapctl, tapdisk_pids
 
 QEMU_IO = shutil.which("qemu-io")
@@ -83,12 +83,20 @@ def create_supervised(img: str) -> int:
 
 
 @needs_qemu_io
+@pytest.mark.parametrize("kind", ["aio", "vhd"])
 def test_qemu_io_carries_on_while_the_tapdisk_is_killed(
-    supervised_run_dir: str, tmp_path: Path
+    supervised_run_dir: str, tmp_path: Path, kind: str
 ) -> None:
     run_dir = supervised_run_dir
-    img = image(tmp_path, size=f"{SLOTS * CHUNK}")
-    first = create_supervised(img)
+    if kind == "aio":
+        img = image(tmp_path, size=f"{SLOTS * CHUNK}")
+    else:  # a dynamic VHD: kills land in block allocation too
+        img = str(tmp_path / "disk.vhd")
+        subprocess.run([VHD_UTIL, "create", "-n", img, "-s", str(SLOTS * CHUNK >> 20)],
+                       check=True, timeout=60)
+    ok("create", "--supervise", "-a", f"{kind}:{img}")
+    first = current_pid()
+    assert first is not None
     stable = f"{run_dir}/nbd{first}.0"
     rounds = 400
     expected: dict[int, int] = {}
@@ -123,10 +131,18 @@ def test_qemu_io_carries_on_while_the_tapdisk_is_killed(
     assert "fail" not in output.lower() and "error" not in output.lower(), output[-3000:]
     assert output.count("wrote 65536/65536") == rounds
     assert output.count("read 65536/65536") == rounds
-    # Every acknowledged write is in the image, whichever tapdisk served it.
-    data = Path(img).read_bytes()
-    for offset, pattern in expected.items():
-        assert data[offset : offset + CHUNK] == bytes([pattern]) * CHUNK, offset
+    # Every acknowledged write is in the image, whichever tapdisk served it: read back
+    # through the current tapdisk, and for raw in the file itself.
+    verify: list[str] = []
+    for offset, pattern in sorted(expected.items()):
+        verify += ["-c", f"read -P {pattern} {offset} {CHUNK}"]
+    check = subprocess.run([QEMU_IO, "-r", *verify, "--image-opts", opts],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "fail" not in check.stdout.lower(), check.stdout[-3000:]
+    if kind == "aio":
+        data = Path(img).read_bytes()
+        for offset, pattern in expected.items():
+            assert data[offset : offset + CHUNK] == bytes([pattern]) * CHUNK, offset
     doc = state(run_dir)
     assert doc["restarts"] == 4 and len(doc["pids"]) == 5  # type: ignore[arg-type]
     assert doc["nbd_path"] == stable
@@ -137,6 +153,9 @@ def test_qemu_io_carries_on_while_the_tapdisk_is_killed(
     assert tapdisk_pids(run_dir) == []
     assert sorted(set(os.listdir(run_dir)) - {"tapdisk", "dev"}) == []
     assert ok("list") == ""
+    if kind == "vhd":
+        subprocess.run([VHD_UTIL, "check", "-n", img], check=True, capture_output=True,
+                       timeout=60)
 
 
 def test_supervised_vbd_lists_its_supervisor_and_destroys_by_a_later_pid(
