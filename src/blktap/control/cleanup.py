@@ -174,11 +174,10 @@ def find(rundir: RunDir, minor: int, dead: list[int] | None = None) -> Leftovers
     """What dead tapdisks left for ``minor`` (whether or not a live tapdisk holds it:
     callers decide). ``dead``: the dead pids if already known."""
     dead = dead_pids(rundir) if dead is None else dead
-    sockets = tuple(
-        rundir.nbd_socket(pid, minor) for pid in dead
-        if rundir.nbd_socket(pid, minor).exists() and not rundir.nbd_socket(pid, minor).is_symlink()
-    )
-    pids = tuple(pid for pid in dead if rundir.nbd_socket(pid, minor) in sockets)
+    # A symbolic link is a supervised VBD's stable NBD path, not a leftover.
+    left = {pid: rundir.nbd_socket(pid, minor) for pid in dead}
+    left = {pid: path for pid, path in left.items() if path.exists() and not path.is_symlink()}
+    pids, sockets = tuple(left), tuple(left.values())
     fuse_dir = _fuse_dir(rundir, minor)
     mounts = _mounts()
     mount = fuse_dir if any(point == str(fuse_dir) for _dev, point in mounts) else None
@@ -305,8 +304,9 @@ def free(rundir: RunDir, minor: int) -> Cleaned:
         done = _clean(rundir, found)
         if allocated:
             rundir.marker(minor).unlink()
+    supervised = _supervised_pids(rundir)
     for pid in dead:
-        if not rundir.nbd_sockets(pid):
+        if pid not in supervised and not rundir.nbd_sockets(pid):
             done.removed += remove_sockets(rundir, pid)
     _report(done)
     return done
