@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    TAP_CTL,
     error_of,
     exchange,
     host_block_device_support,
@@ -54,6 +55,13 @@ NBD_MAGIC, OPTS, REQ_MAGIC, SIMPLE_MAGIC = 0x4E42444D41474943, 0x49484156454F505
     0x67446698
 CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES = 1, 4, 6
 FLAG_READ_ONLY = 1 << 1
+
+
+def create_with(img: str, *flags: str) -> tuple[int, int]:
+    """``tap-ctl create FLAGS -a aio:IMG``; (pid, minor) from ``list --json``."""
+    ok("create", *flags, "-a", f"aio:{img}")
+    (doc,) = [d for d in json.loads(ok("list", "--json")) if d["path"] == img]
+    return int(doc["pid"]), int(doc["minor"])
 
 
 def mode(path: str | Path) -> int:
@@ -204,6 +212,33 @@ def test_odd_characters_name_exactly_their_file(run_dir: str, tmp_path: Path) ->
     ok("destroy", "-p", str(pid), "-m", str(minor))
     assert sorted(os.listdir(tmp_path)) == before
     assert not os.path.exists("pwned") and not (tmp_path / "pwned").exists()
+
+
+def test_a_log_path_with_odd_characters_names_exactly_its_file(
+    run_dir: str, tmp_path: Path
+) -> None:
+    img = image(tmp_path)
+    logs = tmp_path / "we ird"
+    logs.mkdir()
+    log = logs / "l 'x$(touch pwned);*:y.cbtlog"
+    cbt_util = str(Path(TAP_CTL).parent / "cbt-util")
+    subprocess.run([cbt_util, "create", "-n", str(log), "-s", str(os.path.getsize(img))],
+                   check=True, capture_output=True, timeout=60)
+    before = log.read_bytes()
+    pid, minor = create_with(img, "-C", str(log))
+    size, _flags, sock = _nbd_connect(f"{run_dir}/nbd{pid}.{minor}", b"")
+    try:
+        sock.sendall(struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_WRITE, 1, 0, 4096)
+                     + b"\x5a" * 4096)
+        magic, error, _cookie = struct.unpack(">IIQ", _recv(sock, 16))
+        assert (magic, error) == (SIMPLE_MAGIC, 0)
+    finally:
+        sock.close()
+    ok("destroy", "-p", str(pid), "-m", str(minor))
+    assert os.listdir(logs) == [log.name]  # that file was used, and nothing beside it
+    assert log.read_bytes() != before
+    assert sorted(os.listdir(tmp_path)) == ["disk.img", "we ird"]
+    assert size == os.path.getsize(img)
 
 
 @pytest.mark.parametrize("kind", ["../aio", "aio/../aio", "/tmp/aio", "blktap.block.drivers.aio"])
