@@ -390,8 +390,9 @@ supervision (--supervise):
   image and options, usually within a second. The NBD socket path of the first
   tapdisk, <run-dir>/nbd<first pid>.<minor>, stays valid: after a restart it is a
   symbolic link to the new tapdisk's nbd<pid>.<minor>. An NBD client that
-  reconnects (qemu's reconnect-delay=SECS, a retried nbdcopy) sees no error and
-  loses no acknowledged write. A kernel block device gets a new loop device: a file
+  reconnects (qemu's reconnect-delay=SECS) sees no error and loses no acknowledged
+  write; one that does not (nbdcopy) fails and can run again on the same path.
+  A kernel block device gets a new loop device: a file
   system mounted on the old one must be mounted again. `list` shows the current pid
   (`list --json`: the supervisor, restarts and stable nbd_path); `destroy -p PID`
   accepts the first pid or any later one. A tapdisk that exits on purpose (last VBD
