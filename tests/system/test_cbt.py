@@ -38,7 +38,19 @@ from tests.compat.test_sm_blktap2 import (
     stats,
     unpause,
 )
-from tests.helpers import BIN, TAP_CTL, VHD_UTIL, host_block_device_support
+from tests.helpers import (
+    BIN,
+    TAP_CTL,
+    VHD_UTIL,
+    Tapdisk,
+    allocate_marker,
+    error_of,
+    exchange,
+    host_block_device_support,
+    message,
+    params,
+    split_messages,
+)
 from tests.nbd_helpers import RawClient, request
 from tests.system.test_tap_ctl import assert_clean, parse_list, qemu_io
 
@@ -461,6 +473,41 @@ def test_bits_are_on_disk_when_the_flush_or_fua_write_is_answered(
         destroy(pid, minor)
 
 
+# ------------------------------------------------------ the C tap-ctl's bytes
+
+
+def _c_log_path(path: str) -> bytes:
+    """The 256 bytes the C tap-ctl sends after an OPEN or RESUME with ADD_LOG: the path,
+    its NUL, then whatever its stack buffer held (``snprintf`` into an uninitialised
+    ``char[256]``)."""
+    raw = path.encode() + b"\0"
+    return raw + bytes((0xA5 + i) & 0xFF for i in range(256 - len(raw)))
+
+
+def _ask(td: Tapdisk, data: bytes, reply_type: int) -> None:
+    ((type_, _cookie, union),) = split_messages(exchange(td.ctl, data))
+    assert type_ == reply_type, (type_, error_of(union))
+
+
+def test_open_and_resume_with_add_log_as_the_c_tap_ctl_sends_them(
+        run_dir: str, tapdisk: Tapdisk, tmp_path: Path) -> None:
+    img = make_image("aio", tmp_path / "disk.raw")
+    log1, log2 = new_log(tmp_path / "1.cbtlog"), new_log(tmp_path / "2.cbtlog")
+    allocate_marker(run_dir, 0)
+    add_log = 0x010
+    _ask(tapdisk, message(5, 0), 6)  # ATTACH
+    _ask(tapdisk, message(7, 0, params(f"aio:{img}", add_log)) + _c_log_path(log1), 8)
+    target = uri(run_dir, tapdisk.pid, 0)
+    qemu_io(target, f"write {3 * BLOCK} 4096")
+    assert logged(log1) == {3}
+    _ask(tapdisk, message(9, 0), 10)  # PAUSE
+    _ask(tapdisk, message(11, 0, params("", add_log)) + _c_log_path(log2), 12)  # RESUME
+    qemu_io(target, f"write {5 * BLOCK} 4096")
+    assert (logged(log1), logged(log2)) == ({3}, {5})
+    _ask(tapdisk, message(13, 0), 14)  # CLOSE
+    _ask(tapdisk, message(15, 0), 16)  # DETACH
+
+
 # ------------------------------------------------------------------ refusals
 
 
@@ -478,6 +525,18 @@ def test_open_refusals(cbt_run_dir: str, tmp_path: Path) -> None:
         assert text.lower() in proc.stderr.lower(), proc.stderr
         assert parse_list(tapctl("list")) == []
     assert logged(str(tmp_path / "ok.cbtlog")) == set()
+
+    # unpause -c on a read-only VBD: refused, and the VBD stays paused.
+    pid, minor, _ = create("aio", img, None, "-R")
+    tapctl("pause", "-p", str(pid), "-m", str(minor))
+    proc = subprocess.run([TAP_CTL, "unpause", "-p", str(pid), "-m", str(minor), "-c",
+                           str(tmp_path / "ok.cbtlog")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 22 and "writable" in proc.stderr, proc.stderr
+    (entry,) = parse_list(tapctl("list"))
+    assert entry["state"] == "0x2a"
+    tapctl("unpause", "-p", str(pid), "-m", str(minor))
+    destroy(pid, minor)
 
 
 # ------------------------------------------------ the storage manager's CBT sequence
