@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib
 import json
 import os
 import shutil
@@ -674,3 +675,44 @@ def test_tls_psk(sockdir: str) -> None:
             b"p" * 4096)
         with pytest.raises(BlktapError):
             asyncio.run(go(f"nbds+unix://mallory@/?socket={sock}&tls-psk-file={psk}"))
+
+
+def test_tapdisk_vbd_survives_a_server_restart(run_dir: str, sockdir: str) -> None:
+    """A VBD on ``nbd:SOCKET`` keeps serving across a restart of its server: a read sent
+    through the tapdisk's export while the server is away is answered once it is back."""
+    from tests.system.test_tap_ctl import assert_clean, nbd_uri, ok, parse_list
+
+    nbd: Any = importlib.import_module("nbd")
+    sock = os.path.join(sockdir, "s")
+    backing = make_image(sockdir, "disk.raw", 8 * MIB, {MIB: b"before" * 100})
+    server = Nbdkit(["file", backing], sock=sock)
+    server.start()
+    try:
+        spec = f"nbd:{sock}"
+        ok("create", "-a", spec)
+        (entry,) = [e for e in parse_list(ok("list")) if e.get("args") == spec]
+        pid, minor = entry["pid"], entry["minor"]
+        try:
+            h = nbd.NBD()
+            h.connect_uri(nbd_uri(run_dir, int(pid), int(minor)))
+            assert h.pread(600, MIB) == b"before" * 100
+            server.stop()
+            done: list[bytes] = []
+            reader = threading.Thread(target=lambda: done.append(h.pread(600, MIB)))
+            reader.start()
+            time.sleep(0.5)
+            assert not done  # waiting for the server
+            server.start()
+            reader.join(60)
+            assert done == [b"before" * 100]
+            h.pwrite(b"after!" * 100, 2 * MIB)
+            h.flush()
+            h.shutdown()
+        finally:
+            ok("destroy", "-p", pid, "-m", minor)
+    finally:
+        server.stop()
+    with open(backing, "rb") as f:
+        f.seek(2 * MIB)
+        assert f.read(600) == b"after!" * 100
+    assert_clean(run_dir)
