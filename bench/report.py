@@ -390,6 +390,7 @@ def plot_latency(doc: dict[str, Any], path: str) -> bool:
             ax.bar(xs, p50, width * 0.9, color=color, label=col)
         ax.set_xticks(range(len(wls)), wls, fontsize=8)
         ax.set_yscale("log")
+        ax.set_ylim(bottom=1)  # bars from 1 µs in every panel: lengths compare across panels
         ax.set_ylabel("completion latency, µs\n(solid p50, light p99)", fontsize=8)
         ax.set_title(g["title"], fontsize=10)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -745,7 +746,8 @@ def headline_into(doc: dict[str, Any], path: str, md: str) -> None:
         raise SystemExit(f"{path}: no {MARK_START} ... {MARK_END} markers")
     block = [MARK_START,
              f"From the {doc['mode']} run of {doc['date']} on {doc['machine']['cpus']} x "
-             f"{doc['machine']['cpu']} ([full report]({_rel(md, path)}))"
+             f"{doc['machine']['cpu']}, load average {_load(doc)} "
+             f"([full report]({_rel(md, path)}))"
              + (", short runs on a busy machine: indicative only" if doc["mode"] == "quick"
                 else "")
              + "; ratios are ours / the best peer, **below** marks where ours is slower:", ""]
