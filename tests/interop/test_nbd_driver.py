@@ -716,3 +716,25 @@ def test_tapdisk_vbd_survives_a_server_restart(run_dir: str, sockdir: str) -> No
         f.seek(2 * MIB)
         assert f.read(600) == b"after!" * 100
     assert_clean(run_dir)
+
+
+def test_a_server_without_zero_or_holes(sockdir: str) -> None:
+    """What the server does not offer is done otherwise: zeros are written; an export
+    without holes (nbdkit's noextents filter: all data) is fully allocated."""
+    sock = os.path.join(sockdir, "s")
+
+    async def go() -> None:
+        image = await open_nbd(sock)
+        try:
+            assert not image.can_zero and image.fully_allocated
+            assert not image.fast_io().zero_is_fast
+            await image.write(0, memoryview(b"x" * 65536), fua=True)
+            await image.write_zeroes(4096, 8192, may_unmap=True)
+            assert await read(image, 0, 16384) == b"x" * 4096 + bytes(8192) + b"x" * 4096
+            assert image.allocation(0, MIB) == [Extent(0, MIB, Alloc.DATA)]
+        finally:
+            await image.close()
+
+    with nbdkit(["--filter=nozero", "--filter=noextents", "memory", "1M", "zeromode=none"],
+                sock=sock):
+        asyncio.run(go())

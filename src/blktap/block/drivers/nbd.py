@@ -507,6 +507,7 @@ class NbdImage:
         self.can_fua = bool(handle.can_fua())
         self.can_trim = bool(handle.can_trim())
         self.can_zero = bool(handle.can_zero())
+        self.can_fast_zero = self.can_zero and bool(handle.can_fast_zero())
         self.can_multi_conn = bool(handle.can_multi_conn())
         self.can_status = bool(handle.can_meta_context("base:allocation"))
         self.structured = bool(handle.get_structured_replies_negotiated())
@@ -515,6 +516,8 @@ class NbdImage:
         self.max_request -= self.max_request % SECTOR_SIZE
         self.map: AllocMap | None = AllocMap(self.info.size) if self.can_status else None
         self.fully_allocated = self.map is None
+        """True without block status, or when the export had no hole at open: reads then
+        need no allocation lookup (holes that appear later are read from the server)."""
         self.wait_s = REQUEST_WAIT_S
         """How long a request waits for a connection (tests shorten it)."""
         self.reconnects = 0
@@ -742,9 +745,11 @@ class NbdImage:
 
     # ---------------------------------------------------------- the interface
     def fast_io(self) -> FastIO:
-        """The map's probe (when the server gives block status); I/O is all coroutines."""
+        """The map's probe (when the server gives block status); I/O is all coroutines.
+        Write-zeroes counts as fast only where the server understands NBD FAST_ZERO
+        (it then promises to refuse a zeroing that is not fast; ours never sets it)."""
         return FastIO(holds=self.map.holds if self.map is not None else None,
-                      zero_is_fast=self.can_zero)
+                      zero_is_fast=self.can_fast_zero)
 
     def allocation(self, offset: int, length: int) -> list[Extent]:
         """From the in-memory map: DATA, or ZERO where the server reported zeros."""
@@ -891,6 +896,10 @@ async def open_nbd(path: str, options: OpenOptions) -> NbdImage:
     except BaseException:
         await image.close()
         raise
+    if image.map is not None and image.map.kinds == [Alloc.DATA]:
+        # No holes: the chain may skip allocation lookups (fast routes); the map still
+        # answers block status and follows write-zeroes.
+        image.fully_allocated = True
     log.debug("nbd:%s: %d bytes, %d connection(s), flush=%s fua=%s trim=%s zero=%s "
               "block-status=%s", path, image.info.size, len(image._conns), image.can_flush,
               image.can_fua, image.can_trim, image.can_zero, image.can_status)
