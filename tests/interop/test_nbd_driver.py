@@ -105,6 +105,31 @@ def test_read_write_open_of_a_read_only_export_is_erofs(sockdir: str) -> None:
         asyncio.run(ro())
 
 
+def test_alloc_map_against_a_model() -> None:
+    """AllocMap (the driver's extent map) against one kind per sector, with random sets."""
+    import random
+
+    rng = random.Random(5)
+    sectors = 256
+    amap = nbd_driver.AllocMap(sectors * 512)
+    model = [Alloc.DATA] * sectors
+    for _ in range(2000):
+        first = rng.randrange(sectors)
+        count = rng.randrange(1, sectors - first + 1)
+        kind = rng.choice([Alloc.DATA, Alloc.ZERO])
+        amap.set(first * 512, count * 512, kind)
+        model[first : first + count] = [kind] * count
+        assert all(a != b for a, b in zip(amap.kinds, amap.kinds[1:], strict=False))
+        assert amap.starts == sorted(set(amap.starts)) and amap.starts[0] == 0
+        q = rng.randrange(sectors)
+        n = rng.randrange(1, sectors - q + 1)
+        got = [e.alloc for e in amap.extents(q * 512, n * 512)
+               for _ in range(e.length // 512)]
+        assert got == model[q : q + n]
+        assert amap.holds(q * 512, n * 512) == (1 if set(model[q : q + n]) == {Alloc.DATA}
+                                                else -1)
+
+
 # ------------------------------------------------------------------ nbdkit
 def test_nbdkit_memory_commands_and_holes(sockdir: str) -> None:
     sock = os.path.join(sockdir, "s")
