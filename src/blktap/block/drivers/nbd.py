@@ -86,18 +86,25 @@ Behaviour
   have applied is idempotent: applying the same bytes (or zeros) at the same offset twice
   leaves what applying it once does. No write that depends on it can have been sent
   meanwhile, because it was never acknowledged, and any write in flight beside it was
-  unordered against it anyway. The one hazard left is a server that keeps executing an old
-  connection's request after that connection is gone *and* after a newer write to the
-  same range was acknowledged on a new connection; qemu-nbd and nbdkit end a connection's
-  requests before its socket closes, and a restarted server has none.
+  unordered against it anyway. The one hazard left is a server that is still executing an
+  old connection's write after that connection is gone, and applies it after a newer
+  write to the same range was acknowledged on a new connection. A restarted server has
+  no such request; a server that only lost the connection (a network cut) might, and
+  this driver cannot rule it out: that is the price of retrying writes instead of
+  failing them.
+* Not bounded: a request in flight on a connection that stays up while the server never
+  answers waits until the server answers or the connection drops (the VBD's own
+  watchdog is what notices it).
 * The VBD's request timeout (``tap-ctl -t``) does not reach drivers (OpenOptions has no
   such field), so the wait is :data:`REQUEST_WAIT_S`, tapdisk's default request timeout.
 
 Errors: an image string that names no server, or a URI with an unknown scheme: EINVAL;
 a server that cannot be reached or refuses the export at open: the connection's errno
 (ECONNREFUSED, ENOENT...); a read-write open of a read-only export: EROFS; an export the
-server's block-size constraints make unusable: EINVAL; a server error on a request: its
-errno; a lost connection: EIO after the wait above.
+server's block-size constraints make unusable: EINVAL; TLS refused (a certificate the
+client cannot verify, an unknown PSK user): EIO with GnuTLS's message; a server that
+requires TLS reached without it: ENOTSUP; a server error on a request: its errno; a lost
+connection: EIO after the wait above.
 """
 
 from __future__ import annotations
