@@ -93,8 +93,8 @@ Behaviour
   this driver cannot rule it out: that is the price of retrying writes instead of
   failing them.
 * Not bounded: a request in flight on a connection that stays up while the server never
-  answers waits until the server answers or the connection drops (the VBD's own
-  watchdog is what notices it).
+  answers waits until the server answers or the connection drops: the driver sets no
+  deadline on a request a live connection carries.
 * The VBD's request timeout (``tap-ctl -t``) does not reach drivers (OpenOptions has no
   such field), so the wait is :data:`REQUEST_WAIT_S`, tapdisk's default request timeout.
 
