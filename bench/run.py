@@ -323,6 +323,8 @@ class Runner:
         return n
 
     def guarded(self, section: str, fn: Callable[[], None]) -> None:
+        if not section.startswith(("raw-", "vhd-", "scaling-")):  # groups say it themselves
+            self.progress.note(f"running {section}")
         try:
             fn()
         except Exception as e:  # one broken case must not lose the others' numbers
@@ -333,6 +335,8 @@ class Runner:
     def group(self, g: Group) -> None:
         # Every group starts with no dirty pages (an earlier group's buffered writes would
         # otherwise be written back under this one) and its image's pages in the same state.
+        self.progress.note(f"running {g.id}: {len(g.workloads)} workload(s) x {g.columns()} "
+                           f"column(s) x {self.repeat}, {self.runtime:g} s each")
         os.sync()
         warm(g.image)
         self.doc["groups"].append(run_group(g, self.runtime, self.repeat, self.workdir,
