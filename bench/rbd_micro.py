@@ -31,7 +31,7 @@ async def driver_run(path: str, bs: int, qd: int, seconds: float, write: bool,
     image = await open_rbd(path, OpenOptions())
     done = 0
     stop = time.monotonic() + seconds
-    data = memoryview(os.urandom(bs))
+    data = memoryview(bytearray(os.urandom(bs)))  # as an NBD payload arrives
 
     async def worker() -> None:
         nonlocal done

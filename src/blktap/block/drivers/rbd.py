@@ -28,8 +28,9 @@ Behaviour:
 * I/O uses librbd's asynchronous calls, any number in flight. librbd completes them on
   its own threads; those only queue the result, and the event loop is woken once per
   batch (``call_soon_threadsafe``) to finish the waiting coroutines. Reads are copied
-  into the caller's buffer on the loop; writes are copied once before submission, so a
-  cancelled caller may reuse its buffer at once. Threads other than the loop's (an NBD
+  into the caller's buffer on the loop; librbd copies writes when they are submitted
+  (``rbd_disable_zero_copy_writes`` is forced on), so a cancelled caller may reuse its
+  buffer at once. Threads other than the loop's (an NBD
   connection's read lane, for a client sending one request at a time) read with
   librbd's synchronous call instead (``read_blocking``): half the latency.
 * ``flush`` is ``rbd_aio_flush`` (librbd's write-back cache, when enabled, is written
@@ -356,8 +357,12 @@ class RbdImage:
         """Write ``data`` (copied first); with ``fua``, flush afterwards. Raises OSError."""
         self._check_writable()
         what = f"write of {len(data)} bytes at {offset}"
-        # Cython's char* conversion wants bytes or bytearray, not a memoryview.
-        await self._wait(what, self._submit(what, self._image.aio_write, bytes(data), offset))
+        # The binding takes bytes or a bytearray (not a memoryview) and librbd copies it
+        # at submission (rbd_disable_zero_copy_writes, forced on by _connect): a view of
+        # a whole bytearray (an NBD payload) goes as it is, anything else is copied.
+        obj = data.obj
+        payload = obj if type(obj) is bytearray and len(obj) == data.nbytes else bytes(data)
+        await self._wait(what, self._submit(what, self._image.aio_write, payload, offset))
         if fua:
             await self.flush()
 
@@ -503,7 +508,10 @@ def _connect(target: RbdTarget, ceph_args: str) -> Any:
     try:
         if ceph_args:
             cluster.conf_parse_env("CEPH_ARGS")
-        for key, value in (*conf.items(), *target.options):
+        # Writes are handed over as the caller's buffers: librbd must copy them at
+        # submission (its default), whatever the string or ceph.conf says.
+        forced = {"rbd_disable_zero_copy_writes": "true"}
+        for key, value in (*conf.items(), *target.options, *forced.items()):
             try:
                 cluster.conf_set(key, value)
             except Exception as exc:
