@@ -272,6 +272,8 @@ def test_backup_workflow_over_nbd(cbt_run_dir: str, tmp_path: Path, kind: str) -
         assert [i["name"] for i in doc["images"]] == [log, img]
         assert doc["images"][0]["driver"] == {"type": 9, "name": "log", "status": 0}
         assert doc["images"][1]["hits"][1] > 0
+        (listed,) = json.loads(tapctl("list", "--json"))
+        assert (listed["chain"], listed["cbt_log"]) == ([img], log)
     finally:
         destroy(pid, minor)
     # The header is the storage manager's: the filter never changes it.

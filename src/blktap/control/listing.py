@@ -134,12 +134,14 @@ def find(rundir: RunDir, image: str) -> TapEntry | None:
 @dataclass(frozen=True)
 class VbdDetails:
     """A list entry with what ``tap-ctl list --json`` adds: the VBD's NBD socket and kernel
-    block device when they exist, and its image chain, leaf first (from STATS)."""
+    block device when they exist, its image chain, leaf first, and its changed-block log
+    (from STATS, which lists the log first among the images, driver ``log``)."""
 
     entry: TapEntry
     nbd_socket: Path | None = None
     block_device: Path | None = None
     chain: tuple[str, ...] = ()
+    cbt_log: str | None = None
 
 
 def details(rundir: RunDir, entry: TapEntry) -> VbdDetails:
@@ -150,11 +152,15 @@ def details(rundir: RunDir, entry: TapEntry) -> VbdDetails:
     nbd = rundir.nbd_socket(entry.pid, entry.minor)
     dev = rundir.tapdev(entry.minor)
     chain: tuple[str, ...] = ()
+    cbt_log = None
     if entry.image is not None:
         try:
             doc: Any = client.stats(rundir, entry.pid, entry.minor)
             images = doc.get("images", []) if isinstance(doc, dict) else []
-            chain = tuple(str(i.get("name", "")) for i in images if isinstance(i, dict))
+            images = [i for i in images if isinstance(i, dict)]
+            logs = [i for i in images if _driver_name(i) == "log"]
+            cbt_log = str(logs[0].get("name", "")) if logs else None
+            chain = tuple(str(i.get("name", "")) for i in images if _driver_name(i) != "log")
         except BlktapError as exc:
             log.debug("tapdisk %d minor %d: no chain: %s", entry.pid, entry.minor, exc)
     return VbdDetails(
@@ -162,4 +168,10 @@ def details(rundir: RunDir, entry: TapEntry) -> VbdDetails:
         nbd_socket=nbd if nbd.exists() else None,
         block_device=dev if dev.exists() else None,
         chain=chain,
+        cbt_log=cbt_log,
     )
+
+
+def _driver_name(image: dict[str, Any]) -> str:
+    driver = image.get("driver")
+    return str(driver.get("name", "")) if isinstance(driver, dict) else ""
