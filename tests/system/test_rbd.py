@@ -23,7 +23,13 @@ import pytest
 
 from blktap.block.drivers.rbd import DEFAULT_TIMEOUT, RbdTarget, client_id_from_env, parse_target
 from blktap.errors import InvalidArgument
-from tests.ceph_helpers import Cluster, shared_cluster, stop_shared_cluster, unique_image
+from tests.ceph_helpers import (
+    SCRIPT,
+    Cluster,
+    shared_cluster,
+    stop_shared_cluster,
+    unique_image,
+)
 from tests.helpers import (
     TAP_CTL,
     VHD_UTIL,
@@ -161,6 +167,26 @@ def test_cluster_is_up_with_an_rbd_pool(ceph_cluster: Cluster) -> None:
     assert "rbd" in pools
     out = sh("ceph", "--conf", ceph_cluster.conf, "osd", "pool", "get", "rbd", "size")
     assert out.split() == ["size:", "1"]
+
+
+def test_cluster_script_start_is_idempotent_and_stop_refuses_foreign_dirs(
+    ceph_cluster: Cluster, tmp_path: Path,
+) -> None:
+    out = sh(SCRIPT, "start", ceph_cluster.dir)
+    assert out.splitlines()[-1] == ceph_cluster.conf
+    sh(SCRIPT, "status", ceph_cluster.dir)
+    assert sh("ceph", "--conf", ceph_cluster.conf, "health").split()[0] in (
+        "HEALTH_OK", "HEALTH_WARN")
+    foreign = tmp_path / "not-a-cluster"
+    foreign.mkdir()
+    (foreign / "precious").write_text("keep me")
+    proc = subprocess.run([SCRIPT, "stop", str(foreign)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "not removing it" in proc.stderr
+    assert (foreign / "precious").read_text() == "keep me"
+    proc = subprocess.run([SCRIPT, "status", str(foreign)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
 
 
 def test_written_through_tapdisk_reads_back_with_qemu_and_rbd_export(
