@@ -575,9 +575,9 @@ class VBD:
             if not now(offset, buf):
                 return False
         except BaseException:
-            self._failed_now(0)
+            self._failed_now(0, length >> 9)
             raise
-        self._now_stats.hits[0] += 1
+        self._now_stats.hits[0] += length >> 9
         self.sectors[0] += length >> 9
         return True
 
@@ -595,9 +595,9 @@ class VBD:
             if not now(offset, data, fua):
                 return False
         except BaseException:
-            self._failed_now(1)
+            self._failed_now(1, length >> 9)
             raise
-        self._now_stats.hits[1] += 1
+        self._now_stats.hits[1] += length >> 9
         self.sectors[1] += length >> 9
         return True
 
@@ -618,16 +618,16 @@ class VBD:
         or another thread's :class:`ThreadIO`) as :meth:`read_now` would: the one image's
         hits and the VBD's sectors. Once per batch."""
         hits = self._now_stats.hits
-        hits[0] += counts.reads
-        hits[1] += counts.writes
+        hits[0] += counts.read_bytes >> 9
+        hits[1] += counts.written_bytes >> 9
         sectors = self.sectors
         sectors[0] += counts.read_bytes >> 9
         sectors[1] += counts.written_bytes >> 9
 
-    def _failed_now(self, rw: int) -> None:
+    def _failed_now(self, rw: int, sectors: int) -> None:
         stats = self._now_stats
-        stats.hits[rw] += 1
-        stats.fail[rw] += 1
+        stats.hits[rw] += sectors
+        stats.fail[rw] += sectors
         self.errors[rw] += 1
 
     async def read(self, offset: int, buf: memoryview) -> None:
@@ -640,11 +640,11 @@ class VBD:
             # Fast path: one fully allocated image, aligned request (most raw-image I/O).
             stats = adm.stats
             self._inflight += 1
-            stats.hits[0] += 1
+            stats.hits[0] += length >> 9
             try:
                 await image.read(offset, buf)
             except BaseException:
-                stats.fail[0] += 1
+                stats.fail[0] += length >> 9
                 self.errors[0] += 1
                 raise
             finally:
@@ -675,11 +675,11 @@ class VBD:
                 and offset >= 0 and offset + length <= adm.write_limit):
             stats = adm.stats
             self._inflight += 1
-            stats.hits[1] += 1
+            stats.hits[1] += length >> 9
             try:
                 await image.write(offset, data, fua)
             except BaseException:
-                stats.fail[1] += 1
+                stats.fail[1] += length >> 9
                 self.errors[1] += 1
                 raise
             finally:
@@ -778,8 +778,8 @@ class VBD:
                 mine = st is self._now_stats
                 images.append({
                     "name": image.path,
-                    "hits": [st.hits[0] + (pending.reads if mine else 0),
-                             st.hits[1] + (pending.writes if mine else 0)],
+                    "hits": [st.hits[0] + (pending.read_bytes >> 9 if mine else 0),
+                             st.hits[1] + (pending.written_bytes >> 9 if mine else 0)],
                     "fail": list(st.fail),
                     "driver": {"type": DISK_TYPE_IDS.get(image.type_name, -1),
                                "name": image.type_name, "status": 0},

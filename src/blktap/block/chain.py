@@ -50,7 +50,8 @@ _OWNER_CACHE_MAX = 1 << 16
 
 @dataclass(slots=True)
 class ImageStats:
-    """Per-image request counters, as the C tapdisk's STATS reports them."""
+    """Per-image counters in sectors (512 bytes) read and written, and of those failed, as
+    the C tapdisk's STATS reports them (``td_sector_count_add`` of each request's sectors)."""
 
     hits: list[int] = field(default_factory=lambda: [0, 0])
     fail: list[int] = field(default_factory=lambda: [0, 0])
@@ -186,11 +187,11 @@ class Chain:
                         buf[:] = bytes(length)
                         return
                     stats = self.stats[level]
-                    stats.hits[0] += 1
+                    stats.hits[0] += length >> 9
                     try:
                         await self.images[level].read(offset, buf)
                     except BaseException:
-                        stats.fail[0] += 1
+                        stats.fail[0] += length >> 9
                         raise
                     return
             await self._read_level(0, offset, buf)
@@ -299,11 +300,11 @@ class Chain:
 
     @staticmethod
     async def _image_read(image: Image, stats: ImageStats, offset: int, buf: memoryview) -> None:
-        stats.hits[0] += 1
+        stats.hits[0] += len(buf) >> 9
         try:
             await image.read(offset, buf)
         except BaseException:
-            stats.fail[0] += 1
+            stats.fail[0] += len(buf) >> 9
             raise
 
     # ------------------------------------------------------------------- writes
@@ -329,11 +330,11 @@ class Chain:
 
     async def _leaf_write(self, offset: int, data: memoryview, fua: bool) -> None:
         stats = self.stats[0]
-        stats.hits[1] += 1
+        stats.hits[1] += len(data) >> 9
         try:
             await self.leaf.write(offset, data, fua)
         except BaseException:
-            stats.fail[1] += 1
+            stats.fail[1] += len(data) >> 9
             raise
         finally:
             # After the leaf's metadata changed (or failed to): a read that looked the
@@ -352,13 +353,13 @@ class Chain:
             await self.write(offset, memoryview(bytes(start - offset)), False)
         if end < offset + length:
             await self.write(end, memoryview(bytes(offset + length - end)), False)
-        self.stats[0].hits[1] += 1
+        self.stats[0].hits[1] += (end - start) >> 9
         try:
             await self.leaf.write_zeroes(start, end - start, may_unmap)
             if fua:
                 await self.leaf.flush()
         except BaseException:
-            self.stats[0].fail[1] += 1
+            self.stats[0].fail[1] += (end - start) >> 9
             raise
         finally:
             self._forget_owners(start, end - start, False)
