@@ -316,6 +316,8 @@ def test_a_server_that_comes_back_with_another_size_fails_requests(sockdir: str)
                     await read(image, 0, 4096)
                 assert info.value.errno == errno.EIO
                 assert "2097152 bytes instead of 4194304" in str(info.value)
+                with pytest.raises(OSError, match="instead of 4194304"):
+                    await read(image, 0, 4096)  # and every request after it
             finally:
                 await image.close()
 

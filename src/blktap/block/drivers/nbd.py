@@ -539,6 +539,8 @@ class NbdImage:
         """Set when a request starts waiting: the reconnector tries again at once."""
         self._last_error = ""
         self._closed = False
+        self._broken = "the image is closed"
+        """Why requests fail once closed (a size change on reconnect closes it too)."""
         self._adopt(handle)
 
     # ------------------------------------------------------------ connections
@@ -607,8 +609,11 @@ class NbdImage:
                 size = h.get_size()
                 if size != self.export_size:
                     h.shutdown()
-                    self._fail_all(f"the server came back exporting {size} bytes instead "
-                                   f"of {self.export_size}")
+                    self._broken = (f"the server came back exporting {size} bytes instead "
+                                    f"of {self.export_size}")
+                    log.error("nbd:%s: %s: every request fails from now on",
+                              self.target.text, self._broken)
+                    self._fail_all(self._broken)
                     self._closed = True
                     return
                 self.reconnects += 1
@@ -743,7 +748,7 @@ class NbdImage:
     async def _run(self, kind: int, offset: int, length: int, buf: memoryview | None = None,
                    flags: int = 0) -> list[tuple[int, int]]:
         if self._closed:
-            raise OSError(errno.EIO, f"nbd:{self.target.text}: the image is closed")
+            raise OSError(errno.EIO, f"nbd:{self.target.text}: {self._broken}")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         op = _Op(kind, offset, length, buf, flags, fut)
         self._send(op)
