@@ -25,7 +25,8 @@ Values cannot contain ``:``. Examples: ``rbd:rbd/vm1``, ``rbd:rbd/base@gold``,
 
 Behaviour:
 
-* I/O uses librbd's asynchronous calls, any number in flight. librbd completes them on
+* I/O uses librbd's asynchronous calls, any number in flight (reads of LARGE_READ bytes
+  or more use its synchronous read in a pool of threads: faster, measured). librbd completes them on
   its own threads; those only queue the result, and the event loop is woken once per
   batch (``call_soon_threadsafe``) to finish the waiting coroutines. Reads are copied
   into the caller's buffer on the loop; librbd copies writes when they are submitted
@@ -61,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import errno
 import functools
@@ -194,6 +196,25 @@ def _os_error(exc: BaseException, what: str) -> OSError:
     return OSError(code, f"{what}: {exc}")
 
 
+LARGE_READ = 128 * 1024
+"""Reads of this many bytes or more go to librbd's synchronous read in a pool of threads
+(:func:`_large_pool`) instead of its aio call: measured here (1 MiB at queue depth 8
+over NBD) about 15% more throughput. Smaller reads, and all writes (which the
+asynchronous call takes without a copy of ours, and which gained nothing), stay
+asynchronous."""
+LARGE_READ_THREADS = 16
+"""Large reads in flight at once in the process (beyond that they queue)."""
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _large_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(LARGE_READ_THREADS,
+                                                      thread_name_prefix="rbd-io")
+    return _pool
+
+
 class _Completions:
     """Hands librbd's completions (on its threads) to the event loop.
 
@@ -257,6 +278,7 @@ class RbdImage:
         self._session = session
         self._image = image
         self._completions = _Completions(asyncio.get_running_loop())
+        self._threads: set[concurrent.futures.Future[Any]] = set()
         self._closed = False
         _, rbd = _bindings()
         self._thick = int(rbd.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION)
@@ -341,25 +363,43 @@ class RbdImage:
 
     async def read(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` from ``offset``. Raises OSError (the cluster's errno; EIO for a
-        short read). librbd reads into its own buffer: ``buf`` is only written on success."""
+        short read). librbd reads into its own buffer: ``buf`` is only written on success,
+        on the loop."""
         n = len(buf)
         what = f"read of {n} bytes at {offset}"
-        data = await self._wait(what, self._submit(what, self._image.aio_read, offset, n))
+        if n >= LARGE_READ:
+            data = await self._in_thread(what, self._image.read, offset, n)
+        else:
+            data = await self._wait(what, self._submit(what, self._image.aio_read, offset, n))
         if len(data) != n:
             raise OSError(errno.EIO, f"{self.target.name}: short {what} ({len(data)} bytes)")
         buf[:] = data
+
+    async def _in_thread(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)``, a synchronous librbd call, in the large-read pool."""
+        work = _large_pool().submit(call, *args)
+        # close() waits for these: a cancelled caller's call may still be running.
+        self._threads.add(work)
+        work.add_done_callback(self._threads.discard)
+        try:
+            return await asyncio.wrap_future(work)
+        except OSError:
+            raise
+        except Exception as exc:
+            raise _os_error(exc, f"{self.target.name}: {what}") from None
 
     def _check_writable(self) -> None:
         if self.read_only:
             raise ReadOnly(f"{self.target.name}: the rbd image is open read-only")
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
-        """Write ``data`` (copied first); with ``fua``, flush afterwards. Raises OSError."""
+        """Write ``data``; with ``fua``, flush afterwards. Raises OSError. The caller may
+        reuse ``data`` as soon as this returns or is cancelled."""
         self._check_writable()
         what = f"write of {len(data)} bytes at {offset}"
         # The binding takes bytes or a bytearray (not a memoryview) and librbd copies it
         # at submission (rbd_disable_zero_copy_writes, forced on by _connect): a view of
-        # a whole bytearray (an NBD payload) goes as it is, anything else is copied.
+        # a whole bytearray (an NBD payload) goes as it is.
         obj = data.obj
         payload = obj if type(obj) is bytearray and len(obj) == data.nbytes else bytes(data)
         await self._wait(what, self._submit(what, self._image.aio_write, payload, offset))
@@ -404,10 +444,13 @@ class RbdImage:
             return
         self._closed = True
         image, self._image = self._image, None
-        await asyncio.to_thread(_close_image, self.target.name, image, self._session)
+        await asyncio.to_thread(_close_image, self.target.name, image, self._session,
+                                list(self._threads))
 
 
-def _close_image(name: str, image: Any, session: _Session) -> None:
+def _close_image(name: str, image: Any, session: _Session,
+                 threads: list[concurrent.futures.Future[Any]]) -> None:
+    concurrent.futures.wait(threads)  # synchronous calls still using the image
     try:
         image.close()
     except Exception as exc:
