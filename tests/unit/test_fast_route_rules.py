@@ -4,6 +4,8 @@
   direct branch, ThreadIO.read/write and the NBD connection's inline path.
 * HeaderCheck.accepts (blktap.proto.nbd): copied in the codec's fast path and the inline
   path (the lanes call it).
+* FlowControl._must_wait (blktap.frontends.nbd_flow, the backpressure rule): copied in
+  NbdConnection._serve.
 
 Each test runs a grid of requests through the copy and through the rule and compares.
 """
@@ -21,6 +23,7 @@ import pytest
 
 from blktap.block.driver import SYNC_WRITE_MAX, OpenOptions
 from blktap.errors import ProtocolError
+from blktap.frontends.nbd_connection import NbdConnection
 from blktap.frontends.nbd_server import NbdServer, _Connection
 from blktap.proto.nbd import MAX_BLOCK, REQUEST_MAGIC, Command, ExportInfo, Request, ServerCodec
 from blktap.vbd import VBD, ImageSpec, VBDState
@@ -200,6 +203,44 @@ def test_inline_takes_only_what_the_rules_admit(image: str, read_only: bool) -> 
                         and adm.admits(offset, length, write)
                         and (not write or (length < SYNC_WRITE_MAX and adm.sync.writable)))
                 assert taken is rule, (command, flags, offset, length)
+        finally:
+            conn.connection_lost(None)
+            await vbd.close()
+
+    asyncio.run(body())
+
+
+def test_serve_holds_back_exactly_what_the_backpressure_rule_says(image: str) -> None:
+    """NbdConnection._serve's inline copy of FlowControl._must_wait: a request goes to the
+    backlog exactly when the rule says it must wait."""
+    async def body() -> None:
+        vbd = VBD(0)
+        await vbd.open(ImageSpec("aio", image), OpenOptions(direct=False))
+        conn = NbdConnection(NbdServer(vbd, "/nonexistent", max_inflight=4,
+                                       max_inflight_bytes=64 * 1024))
+        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        try:
+            handshake = struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 1, 0)
+            view = conn.get_buffer(len(handshake))
+            view[: len(handshake)] = handshake
+            conn.buffer_updated(len(handshake))
+            waiting = Request(Command.READ, 0, 1, 0, 0)
+            for backlog, paused, inflight, inflight_bytes in itertools.product(
+                    (False, True), (False, True), (0, 3, 4, 5), (0, 64 * 1024 - 1, 64 * 1024)):
+                conn._backlog.clear()
+                if backlog:
+                    conn._backlog.append(waiting)
+                conn._writing_paused = paused
+                conn._inflight, conn._inflight_bytes = inflight, inflight_bytes
+                rule = conn._must_wait()
+                before = len(conn._backlog)
+                conn._serve([Request(Command.READ, 0, 2, 0, 0)])  # (answered at once)
+                held = len(conn._backlog) > before
+                assert held is rule, (backlog, paused, inflight, inflight_bytes)
+                assert conn._inflight == inflight  # what was served is answered already
+            conn._backlog.clear()
+            conn._writing_paused = False
+            conn._inflight = conn._inflight_bytes = 0
         finally:
             conn.connection_lost(None)
             await vbd.close()
