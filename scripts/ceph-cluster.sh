@@ -156,6 +156,15 @@ osd op thread timeout = 60
 EOF
 }
 
+start_failed() {
+    trap - EXIT
+    stop_daemons || true
+    echo "ceph-cluster: start failed; the last lines of its logs:" >&2
+    tail -n 20 "$dir"/log/*.log >&2 2>/dev/null || true
+    wipe
+    exit 1
+}
+
 start() {
     if running; then
         echo "$conf"
@@ -165,7 +174,8 @@ start() {
     wipe
     mkdir -p "$dir" "$dir/run" "$dir/log" "$dir/mon.a" "$dir/mgr.x" "$dir/osd.0"
     : >"$marker"
-    trap 'stop_daemons; echo "ceph-cluster: start failed; logs were in $dir/log:" >&2; tail -n 20 "$dir"/log/*.log >&2 2>/dev/null || true; wipe' ERR
+    # Whatever ends start early (a failed command, die): stop what started, remove it.
+    trap 'start_failed' EXIT
     fsid=$(cat /proc/sys/kernel/random/uuid)
     write_conf "$(free_port)"
     # Even without authentication the monitor's mkfs wants its key.
@@ -193,7 +203,7 @@ start() {
     timeout 60 rados --conf "$conf" -p rbd put .ceph-cluster-probe /dev/null ||
         die "the OSD did not make the pool active within 60 s"
     rados --conf "$conf" -p rbd rm .ceph-cluster-probe
-    trap - ERR
+    trap - EXIT
     echo "$conf"
 }
 
