@@ -1,7 +1,7 @@
 """The hand-inlined copies of the two request rules stay equal to the rules.
 
 * Admission.admits (blktap.vbd): copied in VBD.read_now/write_now, VBD.read/write's
-  direct branch, ThreadIO.read/write and the NBD connection's inline path.
+  direct branch, ThreadIO.read/write and the NBD connection's inline path (nbd_inline).
 * HeaderCheck.accepts (blktap.proto.nbd): copied in the codec's fast path and the inline
   path (the lanes call it).
 * FlowControl._must_wait (blktap.frontends.nbd_flow, the backpressure rule): copied in
@@ -24,7 +24,7 @@ import pytest
 from blktap.block.driver import SYNC_WRITE_MAX, OpenOptions
 from blktap.errors import ProtocolError
 from blktap.frontends.nbd_connection import NbdConnection
-from blktap.frontends.nbd_server import NbdServer, _Connection
+from blktap.frontends.nbd_server import NbdServer
 from blktap.proto.nbd import MAX_BLOCK, REQUEST_MAGIC, Command, ExportInfo, Request, ServerCodec
 from blktap.vbd import VBD, ImageSpec, VBDState
 
@@ -169,7 +169,7 @@ def test_inline_takes_only_what_the_rules_admit(image: str, read_only: bool) -> 
     async def body() -> None:
         vbd = VBD(0)
         await vbd.open(ImageSpec("aio", image), OpenOptions(read_only=read_only, direct=False))
-        conn = _Connection(NbdServer(vbd, "/nonexistent"))
+        conn = NbdConnection(NbdServer(vbd, "/nonexistent"))
         conn.connection_made(_Transport())  # type: ignore[arg-type]
         try:
             handshake = struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 1, 0)
