@@ -27,8 +27,10 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import stat
 import struct
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -58,6 +60,31 @@ ATTR_VALID_SECONDS = 86400
 """Names and attributes never change while the device exists (the VBD size is fixed)."""
 
 FILE_BLKSIZE = 4096
+
+PASSTHROUGH_ENV = "BLKTAP_FUSE_PASSTHROUGH"
+"""``auto`` (the default): the kernel reads and writes a raw image file itself where it
+can (FUSE passthrough); ``off``: every request goes through tapdisk."""
+
+IO_FUSE = "fuse"
+IO_PASSTHROUGH = "passthrough"
+
+_HOLD_OFFSET = 1 << 62
+"""The offset of the FALLOCATE that tapdisk itself sends to hold a passthrough file's
+writes: no request of a device smaller than 4 EiB starts there."""
+_HOLD_MODE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE: takes the inode lock
+_HOLD_TIMEOUT = 5.0
+_HOLD_SCRIPT = (
+    "import ctypes,os,sys;l=ctypes.CDLL(None,use_errno=True);"
+    "l.fallocate.argtypes=[ctypes.c_int,ctypes.c_int,ctypes.c_int64,ctypes.c_int64];"
+    "fd=os.open(sys.argv[1],os.O_RDWR);"
+    f"sys.exit(0 if l.fallocate(fd,{_HOLD_MODE},{_HOLD_OFFSET},4096)==0 else 1)")
+"""What holds when util-linux's fallocate is missing."""
+
+
+def passthrough_wanted() -> bool:
+    """Whether BLKTAP_FUSE_PASSTHROUGH allows passthrough (anything but off/0/no/false)."""
+    value = os.environ.get(PASSTHROUGH_ENV, "auto").strip().lower()
+    return value not in ("off", "0", "no", "false")
 
 # --------------------------------------------------------------------- loop ioctls
 # linux/loop.h
@@ -257,6 +284,19 @@ def _loop_clear(device: str) -> None:
         os.close(fd)  # the last close of a device being cleared does the detach
 
 
+def loop_counters(device: str) -> tuple[int, int, int, int, int]:
+    """(reads, sectors read, writes, sectors written, in flight) of ``device`` from
+    /sys/block/<name>/stat (all zeros when unreadable)."""
+    try:
+        with open(f"/sys/block/{_loop_name(device)}/stat", encoding="utf-8") as f:
+            fields = [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return 0, 0, 0, 0, 0
+    if len(fields) < 9:
+        return 0, 0, 0, 0, 0
+    return fields[0], fields[2], fields[4], fields[6], fields[8]
+
+
 def _publish(target: str, link: str) -> None:
     """Make ``link`` a symbolic link to ``target``, atomically replacing what was there."""
     tmp = f"{link}.new{os.getpid()}"
@@ -326,13 +366,25 @@ class _FuseSession:
     """
 
     def __init__(self, fd: int, vbd: VBD, logger: logging.LoggerAdapter[logging.Logger], *,
-                 open_flags: int) -> None:
+                 open_flags: int, passthrough: bool = False) -> None:
         self.fd = fd
         self.ended = False
         self.stopping = False
         self.inflight = 0
         self.stats = [0, 0, 0, 0]  # reads, largest read, writes, largest write
         self.initialized = False
+        self.init_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.passthrough = False
+        """The kernel accepted FUSE_PASSTHROUGH at INIT (asked for only if wanted)."""
+        self.backing_id: int | None = None
+        """While set, every OPEN of the file is answered with FOPEN_PASSTHROUGH to it."""
+        self.hold_unique: int | None = None
+        """The request id of tapdisk's own FALLOCATE that holds the file's writes."""
+        self.hold_taken: asyncio.Future[None] | None = None
+        self._want_passthrough = passthrough
+        self.hold_tid = -1
+        """The process sending the holding FALLOCATE (the header's pid is the caller's
+        thread id: the child's pid)."""
         self._vbd = vbd
         self._size = vbd.size
         self._read_only = vbd.read_only
@@ -555,6 +607,13 @@ class _FuseSession:
             # INTERRUPT: requests here cannot be cancelled; they finish and reply.
             return
         body = self._body(n)
+        if opcode == Opcode.FALLOCATE and self._is_hold(body):
+            # Tapdisk's own request, sent with the file's inode lock held: not answered
+            # until release_hold, so that passthrough writes wait in the kernel.
+            self.hold_unique = unique
+            if self.hold_taken is not None and not self.hold_taken.done():
+                self.hold_taken.set_result(None)
+            return
         sync_op = self._sync_ops.get(opcode)
         if sync_op is not None:
             try:
@@ -584,6 +643,19 @@ class _FuseSession:
 
         eager.start(coro, done)
 
+    def _is_hold(self, body: memoryview) -> bool:
+        pid = fuse.IN_HEADER.unpack_from(self._head)[6]
+        if pid != self.hold_tid or len(body) < fuse.FALLOCATE_IN.size:
+            return False
+        req = fuse.FallocateIn.decode(body)
+        return req.offset == _HOLD_OFFSET and req.mode == _HOLD_MODE
+
+    def release_hold(self) -> None:
+        """Answer the holding FALLOCATE (if any): the kernel lets the held writes go."""
+        unique, self.hold_unique = self.hold_unique, None
+        if unique is not None:
+            self._send([fuse.reply(unique)])
+
     def _attr(self, nodeid: int) -> fuse.Attr:
         if nodeid == FILE_ID:
             return self._file
@@ -599,13 +671,20 @@ class _FuseSession:
         want = (fuse.InitFlag.ASYNC_READ | fuse.InitFlag.BIG_WRITES | fuse.InitFlag.ASYNC_DIO
                 | fuse.InitFlag.MAX_PAGES)
         flags = init.flags & want
+        depth = 0
+        if self._want_passthrough and init.flags & fuse.INIT_PASSTHROUGH:
+            flags |= fuse.INIT_PASSTHROUGH | fuse.InitFlag.INIT_EXT
+            depth = fuse.MAX_STACK_DEPTH
+            self.passthrough = True
         minor = min(init.minor, fuse.KERNEL_MINOR)
         self.initialized = True
+        if not self.init_done.done():
+            self.init_done.set_result(None)
         self._log.debug("FUSE %d.%d negotiated, flags %#x", fuse.KERNEL_MAJOR, minor, flags)
         return fuse.encode_init_out(
             minor, init.max_readahead, flags, max_background=MAX_BACKGROUND,
             congestion_threshold=MAX_BACKGROUND * 3 // 4, max_write=MAX_IO,
-            max_pages=MAX_IO // 4096)
+            max_pages=MAX_IO // 4096, max_stack_depth=depth)
 
     def _lookup(self, nodeid: int, body: memoryview) -> Payload:
         name = fuse.decode_name(body)
@@ -635,6 +714,9 @@ class _FuseSession:
             raise BlktapError("not a file", errno=errno.EISDIR)
         if self._read_only and flags & os.O_ACCMODE != os.O_RDONLY:
             raise BlktapError("the device is read-only", errno=errno.EROFS)
+        if self.backing_id is not None:
+            # Every open of an inode in passthrough mode must name the same backing file.
+            return fuse.encode_open_out(0, fuse.OpenFlag.PASSTHROUGH, self.backing_id)
         return fuse.encode_open_out(0, self._open_flags)
 
     def _opendir(self, nodeid: int, body: memoryview) -> Payload:
@@ -734,6 +816,29 @@ class BlockDeviceStatistics:
     largest_read: int
     """Bytes in the largest READ the kernel sent (shows the negotiated limit at work)."""
     largest_write: int
+    io_path: str = IO_FUSE
+    """``passthrough``: the kernel reads and writes the image file itself and the counts
+    above stay at zero for that I/O (``loop_*`` count it); ``fuse``: tapdisk serves
+    every request."""
+    passthrough_reason: str = ""
+    """Why the I/O path is ``fuse`` (empty with passthrough)."""
+    loop_reads: int = 0
+    """The loop device's completed requests and sectors (/sys/block/loopN/stat): with
+    passthrough, the only count of the I/O that bypasses tapdisk."""
+    loop_read_sectors: int = 0
+    loop_writes: int = 0
+    loop_write_sectors: int = 0
+    held: bool = False
+    """Writes are held in the kernel for a pause (passthrough only)."""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"loop_device": self.loop_device, "direct_io": self.direct_io,
+                "io_path": self.io_path, "passthrough_reason": self.passthrough_reason,
+                "held": self.held, "fuse_inflight": self.inflight,
+                "fuse_reads": self.reads, "fuse_writes": self.writes,
+                "loop_reads": self.loop_reads, "loop_read_sectors": self.loop_read_sectors,
+                "loop_writes": self.loop_writes,
+                "loop_write_sectors": self.loop_write_sectors}
 
 
 class BlockDevice:
@@ -742,6 +847,23 @@ class BlockDevice:
     ``start`` mounts ``<run_dir>/fuse/<minor>/``, binds a loop device to its ``disk``
     file and links ``<dev_dir>/tapdev<minor>`` to it. ``stop`` undoes all of it. The VBD
     must be open (its size is read at ``start`` and must not change until ``stop``).
+
+    **Passthrough.** Where the VBD is one raw file (``aio``) and no layer must see its
+    requests (the Capabilities routes allow ``direct`` for reads, and for writes unless
+    read-only), the kernel offers FUSE passthrough and BLKTAP_FUSE_PASSTHROUGH is not
+    ``off``, the file is registered with FUSE_DEV_IOC_BACKING_OPEN and opened with
+    FOPEN_PASSTHROUGH: the loop device's reads and writes go to the image file in the
+    kernel, never to tapdisk (flush and discard still come to tapdisk). Passthrough is
+    per open file, for reads and writes together, and lasts as long as the loop device
+    holds the file open, i.e. the device's life: the kernel offers no way to revoke it,
+    and a read-write loop device cannot change its file (LOOP_CHANGE_FD is for read-only
+    devices). What a pause can do then (:meth:`hold_io`): tapdisk sends itself a
+    FALLOCATE that the kernel sends with the FUSE inode's lock held, and answers it at
+    resume; a passthrough write takes that lock, so writes, flushes and discards wait in
+    the kernel, and with them any read the loop device queued behind a waiting write.
+    Reads that arrive alone still reach the image file, which the kernel keeps open while
+    paused. A resume must land on the same file with the same routes (:meth:`resumed`
+    refuses any other). Otherwise (``fuse``) every request goes through tapdisk.
     """
 
     BUSY_TIMEOUT = 2.0
@@ -767,6 +889,13 @@ class BlockDevice:
         self._session: _FuseSession | None = None
         self._clearing: asyncio.Future[None] | None = None
         self._backing = self.file_path
+        self.io_path = IO_FUSE
+        self.passthrough_reason = "not started"
+        self._want_passthrough = passthrough_wanted()
+        self._backing_key: tuple[int, int] | None = None
+        self._holder: asyncio.subprocess.Process | None = None  # sends the hold
+        self._holder_exit: asyncio.Future[int] | None = None
+        self._loop_base = (0, 0, 0, 0, 0)  # the loop device's counters when bound
         self._mounted = False
         self._linked = False
         self._started = False
@@ -775,11 +904,21 @@ class BlockDevice:
     def statistics(self) -> BlockDeviceStatistics:
         """Counters of the FUSE data requests served since ``start``."""
         session = self._session
-        if session is None:
-            return BlockDeviceStatistics(self.loop_device, self.direct_io, 0, 0, 0, 0, 0)
-        reads, largest_read, writes, largest_write = session.stats
-        return BlockDeviceStatistics(self.loop_device, self.direct_io, session.inflight,
-                                     reads, writes, largest_read, largest_write)
+        loop = [0, 0, 0, 0]
+        if self.loop_device is not None:
+            now = loop_counters(self.loop_device)
+            loop = [now[i] - self._loop_base[i] for i in range(4)]
+        counts = session.stats if session is not None else [0, 0, 0, 0]
+        reads, largest_read, writes, largest_write = counts
+        return BlockDeviceStatistics(
+            self.loop_device, self.direct_io, session.inflight if session else 0,
+            reads, writes, largest_read, largest_write, self.io_path,
+            self.passthrough_reason, loop[0], loop[1], loop[2], loop[3],
+            session is not None and session.hold_unique is not None)
+
+    def report(self) -> dict[str, object]:
+        """What STATS adds for this device (``blockdev``): the I/O path and counters."""
+        return {"path": self.path, **self.statistics().as_dict()}
 
     @property
     def inflight(self) -> int:
@@ -841,7 +980,8 @@ class BlockDevice:
             _umount(self.mountpoint, _MNT_DETACH)
         os.makedirs(self.mountpoint, mode=0o700, exist_ok=True)
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._session = _FuseSession(fd, self.vbd, self.log, open_flags=self._open_flags)
+        self._session = _FuseSession(fd, self.vbd, self.log, open_flags=self._open_flags,
+                                     passthrough=self._want_passthrough)
         options = (f"fd={fd},rootmode={stat.S_IFDIR:o},user_id=0,group_id=0,allow_other,"
                    "default_permissions")
         # Mounting queues INIT and returns; nothing here waits for the server.
@@ -850,6 +990,29 @@ class BlockDevice:
         # This thread runs the event loop that serves the FUSE requests.
         _become_io_flusher()
         self._session.start_reading()
+        await asyncio.wait_for(asyncio.shield(self._session.init_done), _HOLD_TIMEOUT)
+        self._setup_passthrough()
+        try:
+            await self._attach()
+        except OSError as exc:
+            if self._session.backing_id is None:
+                raise
+            # The kernel refused the passthrough open: serve the file ourselves.
+            self._drop_passthrough(f"passthrough open refused: {exc.strerror}")
+            await self._attach()
+        if self._session.backing_id is not None:
+            self.io_path = IO_PASSTHROUGH
+            self.passthrough_reason = ""
+        assert self.loop_device is not None
+        self._loop_base = loop_counters(self.loop_device)
+        self.direct_io = loop_direct_io(self.loop_device)
+        self._backing = loop_backing_file(self.loop_device) or self.file_path
+        os.makedirs(self.dev_dir, mode=0o755, exist_ok=True)
+        _publish(self.loop_device, self.path)
+        self._linked = True
+
+    async def _attach(self) -> None:
+        loop = asyncio.get_running_loop()
         attach = loop.run_in_executor(None, _loop_attach, self.file_path,
                                       self.vbd.read_only, self._want_direct)
         try:
@@ -860,11 +1023,141 @@ class BlockDevice:
             if not attach.cancelled() and attach.exception() is None:
                 self.loop_device = attach.result()
             raise
-        self.direct_io = loop_direct_io(self.loop_device)
-        self._backing = loop_backing_file(self.loop_device) or self.file_path
-        os.makedirs(self.dev_dir, mode=0o755, exist_ok=True)
-        _publish(self.loop_device, self.path)
-        self._linked = True
+
+    # ------------------------------------------------------------- passthrough
+    def _passthrough_refusal(self) -> tuple[str, str | None]:
+        """``(reason, None)`` when the VBD cannot use passthrough now, else
+        ``("", image path)``."""
+        if not self._want_passthrough:
+            return f"{PASSTHROUGH_ENV}=off", None
+        session = self._session
+        if session is None or not session.passthrough:
+            return "the kernel does not offer FUSE passthrough", None
+        chain = self.vbd.chain
+        if chain is None or len(chain.images) != 1 or chain.images[0].type_name != "aio":
+            return "the image is not one raw file (aio)", None
+        caps = self.vbd.capabilities
+        # The ``direct`` route: past every layer to the one image. A layer that must see
+        # writes (a changed-block log) or everything turns it off.
+        if not caps.reads.direct or (not self.vbd.read_only and not caps.writes.direct):
+            return "a layer must see every request", None
+        return "", chain.images[0].path
+
+    def _setup_passthrough(self) -> None:
+        """Register the image file as the FUSE file's backing file, or say why not."""
+        session = self._session
+        assert session is not None
+        why, path = self._passthrough_refusal()
+        if path is None:
+            self.passthrough_reason = why
+            return
+        try:
+            fd = os.open(path, (os.O_RDONLY if self.vbd.read_only else os.O_RDWR)
+                         | os.O_CLOEXEC)
+        except OSError as exc:
+            self.passthrough_reason = f"opening {path}: {exc.strerror}"
+            return
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                self.passthrough_reason = "the image is not a regular file"
+                return
+            # A mutable argument makes ioctl return the call's result: the backing id.
+            arg = bytearray(fuse.encode_backing_map(fd))
+            backing_id = fcntl.ioctl(session.fd, fuse.FUSE_DEV_IOC_BACKING_OPEN, arg, True)
+        except OSError as exc:
+            self.passthrough_reason = f"FUSE_DEV_IOC_BACKING_OPEN: {exc.strerror}"
+            return
+        finally:
+            os.close(fd)  # the kernel holds its own reference
+        session.backing_id = int(backing_id)
+        self._backing_key = (st.st_dev, st.st_ino)
+
+    def _drop_passthrough(self, why: str) -> None:
+        session = self._session
+        if session is not None and session.backing_id is not None:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(session.fd, fuse.FUSE_DEV_IOC_BACKING_CLOSE,
+                            bytearray(fuse.BACKING_ID.pack(session.backing_id)), True)
+            session.backing_id = None
+        self.io_path = IO_FUSE
+        self.passthrough_reason = why
+        self.log.info("%s: FUSE passthrough off: %s", self.path, why)
+
+    async def hold_io(self) -> None:
+        """Before the VBD pauses: hold passthrough writes in the kernel (see the class
+        docstring). Does nothing without passthrough, for a read-only VBD, or when
+        already holding. Raises BlktapError (EIO) when the hold does not take.
+
+        The holding FALLOCATE comes from a child process, never from a thread of ours:
+        a thread waiting for its own process's reply cannot exit, so a tapdisk killed
+        while holding would never finish dying (its /dev/fuse descriptor stays open).
+        When tapdisk dies, the connection aborts and the child's request fails, which
+        lets the held writes go.
+        """
+        session = self._session
+        if (self.io_path != IO_PASSTHROUGH or session is None or self.vbd.read_only
+                or self._holder is not None):
+            return
+        loop = asyncio.get_running_loop()
+        session.hold_taken = loop.create_future()
+        tool = shutil.which("fallocate")
+        argv = ([tool, "--keep-size", "--punch-hole", "--offset", str(_HOLD_OFFSET),
+                 "--length", "4096", self.file_path] if tool else
+                [sys.executable, "-c", _HOLD_SCRIPT, self.file_path])
+        holder = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE)
+        session.hold_tid = holder.pid
+        exited = asyncio.ensure_future(holder.wait())
+        waiters: list[asyncio.Future[Any]] = [session.hold_taken, exited]
+        done, _ = await asyncio.wait(waiters, timeout=_HOLD_TIMEOUT,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if session.hold_taken.done():
+            self._holder = holder
+            self._holder_exit = exited
+            self.log.info("%s: passthrough writes held", self.path)
+            return
+        session.hold_tid = -1
+        if exited not in done:
+            holder.kill()
+        await exited
+        err = b""
+        if holder.stderr is not None:
+            err = await holder.stderr.read()
+        raise BlktapError(f"{self.path}: cannot hold passthrough writes: "
+                          f"{err.decode(errors='replace').strip() or 'no answer'}",
+                          errno=errno.EIO)
+
+    def resumed(self) -> None:
+        """After the VBD resumed: let held writes go if the device can follow the new
+        stack. Raises Busy (holding on) when it cannot: passthrough goes to the file the
+        device started on, which the new stack no longer is, or a layer of the new stack
+        must see every request."""
+        if self.io_path != IO_PASSTHROUGH:
+            return
+        why, path = self._passthrough_refusal()
+        if path is not None:
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                why = f"{path}: {exc.strerror}"
+            else:
+                if (st.st_dev, st.st_ino) != self._backing_key:
+                    why = f"{path} is not the file the device passes I/O through to"
+        if why:
+            raise Busy(f"{self.path}: the kernel passes this device's I/O through to its "
+                       f"image file and cannot change that ({why}); destroy and recreate "
+                       f"the device, or create it with {PASSTHROUGH_ENV}=off")
+        self._release_hold()
+
+    def _release_hold(self) -> None:
+        if self._session is not None and self._session.hold_unique is not None:
+            self._session.release_hold()
+            self.log.info("%s: passthrough writes released", self.path)
+        if self._session is not None:
+            self._session.hold_tid = -1
+        self._holder = None  # it exits once answered; asyncio reaps it
 
     # -------------------------------------------------------------------- stop
     async def stop(self, force: bool = False) -> None:
@@ -895,6 +1188,11 @@ class BlockDevice:
                     raise Busy(f"{self.path} ({device}) is in use (mounted or claimed)")
                 if session is not None and session.inflight and not self._vbd_running():
                     raise Busy(f"{self.path}: I/O is waiting for the paused VBD")
+                if session is not None and session.hold_unique is not None \
+                        and loop_counters(device)[4]:
+                    raise Busy(f"{self.path}: I/O is held for the paused VBD")
+            # Held passthrough writes cannot be failed: released, they reach the image.
+            self._release_hold()
             self._unlink()
             if self._clearing is None or self._clearing.done():
                 self._clearing = loop.run_in_executor(None, _loop_clear, device)

@@ -132,6 +132,31 @@ class OpenFlag(enum.IntFlag):
     STREAM = 1 << 4
     NOFLUSH = 1 << 5
     PARALLEL_DIRECT_WRITES = 1 << 6
+    PASSTHROUGH = 1 << 7
+    """Reads and writes of this open file go to the backing file named by the open
+    reply's ``backing_id`` in the kernel, not to the server (DIRECT_IO overrides it)."""
+
+
+INIT_PASSTHROUGH = 1 << 37
+"""FUSE_PASSTHROUGH (a flags2 bit, so INIT_EXT must be set): open replies may carry
+FOPEN_PASSTHROUGH; the reply's ``max_stack_depth`` must be 1 or 2, and WRITEBACK_CACHE
+must be off."""
+MAX_STACK_DEPTH = 2
+"""FILESYSTEM_MAX_STACK_DEPTH: a backing file may live on a stacked filesystem (an
+overlay) of depth at most ``max_stack_depth - 1``."""
+
+# /dev/fuse ioctls (FUSE_DEV_IOC_MAGIC 229): _IOW(229, 1, struct fuse_backing_map) and
+# _IOW(229, 2, uint32_t backing_id). Both need CAP_SYS_ADMIN and a connection whose INIT
+# reply enabled passthrough.
+FUSE_DEV_IOC_BACKING_OPEN = (1 << 30) | (16 << 16) | (229 << 8) | 1
+FUSE_DEV_IOC_BACKING_CLOSE = (1 << 30) | (4 << 16) | (229 << 8) | 2
+BACKING_MAP = struct.Struct("=iIQ")  # fd flags(0) padding(0)
+BACKING_ID = struct.Struct("=I")
+
+
+def encode_backing_map(fd: int) -> bytes:
+    """The argument of FUSE_DEV_IOC_BACKING_OPEN for descriptor ``fd``."""
+    return BACKING_MAP.pack(fd, 0, 0)
 
 
 class SetattrValid(enum.IntFlag):
@@ -325,11 +350,14 @@ def reply_error(unique: int, errno: int) -> bytes:
 
 
 def encode_init_out(minor: int, max_readahead: int, flags: int, *, max_background: int,
-                    congestion_threshold: int, max_write: int, max_pages: int) -> bytes:
-    """fuse_init_out for protocol 7.``minor``; ``flags`` may include flags2 bits (<< 32)."""
+                    congestion_threshold: int, max_write: int, max_pages: int,
+                    max_stack_depth: int = 0) -> bytes:
+    """fuse_init_out for protocol 7.``minor``; ``flags`` may include flags2 bits (<< 32),
+    which the kernel reads only when INIT_EXT is among them. ``max_stack_depth`` matters
+    only with INIT_PASSTHROUGH."""
     return INIT_OUT.pack(KERNEL_MAJOR, minor, max_readahead, flags & 0xFFFFFFFF,
                          max_background, congestion_threshold, max_write, 1, max_pages, 0,
-                         flags >> 32, 0)
+                         flags >> 32, max_stack_depth)
 
 
 def encode_entry_out(attr: Attr, valid_seconds: int, generation: int = 1) -> bytes:
@@ -341,8 +369,10 @@ def encode_attr_out(attr: Attr, valid_seconds: int) -> bytes:
     return ATTR_OUT_HEAD.pack(valid_seconds, 0, 0) + attr.encode()
 
 
-def encode_open_out(fh: int, open_flags: int) -> bytes:
-    return OPEN_OUT.pack(fh, open_flags, 0)
+def encode_open_out(fh: int, open_flags: int, backing_id: int = 0) -> bytes:
+    """fuse_open_out; ``backing_id`` (from FUSE_DEV_IOC_BACKING_OPEN) with
+    OpenFlag.PASSTHROUGH."""
+    return OPEN_OUT.pack(fh, open_flags, backing_id)
 
 
 def encode_write_out(size: int) -> bytes:

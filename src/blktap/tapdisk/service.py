@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from blktap import paths
 from blktap.block.driver import SECTOR_SIZE, OpenOptions
@@ -71,6 +71,21 @@ class Frontend(Protocol):
     async def stop(self, force: bool = False) -> None:
         """Stop serving. Without ``force`` it may refuse with Busy (e.g. a mounted device)
         and is then still serving; with ``force`` it never refuses."""
+
+
+@runtime_checkable
+class PauseAware(Protocol):
+    """A frontend whose I/O may bypass the VBD (the block device with FUSE passthrough):
+    it holds that I/O before the VBD pauses, checks a resume, and reports its I/O path
+    in STATS (key ``blockdev``)."""
+
+    async def hold_io(self) -> None: ...
+
+    def resumed(self) -> None:
+        """Let held I/O go; raise BlktapError when the frontend cannot follow the
+        resumed stack (the VBD is then paused again)."""
+
+    def report(self) -> dict[str, object]: ...
 
 
 FrontendFactory = Callable[["AttachedVBD"], Awaitable[Frontend | None]]
@@ -289,6 +304,9 @@ class Tapdisk:
         attached = self._vbd(request.message.cookie)
         if attached.vbd.state == VBDState.CLOSED:
             raise InvalidArgument(f"minor {request.message.cookie} is not open")
+        for frontend in attached.frontends:
+            if isinstance(frontend, PauseAware):
+                await frontend.hold_io()
         await attached.vbd.pause()
         return self._reply(request)
 
@@ -316,6 +334,13 @@ class Tapdisk:
             attached.log.path = log_path
             attached.vbd.log.info("changed-block log %s", log_path)
         await attached.vbd.resume(spec)
+        try:
+            for frontend in attached.frontends:
+                if isinstance(frontend, PauseAware):
+                    frontend.resumed()
+        except BlktapError:
+            await attached.vbd.pause()
+            raise
         return self._reply(request)
 
     async def _list(self, request: ctl.Request) -> list[bytes]:
@@ -382,6 +407,9 @@ def _stats_of(attached: AttachedVBD) -> dict[str, Any]:
     as the C tapdisk lists its log filter (an image named by the log's path, driver type
     ``log``, whose counts stay zero: it passes every request on to the image below)."""
     doc = attached.vbd.stats()
+    for frontend in attached.frontends:
+        if isinstance(frontend, PauseAware):
+            doc["blockdev"] = frontend.report()  # an extra key: C parsers ignore it
     layer = attached.log.open_layer if attached.log is not None else None
     if layer is not None and doc.get("images"):
         entry = {"name": layer.log.path, "hits": [0, 0], "fail": [0, 0],
