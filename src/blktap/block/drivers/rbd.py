@@ -25,15 +25,15 @@ Values cannot contain ``:``. Examples: ``rbd:rbd/vm1``, ``rbd:rbd/base@gold``,
 
 Behaviour:
 
-* I/O uses librbd's asynchronous calls, any number in flight (reads of LARGE_READ bytes
-  or more use its synchronous read in a pool of threads: faster, measured). librbd completes them on
+* I/O uses librbd's asynchronous calls, any number in flight. librbd completes them on
   its own threads; those only queue the result, and the event loop is woken once per
   batch (``call_soon_threadsafe``) to finish the waiting coroutines. Reads are copied
   into the caller's buffer on the loop; librbd copies writes when they are submitted
   (``rbd_disable_zero_copy_writes`` is forced on), so a cancelled caller may reuse its
-  buffer at once. Threads other than the loop's (an NBD
-  connection's read lane, for a client sending one request at a time) read with
-  librbd's synchronous call instead (``read_blocking``): half the latency.
+  buffer at once. Two exceptions, both measured faster: reads of LARGE_READ bytes or
+  more use librbd's synchronous read in a pool of threads, and threads other than the
+  loop's (an NBD connection's read lane, for a client sending one request at a time)
+  read with it directly (``read_blocking``): half the latency at queue depth 1.
 * ``flush`` is ``rbd_aio_flush`` (librbd's write-back cache, when enabled, is written
   out and the OSDs have the data durably). A ``fua`` write is the write then a flush.
 * ``write_zeroes`` is ``rbd_aio_write_zeroes`` (deallocating where librbd can when
@@ -42,7 +42,9 @@ Behaviour:
   parents (the object map's fast-diff where the image has it): written extents are DATA,
   the rest reads as zeros (ZERO). The image holds every byte it shows as far as a chain
   is concerned (``fully_allocated``): an RBD clone's parent is followed by librbd, never
-  by the chain, and an rbd image is always the root of a chain.
+  by the chain, and an rbd image is always the root of a chain (it may be the raw
+  parent of a local differencing VHD: ``vhd-util snapshot -m -p rbd:pool/image``).
+  ``diff_iterate`` is synchronous: block status waits for the cluster's answer.
 * ``@SNAP`` opens that snapshot, always read-only (writes fail with EPERM).
 * A read-write open takes the image's exclusive lock explicitly
   (``rbd_lock_acquire(EXCLUSIVE)``), so librbd will not hand it to another client on
