@@ -117,6 +117,13 @@ def _sweep(base: str) -> None:
         sh("umount", "-l", point, check=False)
 
 
+@pytest.fixture(autouse=True)
+def _served_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # These tests are about the path tapdisk serves (FUSE requests); passthrough, where
+    # the kernel does the I/O itself, is tests/system/test_blockdev_passthrough.py's.
+    monkeypatch.setenv("BLKTAP_FUSE_PASSTHROUGH", "off")
+
+
 @pytest.fixture
 def base() -> Iterator[str]:
     # Every path under it is short and private; the sweep runs even if the test failed.
