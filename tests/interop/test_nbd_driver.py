@@ -765,3 +765,20 @@ def test_a_server_without_zero_or_holes(sockdir: str) -> None:
     with nbdkit(["--filter=nozero", "--filter=noextents", "memory", "1M", "zeromode=none"],
                 sock=sock):
         asyncio.run(go())
+
+
+@pytest.mark.parametrize(("image", "code", "words"), [
+    ("nbd:http://example/x", errno.EINVAL, "unknown NBD URI scheme 'http'"),
+    ("nbd:not-a-server", errno.EINVAL, "not a socket path"),
+    ("nbd:/nonexistent/nbd.sock", errno.ENOENT, "connect: No such file or directory"),
+])
+def test_tap_ctl_create_refuses_bad_nbd_images(run_dir: str, image: str, code: int,
+                                               words: str) -> None:
+    """The C tool's exit code (the errno) and a message naming the cause; nothing is
+    left running."""
+    from tests.system.test_tap_ctl import assert_clean, tapctl
+
+    proc = tapctl("create", "-a", image)
+    assert proc.returncode == code, proc.stderr
+    assert words in proc.stderr
+    assert_clean(run_dir)
