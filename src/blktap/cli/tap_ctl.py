@@ -252,7 +252,8 @@ def _build_list() -> _Parser:
     p.add_argument("-f", dest="file", metavar="FILE", help="only VBDs of this image file")
     p.add_argument("--json", action="store_true",
                    help="print a JSON array instead; each VBD also gives its NBD socket "
-                        "(nbd_socket), kernel block device (block_device), image chain, "
+                        "(nbd_socket), kernel block device (block_device) and its I/O path "
+                        "(block_device_io: passthrough or fuse), image chain, "
                         "leaf first (chain) and changed-block log (cbt_log)")
     return p
 
@@ -305,6 +306,7 @@ def _run_list(ctl: Control, ns: argparse.Namespace, out: IO[str]) -> int:
                 "args": entry.image,
                 "nbd_socket": None if info.nbd_socket is None else str(info.nbd_socket),
                 "block_device": None if info.block_device is None else str(info.block_device),
+                "block_device_io": info.block_device_io,
                 "chain": list(info.chain),
                 "cbt_log": info.cbt_log,
                 **_orphan_fields(ctl, entry),

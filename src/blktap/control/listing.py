@@ -142,6 +142,9 @@ class VbdDetails:
     block_device: Path | None = None
     chain: tuple[str, ...] = ()
     cbt_log: str | None = None
+    block_device_io: str | None = None
+    """``passthrough`` (the kernel does the block device's I/O on the image file) or
+    ``fuse`` (tapdisk serves it), from STATS' ``blockdev``; None without a device."""
 
 
 def details(rundir: RunDir, entry: TapEntry) -> VbdDetails:
@@ -153,6 +156,7 @@ def details(rundir: RunDir, entry: TapEntry) -> VbdDetails:
     dev = rundir.tapdev(entry.minor)
     chain: tuple[str, ...] = ()
     cbt_log = None
+    block_io = None
     if entry.image is not None:
         try:
             doc: Any = client.stats(rundir, entry.pid, entry.minor)
@@ -161,6 +165,9 @@ def details(rundir: RunDir, entry: TapEntry) -> VbdDetails:
             logs = [i for i in images if _driver_name(i) == "log"]
             cbt_log = str(logs[0].get("name", "")) if logs else None
             chain = tuple(str(i.get("name", "")) for i in images if _driver_name(i) != "log")
+            blockdev = doc.get("blockdev") if isinstance(doc, dict) else None
+            if isinstance(blockdev, dict) and isinstance(blockdev.get("io_path"), str):
+                block_io = blockdev["io_path"]
         except BlktapError as exc:
             log.debug("tapdisk %d minor %d: no chain: %s", entry.pid, entry.minor, exc)
     return VbdDetails(
@@ -169,6 +176,7 @@ def details(rundir: RunDir, entry: TapEntry) -> VbdDetails:
         block_device=dev if dev.exists() else None,
         chain=chain,
         cbt_log=cbt_log,
+        block_device_io=block_io,
     )
 
 
