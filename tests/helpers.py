@@ -164,13 +164,25 @@ def process_cmdline(pid: int) -> list[str]:
 
 def is_tapdisk_process(pid: int) -> bool:
     """``pid`` runs the project's tapdisk (its console script or ``-m blktap.tapdisk``),
-    and is not a zombie."""
+    is not a zombie, and is not a tapdisk fork server (blktap.tapdisk.forkserver: it
+    serves no VBD and leaves when its run directory goes)."""
     args = process_cmdline(pid)
     if not any(os.path.basename(a) == "tapdisk" or a == "blktap.tapdisk" for a in args[:3]):
+        return False
+    if is_fork_server(pid):
         return False
     with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     return False
+
+
+def is_fork_server(pid: int) -> bool:
+    """``pid`` is a tapdisk fork server (its process name, /proc/PID/comm)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == "tapdisk-forksrv"
+    except OSError:
+        return False
 
 
 def unix_socket_inodes(path: str) -> set[int]:

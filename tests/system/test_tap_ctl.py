@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TAP_CTL, TAPDISK, host_block_device_support
+from tests.helpers import TAP_CTL, TAPDISK, host_block_device_support, is_fork_server
 
 QEMU_IO = shutil.which("qemu-io")
 needs_qemu_io = pytest.mark.skipif(
@@ -81,7 +81,8 @@ def image(tmp_path: Path, name: str = "disk.img", size: str = "64M") -> str:
 
 
 def tapdisk_pids(run_dir: str) -> list[int]:
-    """Live (non-zombie) processes whose environment names ``run_dir`` as BLKTAP_RUN_DIR."""
+    """Live (non-zombie) tapdisks whose environment names ``run_dir`` as BLKTAP_RUN_DIR
+    (not the fork server, whose environment and command line its tapdisks share)."""
     wanted = f"BLKTAP_RUN_DIR={run_dir}".encode()
     found = []
     for entry in os.listdir("/proc"):
@@ -96,7 +97,8 @@ def tapdisk_pids(run_dir: str) -> list[int]:
             continue
         if wanted in env and stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X"):
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            if b"tapdisk" in cmdline and b"tap-ctl" not in cmdline:
+            if (b"tapdisk" in cmdline and b"tap-ctl" not in cmdline
+                    and not is_fork_server(int(entry))):
                 found.append(int(entry))
     return found
 

@@ -1,12 +1,20 @@
-"""``tapdisk``: the daemon that serves VBDs. Argument parsing only; see blktap.tapdisk."""
+"""``tapdisk``: the daemon that serves VBDs. Argument parsing only; see blktap.tapdisk.
+
+Started without arguments (as tap-ctl spawns it), it first asks the run directory's fork
+server (:mod:`blktap.tapdisk.forkserver`) for the tapdisk, which spares it the imports of
+the data path; only this module's light imports come before that.
+"""
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
+import sys
+from typing import TYPE_CHECKING
 
 from blktap import __version__, paths
+
+if TYPE_CHECKING:
+    import argparse
 
 DESCRIPTION = """\
 Serve virtual block devices (VBDs) for tap-ctl and toolstacks.
@@ -35,6 +43,8 @@ Logs go to syslog (daemon facility) when daemonized, to standard error with -D.
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(
         prog="tapdisk", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -54,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if not argv and os.environ.get("BLKTAP_BLOCKDEV", "auto") in ("auto", "on", "off"):
+        from blktap.tapdisk.forkserver import launch
+
+        rundir = paths.run_dir(None)
+        try:
+            status = launch(rundir)
+        except OSError:
+            status = None
+        if status is not None:
+            return status
+    import logging
+
     args = build_parser().parse_args(argv)
     if args.blockdev not in ("auto", "on", "off"):
         build_parser().error(f"BLKTAP_BLOCKDEV must be auto, on or off, not {args.blockdev!r}")

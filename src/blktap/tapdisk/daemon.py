@@ -15,11 +15,13 @@ import logging.handlers
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from blktap import paths
 from blktap.frontends.nbd_server import NbdServer
 from blktap.tapdisk.control_server import ControlServer
+from blktap.tapdisk.forkserver import prepare_run_dir
 from blktap.tapdisk.service import AttachedVBD, Frontend, FrontendFactory, Tapdisk
 from blktap.util.buffers import BufferPool
 from blktap.vbd import VBD
@@ -94,12 +96,39 @@ def _release_stdout() -> None:
 def run(options: DaemonOptions) -> int:
     """Run a tapdisk. Returns the exit status."""
     rundir = paths.run_dir(options.run_dir)
-    paths.ensure_dir(rundir)
-    st = os.stat(rundir)
-    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
-        os.chmod(rundir, 0o700)  # its sockets are the keys to every VBD
+    prepare_run_dir(rundir)
     if not options.foreground:
         _daemonize()
+    return _run(options, rundir, None)
+
+
+def run_forked(ready: Callable[[], None]) -> int:
+    """Run a tapdisk forked by :mod:`blktap.tapdisk.forkserver`: already detached, with
+    the spawner's stdout and environment; ``ready()`` is called once the socket line is
+    written. Options come from the environment, as for ``tapdisk`` without arguments.
+    Returns the exit status."""
+    options = DaemonOptions(blockdev=os.environ.get("BLKTAP_BLOCKDEV", "auto"))
+    try:
+        return _run(options, paths.run_dir(None), ready)
+    finally:
+        logging.shutdown()
+
+
+def preload() -> None:
+    """Import what a tapdisk may import later (event loop, drivers, layers, the block
+    device frontend), so that tapdisks forked after this share it."""
+    import importlib
+
+    from blktap.block import drivers, layer
+
+    importlib.import_module("blktap.frontends.blockdev")
+    drivers.load_all()
+    layer.layer_names()
+    with contextlib.suppress(ImportError):  # uvloop is a dependency; run() copes without
+        importlib.import_module("uvloop")
+
+
+def _run(options: DaemonOptions, rundir: str, ready: Callable[[], None] | None) -> int:
     _setup_logging(options.foreground, options.log_level)
     try:
         import uvloop
@@ -108,14 +137,15 @@ def run(options: DaemonOptions) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without
         log.warning("uvloop is not available; using the default event loop")
     try:
-        asyncio.run(_serve(options, rundir))
+        asyncio.run(_serve(options, rundir, ready))
     except Exception:
         log.exception("tapdisk failed")
         return 1
     return 0
 
 
-async def _serve(options: DaemonOptions, rundir: str) -> None:
+async def _serve(options: DaemonOptions, rundir: str,
+                 ready: Callable[[], None] | None) -> None:
     loop = asyncio.get_running_loop()
     pid = os.getpid()
     done = asyncio.Event()
@@ -128,6 +158,8 @@ async def _serve(options: DaemonOptions, rundir: str) -> None:
     await server.start()
     print(server.path, flush=True)
     _release_stdout()
+    if ready is not None:
+        ready()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
     loop.add_signal_handler(signal.SIGPIPE, lambda: None)
