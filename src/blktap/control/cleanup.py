@@ -23,8 +23,6 @@ mounted file system can still be unmounted.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -402,11 +400,14 @@ def _names(directory: Path) -> list[str]:
 # Small and local on purpose: the control side must not import the frontends (which
 # pull in the data path); these read sysfs and /proc and make two system calls.
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
 def _umount(target: str, flags: int) -> None:
-    if _libc.umount2(target.encode(), ctypes.c_int(flags | _UMOUNT_NOFOLLOW)) != 0:
+    # ctypes is imported here, not at the top: find_library runs ldconfig, which every
+    # tap-ctl command would pay for a call that only a dead tapdisk's mount needs.
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    if libc.umount2(target.encode(), ctypes.c_int(flags | _UMOUNT_NOFOLLOW)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), target)
 
