@@ -37,6 +37,9 @@ environment:
   {paths.RUN_DIR_ENV}   run directory (default {paths.DEFAULT_RUN_DIR})
   {paths.DEV_DIR_ENV}   block device directory (default {paths.DEFAULT_DEV_DIR})
   BLKTAP_BLOCKDEV  auto, on or off: the default of --blockdev
+  BLKTAP_FUSE_PASSTHROUGH  auto or off: whether the kernel block device of a VBD on
+                   one raw file lets the kernel read and write the file itself (FUSE
+                   passthrough, where the kernel has it); STATS' blockdev.io_path says
 
 Logs go to syslog (daemon facility) when daemonized, to standard error with -D.
 """
