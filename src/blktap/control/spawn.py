@@ -7,6 +7,12 @@ reaped here; the daemon itself is not our child.
 
 The binary is ``$BLKTAP_TAPDISK`` if set, else the ``tapdisk`` next to the running Python
 (the virtualenv's or the installation's ``bin``), else ``tapdisk`` on ``$PATH``.
+
+When that binary is the installation's own and its run directory's fork server
+(:mod:`blktap.tapdisk.forkserver`, light to import) is running, the tapdisk is asked of
+the server directly, with the same environment and the line on a pipe of ours: the
+same tapdisk as the ``tapdisk`` command would start, without a Python start-up for the
+launcher. Otherwise (no server yet: the launcher starts one) the binary is run.
 """
 
 from __future__ import annotations
@@ -74,6 +80,10 @@ def spawn(rundir: RunDir, *, binary: str | None = None, timeout: float | None = 
     env = dict(os.environ)
     env[RUN_DIR_ENV] = str(rundir.root)
     env[DEV_DIR_ENV] = str(rundir.dev_dir)
+    if binary is None and TAPDISK_ENV not in os.environ and program == _own_tapdisk():
+        pid = _spawn_forked(rundir, env, timeout)
+        if pid is not None:
+            return pid
     with tempfile.TemporaryFile(prefix="tapdisk-stderr") as errfile:
         try:
             proc = subprocess.Popen(
@@ -112,6 +122,38 @@ def spawn(rundir: RunDir, *, binary: str | None = None, timeout: float | None = 
         log.debug("tapdisk stderr: %s", stderr)
     pid = int(match.group(1))
     log.debug("spawned tapdisk %d", pid)
+    return pid
+
+
+def _own_tapdisk() -> str:
+    return str(Path(sys.executable).parent / "tapdisk")
+
+
+def _spawn_forked(rundir: RunDir, env: dict[str, str], timeout: float | None) -> int | None:
+    """The tapdisk from the running fork server (module docstring); None: no server."""
+    from blktap.tapdisk import forkserver
+
+    if env.get("BLKTAP_BLOCKDEV", "auto") not in ("auto", "on", "off"):
+        return None  # the tapdisk command reports it
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            status = forkserver.request(str(rundir.root), write_end, env, timeout)
+        except TimeoutError as exc:
+            raise TimedOut(str(exc)) from None
+        finally:
+            os.close(write_end)
+        if status is None:
+            return None
+        line = _read_line(read_end, 1.0) if status == 0 else ""
+    finally:
+        os.close(read_end)
+    match = _SOCKET_LINE.fullmatch(os.path.basename(line.strip()))
+    if match is None:
+        raise SpawnError("the forked tapdisk exited before reporting its control socket "
+                         "(see the system log)", errno=errno.EIO)
+    pid = int(match.group(1))
+    log.debug("forked tapdisk %d", pid)
     return pid
 
 

@@ -25,7 +25,7 @@ is removed or replaced, and when a source file it imported changed (an upgrade):
 declines the request and the launcher falls back to a plain start.
 
 Messages (SOCK_SEQPACKET): request = ``MAGIC NUL umask NUL blktap-file NUL executable
-NUL env...`` with the launcher's stdout as SCM_RIGHTS; replies: ``no`` (declined,
+NUL run-directory NUL env...`` with the launcher's stdout as SCM_RIGHTS; replies: ``no`` (declined,
 nothing started), or ``forked`` from the server and then ``ok`` from the tapdisk once
 its socket line is written (a tapdisk that dies first leaves the connection closed).
 """
@@ -40,7 +40,10 @@ import struct
 import sys
 import time
 
-__all__ = ["DEFAULT_IDLE", "ENV", "address", "idle_seconds", "launch", "prepare_run_dir"]
+__all__ = [
+    "COMM", "DEFAULT_IDLE", "ENV", "address", "idle_seconds", "launch", "prepare_run_dir",
+    "request",
+]
 
 ENV = "BLKTAP_FORKSERVER"
 DEFAULT_IDLE = 600.0
@@ -79,9 +82,13 @@ def prepare_run_dir(rundir: str) -> None:
 
 
 def address(rundir: str) -> bytes:
-    """The abstract socket address of ``rundir``'s fork server (uid, device, inode)."""
+    """The abstract socket address of ``rundir``'s fork server: uid, device, inode and a
+    checksum of the resolved path (an inode is reused by a later directory)."""
+    import zlib
+
     st = os.stat(rundir)
-    return f"\0blktap-tapdisk-{os.geteuid()}-{st.st_dev:x}-{st.st_ino:x}".encode()
+    where = zlib.crc32(os.fsencode(os.path.realpath(rundir)))
+    return f"\0blktap-tapdisk-{os.geteuid()}-{st.st_dev:x}-{st.st_ino:x}-{where:08x}".encode()
 
 
 # --------------------------------------------------------------------------- launcher
@@ -105,7 +112,26 @@ def launch(rundir: str) -> int | None:
     if conn is None:
         return None
     with conn:
-        return _request(conn, 1)
+        return _request(conn, rundir, 1, os.environ, None)
+
+
+def request(rundir: str, stdout_fd: int, environ: dict[str, str],
+            timeout: float | None) -> int | None:
+    """Have ``rundir``'s running fork server start a tapdisk with ``environ`` that writes
+    its socket line to ``stdout_fd``; start no server. Returns as :func:`launch` (None:
+    off, no server, or declined); raises TimeoutError when no answer comes in
+    ``timeout`` seconds. For tap-ctl, which so spares the ``tapdisk`` launcher."""
+    if idle_seconds(environ) is None:
+        return None
+    try:
+        conn = _connect(address(rundir))
+    except OSError:
+        return None
+    if conn is None:
+        return None
+    with conn:
+        conn.settimeout(timeout)
+        return _request(conn, rundir, stdout_fd, environ, timeout)
 
 
 def _connect(addr: bytes) -> socket.socket | None:
@@ -125,12 +151,14 @@ def _peer_uid(sock: socket.socket) -> int:
     return int(struct.unpack("3i", creds)[1])
 
 
-def _request(conn: socket.socket, stdout_fd: int) -> int | None:
+def _request(conn: socket.socket, rundir: str, stdout_fd: int,
+             environ: dict[str, str] | os._Environ[str], timeout: float | None) -> int | None:
     mask = os.umask(0)
     os.umask(mask)
     blktap = sys.modules["blktap"].__file__ or ""
-    fields = [_MAGIC, b"%o" % mask, os.fsencode(blktap), os.fsencode(sys.executable)]
-    fields += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in os.environ.items()]
+    fields = [_MAGIC, b"%o" % mask, os.fsencode(blktap), os.fsencode(sys.executable),
+              os.fsencode(os.path.realpath(rundir))]
+    fields += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in environ.items()]
     fds = array.array("i", [stdout_fd])
     try:
         conn.sendmsg([b"\0".join(fields)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
@@ -141,6 +169,9 @@ def _request(conn: socket.socket, stdout_fd: int) -> int | None:
         return None  # declined, or the server went away: nothing was started
     try:
         second = conn.recv(64)
+    except TimeoutError:
+        raise TimeoutError(f"the forked tapdisk did not report its control socket within "
+                           f"{timeout:g} s") from None
     except OSError:
         second = b""
     if second != b"ok":
@@ -216,6 +247,7 @@ class _Server:
         self.idle = idle
         self.blktap = os.fsencode(sys.modules["blktap"].__file__ or "")
         self.executable = os.fsencode(sys.executable)
+        self.where = os.fsencode(os.path.realpath(rundir))
         self.sources = self._sources()
         # Objects that exist now are never collected: keep the collector from writing to
         # (and so unsharing) every page of them in each child.
@@ -271,16 +303,16 @@ class _Server:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds += array.array("i", payload[: len(payload) - len(payload) % 4])
             fields = data.split(b"\0")
-            if len(fields) < 4 or fields[0] != _MAGIC or len(fds) != 1:
+            if len(fields) < 5 or fields[0] != _MAGIC or len(fds) != 1:
                 return True
-            if fields[2] != self.blktap or fields[3] != self.executable:
-                conn.send(b"no")  # another installation: it starts its own tapdisk
+            if fields[2:5] != [self.blktap, self.executable, self.where]:
+                conn.send(b"no")  # another installation or directory: not ours to serve
                 return True
             if not self._fresh():
                 self.listener.close()  # free the address for a new server first
                 conn.send(b"no")
                 return False
-            env = dict(f.split(b"=", 1) for f in fields[4:] if b"=" in f)
+            env = dict(f.split(b"=", 1) for f in fields[5:] if b"=" in f)
             conn.send(b"forked")
             child = os.fork()
             if child == 0:
