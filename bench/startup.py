@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tapctl_create import TapCtl, quartiles  # noqa: E402
+from tapctl_create import TapCtl, quartiles
 
 SERVER_COMM = "tapdisk-forksrv"
 
