@@ -451,15 +451,31 @@ def test_free_of_an_attached_minor_fails(sm_run_dir: str) -> None:
 
 
 # The options SM passes for features not built yet (IntelliCache's local cache and shared
-# parent, storage migration's mirror, encryption): tapdisk refuses each with
-# EOPNOTSUPP and says which feature, and the VBD stays attached and unopened, so that
-# launch_on_tap's undo (detach) works.
+# parent, encryption): tapdisk refuses each with EOPNOTSUPP and says which feature, and
+# the VBD stays attached and unopened, so that launch_on_tap's undo (detach) works.
 UNSUPPORTED_OPEN = [
     ({"lcache": True}, "local read cache"),
     ({"existing_prt": 0}, "shared parent chain"),
-    ({"secondary": "vhd:/nonexistent/secondary.vhd"}, "secondary image"),
-    ({"secondary": "vhd:/nonexistent/secondary.vhd", "standby": True}, "standby secondary"),
 ]
+
+
+@pytest.mark.parametrize("standby", [False, True], ids=["mirror", "standby"])
+def test_open_with_a_missing_secondary_fails_enoent(
+        sm_run_dir: str, tmp_path: Path, standby: bool) -> None:
+    img = str(tmp_path / "d.vhd")
+    vhd_util("create", "--debug", "-n", img, "-s", "4")
+    minor = allocate(sm_run_dir)
+    pid = spawn()
+    attach(pid, minor)
+    try:
+        with pytest.raises(CommandFailure) as failure:
+            tap_open(pid, minor, "vhd", img,
+                     {"secondary": "vhd:/nonexistent/secondary.vhd", "standby": standby})
+        assert failure.value.status == 2  # ENOENT
+        assert tap_list(minor=minor) == [{"pid": pid, "minor": minor, "state": 0}]
+    finally:
+        detach(pid, minor)
+        free(minor)
 
 
 @pytest.mark.parametrize(("options", "feature"), UNSUPPORTED_OPEN,
@@ -498,21 +514,15 @@ def test_encrypted_open_is_refused(sm_run_dir: str, tmp_path: Path) -> None:
         free(minor)
 
 
-@pytest.mark.parametrize(("extra", "feature"), [
-    ({"mirror": "vhd:/nonexistent/m.vhd"}, "secondary image"),
-])
-def test_unpause_options_not_built_are_refused(
-        sm_run_dir: str, tmp_path: Path, extra: dict[str, str], feature: str) -> None:
+def test_unpause_onto_a_missing_mirror_fails_and_is_not_kept(
+        sm_run_dir: str, tmp_path: Path) -> None:
     img = str(tmp_path / "f.vhd")
     vhd_util("create", "--debug", "-n", img, "-s", "4")
     tap = launch(sm_run_dir, "vhd", img, {})
     pause(tap.pid, tap.minor)
     with pytest.raises(CommandFailure) as failure:
-        unpause(tap.pid, tap.minor, "vhd", img, **extra)
-    assert failure.value.status == EOPNOTSUPP
-    assert feature in failure.value.errmsg
-    paused = find(minor=tap.minor)
-    assert paused is not None and paused.is_paused()  # nothing changed
+        unpause(tap.pid, tap.minor, "vhd", img, mirror="vhd:/nonexistent/m.vhd")
+    assert failure.value.status == 2  # ENOENT, after the resume's tries
     unpause(tap.pid, tap.minor, "vhd", img)
     assert find(minor=tap.minor) == Tapdisk(tap.pid, tap.minor, "vhd", img, 0)
     shutdown(tap)

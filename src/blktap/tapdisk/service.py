@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 from blktap import paths
 from blktap.block.driver import SECTOR_SIZE, OpenOptions
 from blktap.block.layers.log import LogSlot
+from blktap.block.layers.mirror import MirrorSlot
 from blktap.block.retry import REQUEST_TIMEOUT_S
 from blktap.errors import BlktapError, Busy, InvalidArgument, NotFound, errno_of
 from blktap.proto import control as ctl
@@ -32,13 +33,13 @@ CONCURRENT = frozenset({ctl.MessageType.PID, ctl.MessageType.LIST, ctl.MessageTy
 
 # OPEN flags we honour; any other flag is refused rather than silently ignored.
 SUPPORTED_OPEN_FLAGS = (ctl.OpenFlag.SHARED | ctl.OpenFlag.RDONLY | ctl.OpenFlag.NO_O_DIRECT
-                        | ctl.OpenFlag.ADD_LOG)
+                        | ctl.OpenFlag.ADD_LOG | ctl.OpenFlag.SECONDARY | ctl.OpenFlag.STANDBY)
 
-# RESUME flags the C tapdisk acts on: a secondary image (not built yet: refused) and a
-# changed-block log (ADD_LOG: the log path follows the message). The C tapdisk ignores
-# the other flags of a RESUME (it reopens with the flags of the OPEN), and so does this one.
+# RESUME flags the C tapdisk acts on: a secondary image (SECONDARY: params.secondary, the
+# start of a mirror on a live VBD) and a changed-block log (ADD_LOG: the log path follows
+# the message). The C tapdisk ignores the other flags of a RESUME (it reopens with the
+# flags of the OPEN), and so does this one, but for STANDBY beside SECONDARY.
 RESUME_FLAGS = ctl.OpenFlag.SECONDARY | ctl.OpenFlag.ADD_LOG
-UNSUPPORTED_RESUME_FLAGS = ctl.OpenFlag.SECONDARY
 
 # What each unsupported flag asks for, named as tap-ctl's option that sets it, so that a
 # refusal says which feature is missing.
@@ -107,6 +108,8 @@ class AttachedVBD:
     device: str | None = None
     opened: bool = False
     log: LogSlot | None = None
+    mirror: MirrorSlot | None = None
+    """The secondary image (``tap-ctl -2``) of a writable VBD: set at OPEN or RESUME."""
 
     def listing(self) -> tuple[int, int, str]:
         """LIST's (minor, state, ``type:/path``) for this VBD, as the C tapdisk reports them.
@@ -236,8 +239,18 @@ class Tapdisk:
         # Every writable VBD gets a log slot (a pass-through layer while empty), so that
         # a RESUME with ADD_LOG can add a log to a VBD opened without one.
         slot = LogSlot(log_path) if not options.read_only else None
-        await vbd.open(spec, options, [slot.opener()] if slot is not None else [])
+        mirror = MirrorSlot() if not options.read_only else None
+        if flags & ctl.OpenFlag.SECONDARY:
+            if mirror is None:
+                raise InvalidArgument(f"open of {params.path}: a secondary image (-2) needs "
+                                      "a writable VBD")
+            mirror.set(params.secondary, bool(flags & ctl.OpenFlag.STANDBY))
+        elif flags & ctl.OpenFlag.STANDBY:
+            raise InvalidArgument(f"open of {params.path}: STANDBY needs a secondary (-2)")
+        await vbd.open(spec, options, [slot.opener(), mirror.opener()]
+                       if slot is not None and mirror is not None else [])
         attached.log = slot
+        attached.mirror = mirror
         if slot is not None and slot.path is not None:
             vbd.log.info("changed-block log %s", slot.path)
         if params.req_timeout:
@@ -316,10 +329,10 @@ class Tapdisk:
         params = msg.payload
         spec = None
         log_path = None
+        mirror_before = attached.mirror.state if attached.mirror is not None else None
         if isinstance(params, ctl.Params):
-            wanted = ctl.OpenFlag(params.flags) & UNSUPPORTED_RESUME_FLAGS
-            if wanted:
-                raise unsupported(wanted, f"resume of minor {msg.cookie}")
+            if params.flags & ctl.OpenFlag.SECONDARY:
+                _set_secondary(attached, params, f"resume of minor {msg.cookie}")
             if params.path:
                 spec = ImageSpec.parse(params.path)
             log_path = _log_path(request, f"resume of minor {msg.cookie}")
@@ -333,7 +346,12 @@ class Tapdisk:
             # resume, even if this resume fails.
             attached.log.path = log_path
             attached.vbd.log.info("changed-block log %s", log_path)
-        await attached.vbd.resume(spec)
+        try:
+            await attached.vbd.resume(spec)
+        except BaseException:
+            if attached.mirror is not None:  # a secondary that failed is not kept
+                attached.mirror.state = mirror_before
+            raise
         try:
             for frontend in attached.frontends:
                 if isinstance(frontend, PauseAware):
@@ -387,6 +405,17 @@ def _check_names(request: ctl.Request) -> None:
             raise InvalidArgument(f"{name!r}: control characters are not allowed in names")
 
 
+def _set_secondary(attached: AttachedVBD, params: ctl.Params, what: str) -> None:
+    """Point a paused VBD's mirror at ``params.secondary`` (a RESUME with SECONDARY: the
+    C tap-ctl's ``unpause -2``), for this and every later resume."""
+    if attached.mirror is None:
+        raise InvalidArgument(f"{what}: a secondary image (-2) needs a VBD opened writable")
+    if attached.vbd.state not in (VBDState.PAUSED, VBDState.RESUME_FAILED):
+        raise InvalidArgument(f"{what}: the VBD is not paused")
+    attached.mirror.set(params.secondary, bool(params.flags & ctl.OpenFlag.STANDBY))
+    attached.vbd.log.info("secondary image %s", params.secondary)
+
+
 def _log_path(request: ctl.Request, what: str) -> str | None:
     """The changed-block log path an OPEN or RESUME carries (ADD_LOG), else ``None``.
     An empty path is refused (EINVAL), as the C tapdisk refuses ADD_LOG without a path."""
@@ -415,6 +444,11 @@ def _stats_of(attached: AttachedVBD) -> dict[str, Any]:
         entry = {"name": layer.log.path, "hits": [0, 0], "fail": [0, 0],
                  "driver": {"type": _DISK_TYPE_LOG, "name": "log", "status": 0}}
         doc["images"] = [entry, *doc["images"]]
+    if attached.mirror is not None and (mirror := attached.mirror.report()) is not None:
+        # C keys keep their meaning; "mirror" is an extra key C parsers ignore.
+        doc["nbd_mirror_failed"] = int(attached.mirror.failed)
+        doc["FIXME_enospc_redirect_count"] = attached.mirror.redirected_sectors
+        doc["mirror"] = mirror
     return doc
 
 
