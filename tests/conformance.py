@@ -23,7 +23,8 @@ import pytest
 
 from blktap.block.chain import STATE_HOLE, Chain
 from blktap.block.driver import Alloc, Extent, FastIO, Image, ImageInfo, OpenOptions, opener_for
-from blktap.block.layer import Stack, open_stack
+from blktap.block.layer import Layer, LayerOpener, Stack, open_stack
+from blktap.block.layers.mirror import MirrorSlot
 from blktap.vhd.create import create_dynamic, create_fixed
 from tests.ceph_helpers import rbd_image
 from tests.nbdkit_helpers import nbdkit_memory_image
@@ -43,7 +44,7 @@ class DriverCase:
     """Writes reach the file (False for ram, which never writes back)."""
     file_times: bool = True
     """The path is a regular file whose timestamps a read-only open must not change."""
-    layers: tuple[str, ...] = ()
+    layers: tuple[str | LayerOpener, ...] = ()
     """Layers (top first) over the driver: the case then tests them, through
     :class:`StackImage`, in their pass-through mode."""
 
@@ -223,6 +224,19 @@ def vhd_maker(create: Callable[[str, int], None]) -> ImageMaker:
     return make
 
 
+async def mirror_over_ram(next: Stack, options: OpenOptions) -> Layer:
+    """The mirror layer over ``next`` with a ram secondary of its size (reading as zeros)."""
+    fd, path = tempfile.mkstemp(prefix="mirror-secondary-")
+    try:
+        os.ftruncate(fd, next.size)
+        os.close(fd)
+        slot = MirrorSlot()
+        slot.set(f"ram:{path}")
+        return await slot.opener()(next, options)  # ram reads the file whole at open
+    finally:
+        os.unlink(path)
+
+
 CASES: list[DriverCase] = [
     DriverCase("ram", "ram", raw_file, persistent=False),
     DriverCase("aio-direct", "aio", raw_file),
@@ -245,6 +259,10 @@ LAYER_CASES: list[DriverCase] = [
 ] + [replace(CASES[2], id="null-null-aio-buffered", layers=("null", "null"))] + [
     # fault: every request is a hit that injects nothing (errno=none, no latency).
     replace(case, id=f"fault-{case.id}", layers=("fault:errno=none",))
+    for case in CASES if case.id in ("aio-buffered", "vhd-dynamic")
+] + [
+    # mirror: every write also goes to a ram secondary (a zero file of the same size).
+    replace(case, id=f"mirror-ram-{case.id}", layers=(mirror_over_ram,))
     for case in CASES if case.id in ("aio-buffered", "vhd-dynamic")
 ]
 """Every layer in pass-through mode over every driver configuration (and a stack of

@@ -305,9 +305,9 @@ class MirrorLayer(Layer):
 
     def __init__(self, next: Stack, options: OpenOptions, state: MirrorState,
                  secondary: Chain | None) -> None:
-        super().__init__(next, options)
-        self.state = state
+        self.state = state  # narrow() reads it
         self.secondary = secondary
+        super().__init__(next, options)
         self._orphans: set[asyncio.Task[None]] = set()
         self._writes: dict[int, tuple[int, int]] = {}
         """Guest writes in flight here: token -> (first block, count)."""
