@@ -467,6 +467,8 @@ def benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     if not NBD_COMPARE.exists():
         raise SystemExit(f"{NBD_COMPARE} is missing")
     runtime = args.runtime if args.runtime is not None else plan.runtime
+    if runtime < 1:
+        raise SystemExit("--runtime must be at least 1 (whole seconds)")
     repeat = args.repeat if args.repeat is not None else plan.repeat
     os.makedirs(args.dir, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="blktap-bench-", dir=args.dir)
@@ -515,7 +517,9 @@ def main() -> int:
                     help="replace the headline table between the bench markers in FILE")
     ap.add_argument("--history", metavar="DIR", help="list earlier runs' JSON files of DIR")
     ap.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)}")
-    ap.add_argument("--runtime", type=float, help="seconds per fio run (overrides the mode)")
+    # Whole seconds: fio reads a runtime of 0.5 as 0, which means no time limit at all.
+    ap.add_argument("--runtime", type=int, help="seconds per fio run, a whole number "
+                    "(overrides the mode)")
     ap.add_argument("--repeat", type=int, help="repetitions of each fio run")
     ap.add_argument("--dir", default="/var/tmp", help="scratch directory (default /var/tmp)")
     args = ap.parse_args()
