@@ -5,8 +5,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 # qemu-system-common: qemu-storage-daemon, a peer of bench/run's block-device benchmark.
+# openssl: the TLS tests make their certificates with it.
 debs=(qemu-utils nbdkit libnbd-bin python3-libnbd fio fuse3 libvhdi-utils util-linux procps e2fsprogs
-      qemu-system-common
+      qemu-system-common openssl
       ceph-mon ceph-mgr ceph-osd ceph-common python3-rbd python3-rados rbd-nbd qemu-block-extra)
 missing=()
 for p in "${debs[@]}"; do
