@@ -41,8 +41,8 @@ import sys
 import time
 
 __all__ = [
-    "COMM", "DEFAULT_IDLE", "ENV", "address", "idle_seconds", "launch", "prepare_run_dir",
-    "request",
+    "COMM", "DEFAULT_IDLE", "ENV", "address", "connect", "idle_seconds", "launch",
+    "peer_uid", "prepare_run_dir", "request", "set_comm", "source_stamps",
 ]
 
 ENV = "BLKTAP_FORKSERVER"
@@ -108,7 +108,7 @@ def launch(rundir: str) -> int | None:
         addr = address(rundir)
     except OSError:
         return None
-    conn = _connect(addr) or _start_server(addr, rundir, idle)
+    conn = connect(addr) or _start_server(addr, rundir, idle)
     if conn is None:
         return None
     with conn:
@@ -124,7 +124,7 @@ def request(rundir: str, stdout_fd: int, environ: dict[str, str],
     if idle_seconds(environ) is None:
         return None
     try:
-        conn = _connect(address(rundir))
+        conn = connect(address(rundir))
     except OSError:
         return None
     if conn is None:
@@ -134,11 +134,12 @@ def request(rundir: str, stdout_fd: int, environ: dict[str, str],
         return _request(conn, rundir, stdout_fd, environ, timeout)
 
 
-def _connect(addr: bytes) -> socket.socket | None:
+def connect(addr: bytes) -> socket.socket | None:
+    """A SOCK_SEQPACKET connection to ``addr`` if a server of our uid listens there."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.connect(addr)
-        if _peer_uid(sock) != os.geteuid():
+        if peer_uid(sock) != os.geteuid():
             raise ConnectionRefusedError("fork server of another user")
     except OSError:
         sock.close()
@@ -146,7 +147,8 @@ def _connect(addr: bytes) -> socket.socket | None:
     return sock
 
 
-def _peer_uid(sock: socket.socket) -> int:
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of a connected Unix socket's peer (SO_PEERCRED)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return int(struct.unpack("3i", creds)[1])
 
@@ -189,7 +191,7 @@ def _start_server(addr: bytes, rundir: str, idle: float) -> socket.socket | None
         listener.bind(addr)
     except OSError:
         listener.close()
-        return _connect(addr)  # another launcher is starting one: queue on its socket
+        return connect(addr)  # another launcher is starting one: queue on its socket
     listener.listen(512)
     try:
         first = os.fork()
@@ -200,13 +202,28 @@ def _start_server(addr: bytes, rundir: str, idle: float) -> socket.socket | None
         _server_process(listener, rundir, idle)  # never returns
     os.waitpid(first, 0)
     listener.close()
-    return _connect(addr)
+    return connect(addr)
 
 
 # --------------------------------------------------------------------------- server
 
 
-def _set_comm(name: str) -> None:
+def source_stamps() -> dict[str, int]:
+    """Modification time of every imported blktap source file: a pre-imported server
+    whose stamps changed runs old code and must make way."""
+    found = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and module.__name__.startswith("blktap"):
+            try:
+                found[path] = os.stat(path).st_mtime_ns
+            except OSError:
+                found[path] = -1
+    return found
+
+
+def set_comm(name: str) -> None:
+    """Set this process's name (/proc/self/comm, at most 15 bytes)."""
     try:
         with open("/proc/self/comm", "w") as f:
             f.write(name)
@@ -226,7 +243,7 @@ def _server_process(listener: socket.socket, rundir: str, idle: float) -> None:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
-        _set_comm(COMM)
+        set_comm(COMM)
         _Server(listener, rundir, idle).serve()
         status = 0
     finally:
@@ -256,15 +273,7 @@ class _Server:
 
     @staticmethod
     def _sources() -> dict[str, int]:
-        found = {}
-        for module in list(sys.modules.values()):
-            path = getattr(module, "__file__", None)
-            if path and module.__name__.startswith("blktap"):
-                try:
-                    found[path] = os.stat(path).st_mtime_ns
-                except OSError:
-                    found[path] = -1
-        return found
+        return source_stamps()
 
     def _fresh(self) -> bool:
         """The run directory is the same and no imported source file changed."""
@@ -296,7 +305,7 @@ class _Server:
         """Serve one request; False when the server must exit (it declined as stale)."""
         fds: list[int] = []
         try:
-            if _peer_uid(conn) != os.geteuid():
+            if peer_uid(conn) != os.geteuid():
                 return True
             data, ancdata, _, _ = conn.recvmsg(_MAX_REQUEST, socket.CMSG_SPACE(4 * 4))
             for level, kind, payload in ancdata:
@@ -339,7 +348,7 @@ class _Server:
             os.umask(umask)
             os.dup2(stdout, 1)
             os.close(stdout)
-            _set_comm("tapdisk")
+            set_comm("tapdisk")
             if "random" in sys.modules:  # fault injection's rate draws differ per tapdisk
                 sys.modules["random"].seed()
 
