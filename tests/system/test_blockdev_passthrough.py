@@ -219,3 +219,15 @@ def test_resume_onto_another_file_is_refused(image: Path, request: pytest.Fixtur
     assert state != 0, "the VBD runs on a file its device does not reach"
     tapctl("unpause", *vbd.ids(), "-a", f"aio:{image}")
     assert vbd.blockdev()["held"] is False
+
+
+def test_destroy_while_paused_with_passthrough(image: Path,
+                                               request: pytest.FixtureRequest) -> None:
+    vbd = passthrough_vbd(image, request)
+    loop = os.path.realpath(vbd.device)
+    tapctl("pause", *vbd.ids())
+    assert vbd.blockdev()["held"] is True
+    tapctl("destroy", *vbd.ids())
+    assert not os.path.exists(vbd.device)
+    backing = Path(f"/sys/block/{os.path.basename(loop)}/loop/backing_file")
+    assert not backing.exists() or str(image) not in backing.read_text()

@@ -72,7 +72,8 @@ _HOLD_OFFSET = 1 << 62
 """The offset of the FALLOCATE that tapdisk itself sends to hold a passthrough file's
 writes: no request of a device smaller than 4 EiB starts there."""
 _HOLD_MODE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE: takes the inode lock
-_HOLD_TIMEOUT = 5.0
+_WAIT_TIMEOUT = 30.0
+"""How long INIT, or the holder's request, may take to arrive (a loaded host is slow)."""
 _HOLD_SCRIPT = (
     "import ctypes,os,sys;l=ctypes.CDLL(None,use_errno=True);"
     "l.fallocate.argtypes=[ctypes.c_int,ctypes.c_int,ctypes.c_int64,ctypes.c_int64];"
@@ -607,6 +608,11 @@ class _FuseSession:
             # INTERRUPT: requests here cannot be cancelled; they finish and reply.
             return
         body = self._body(n)
+        if opcode == Opcode.FSYNC and self._caller() == self.hold_tid:
+            # util-linux fallocate, the holder, fsyncs before it exits: nothing of ours
+            # to flush, and the VBD may still be paused (a destroy while paused).
+            self._send([fuse.reply(unique)])
+            return
         if opcode == Opcode.FALLOCATE and self._is_hold(body):
             # Tapdisk's own request, sent with the file's inode lock held: not answered
             # until release_hold, so that passthrough writes wait in the kernel.
@@ -643,9 +649,12 @@ class _FuseSession:
 
         eager.start(coro, done)
 
+    def _caller(self) -> int:
+        """The thread id of the current request's caller."""
+        return int(fuse.IN_HEADER.unpack_from(self._head)[6])
+
     def _is_hold(self, body: memoryview) -> bool:
-        pid = fuse.IN_HEADER.unpack_from(self._head)[6]
-        if pid != self.hold_tid or len(body) < fuse.FALLOCATE_IN.size:
+        if self._caller() != self.hold_tid or len(body) < fuse.FALLOCATE_IN.size:
             return False
         req = fuse.FallocateIn.decode(body)
         return req.offset == _HOLD_OFFSET and req.mode == _HOLD_MODE
@@ -990,7 +999,7 @@ class BlockDevice:
         # This thread runs the event loop that serves the FUSE requests.
         _become_io_flusher()
         self._session.start_reading()
-        await asyncio.wait_for(asyncio.shield(self._session.init_done), _HOLD_TIMEOUT)
+        await asyncio.wait_for(asyncio.shield(self._session.init_done), _WAIT_TIMEOUT)
         self._setup_passthrough()
         try:
             await self._attach()
@@ -1111,7 +1120,7 @@ class BlockDevice:
         session.hold_tid = holder.pid
         exited = asyncio.ensure_future(holder.wait())
         waiters: list[asyncio.Future[Any]] = [session.hold_taken, exited]
-        done, _ = await asyncio.wait(waiters, timeout=_HOLD_TIMEOUT,
+        done, _ = await asyncio.wait(waiters, timeout=_WAIT_TIMEOUT,
                                      return_when=asyncio.FIRST_COMPLETED)
         if session.hold_taken.done():
             self._holder = holder
@@ -1155,8 +1164,6 @@ class BlockDevice:
         if self._session is not None and self._session.hold_unique is not None:
             self._session.release_hold()
             self.log.info("%s: passthrough writes released", self.path)
-        if self._session is not None:
-            self._session.hold_tid = -1
         self._holder = None  # it exits once answered; asyncio reaps it
 
     # -------------------------------------------------------------------- stop
