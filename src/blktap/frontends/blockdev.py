@@ -12,6 +12,11 @@ descriptor from the event loop: each readable event reads requests until the dev
 empty, and each READ, WRITE, FSYNC or FALLOCATE runs eagerly (``blktap.util.eager``), so
 that many requests are in flight at once and replies go out in completion order.
 
+Where the VBD is one raw file and the kernel has FUSE passthrough (6.9 and later), the
+file is opened with FOPEN_PASSTHROUGH instead and the kernel does the loop device's reads
+and writes on the image file itself (see :class:`BlockDevice` for what that costs a
+pause); BLKTAP_FUSE_PASSTHROUGH=off, or a kernel without it, keeps every request here.
+
 Deadlock rule: the thread running the event loop never does I/O on the FUSE file or the
 loop device itself (opening the file, configuring or clearing the loop device, and
 unmounting all wait for the FUSE server): those calls run in the loop's default executor.
