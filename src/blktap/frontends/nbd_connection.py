@@ -48,6 +48,7 @@ from blktap.proto.nbd import (
     Negotiated,
     Request,
     ServerCodec,
+    StartTls,
     State,
 )
 from blktap.util.eager import start as eager_start
@@ -188,7 +189,8 @@ class NbdConnection(FlowControl, OutputBatching, InlineServing, LanePolicy):
                             block_status=caps.block_status)
         # WRITE payloads are lent from the receive buffer: a write done synchronously
         # needs no copy; any other is copied out (_own) before the buffer is reused.
-        self.codec = ServerCodec(export, self._get_buf, borrow_payloads=True)
+        self.codec = ServerCodec(export, self._get_buf, borrow_payloads=True,
+                                 tls_required=self.listener.tls_context is not None)
         # Room for a few large READ replies before the transport asks us to pause.
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         sock = transport.get_extra_info("socket")
@@ -372,6 +374,9 @@ class NbdConnection(FlowControl, OutputBatching, InlineServing, LanePolicy):
                 self._negotiated(ev)
             elif type(ev) is Aborted:
                 self.shutdown(None)
+            elif type(ev) is StartTls:
+                # After this batch has sent the ACK (_flush): the handshake follows it.
+                self._loop.create_task(self._start_tls())
 
     # --------------------------------------------------------------- handshake
     def _negotiated(self, ev: Negotiated) -> None:
@@ -384,6 +389,34 @@ class NbdConnection(FlowControl, OutputBatching, InlineServing, LanePolicy):
         self.log.debug("minor %d: NBD client %s: export %r, structured=%s, flags=%#x",
                        self.vbd.minor, self.peer, ev.export_name, ev.structured,
                        ev.transmission_flags)
+
+    async def _start_tls(self) -> None:
+        """NBD_OPT_STARTTLS: upgrade the transport (the handshake timer still runs), then
+        let the codec haggle again. A failed handshake drops the client. The listener
+        gave no raw descriptor (``_fd`` is -1): nothing writes around the TLS layer."""
+        transport, codec, ctx = self.transport, self.codec, self.listener.tls_context
+        assert transport is not None and codec is not None and ctx is not None
+        assert self._fd < 0
+        if self._out or self._held:
+            self._flush()
+        try:
+            tls = await self._loop.start_tls(
+                transport, self, ctx, server_side=True,
+                ssl_handshake_timeout=self.server.handshake_timeout)
+        except Exception as exc:  # SSLError, a timeout, a reset: this client only
+            self.protocol_errors += 1
+            self.log.warning("minor %d: NBD client %s: TLS handshake failed: %s",
+                             self.vbd.minor, self.peer, exc)
+            if self.transport is not None:
+                transport.abort()
+            return
+        if tls is None or self.transport is None:  # gone during the handshake
+            return
+        self.transport = tls
+        tls.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        codec.tls_started()
+        self.log.debug("minor %d: NBD client %s: TLS %s", self.vbd.minor, self.peer,
+                       tls.get_extra_info("ssl_object").version())
 
     def _handshake_expired(self) -> None:
         self._timer = None

@@ -10,8 +10,13 @@ without a raw descriptor never writes the socket itself (``_flush``'s writev) an
 starts a lane: those shortcuts are off by construction, whatever the transport offers.
 
 Listeners: :class:`UnixListener` (always, mode 0600), :class:`TcpListener` (``--tcp``,
-no authentication). A ``TlsListener`` belongs next to them (issue 16): a TcpListener
-with an ``ssl.SSLContext`` passed to ``create_server`` and ``raw_descriptor = False``.
+``tap-ctl --export-tcp``; no authentication) and :class:`TlsListener` (``--export-tcp``
+with ``--tls-creds``): TCP where every client must upgrade with NBD_OPT_STARTTLS before
+any other option (NBD's TLS is negotiated inside the handshake, never from the first
+byte), so it hands connections a :attr:`Listener.tls_context` rather than giving it to
+``create_server``; the connection calls ``loop.start_tls`` when the codec says so.
+:func:`tls_context` builds that context from a credentials directory laid out as
+qemu's and nbdkit's.
 """
 
 from __future__ import annotations
@@ -21,9 +26,13 @@ import contextlib
 import errno
 import os
 import socket
+import ssl
 import stat
+import sys
 from collections.abc import Callable
 from typing import ClassVar
+
+from blktap.errors import InvalidArgument
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
@@ -34,6 +43,8 @@ class Listener:
 
     raw_descriptor: ClassVar[bool] = True
     """The socket carries the protocol's bytes as they are (False under TLS)."""
+    tls_context: ssl.SSLContext | None = None
+    """Set: clients must upgrade to TLS (NBD_OPT_STARTTLS) with this server context."""
 
     def raw_fd(self, transport: asyncio.BaseTransport) -> int | None:
         """The descriptor a connection over ``transport`` may read and write itself, or
@@ -137,11 +148,88 @@ class TcpListener(Listener):
         return f"TCP {self.host}:{self.port}"
 
     async def start(self, factory: ProtocolFactory) -> None:
-        server = await asyncio.get_running_loop().create_server(factory, self.host, self.port)
+        """Bind to exactly ``host`` (no other address). Raises OSError naming the address
+        (EADDRINUSE for a port in use)."""
+        try:
+            server = await asyncio.get_running_loop().create_server(
+                factory, self.host, self.port)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on TCP {self.address}: "
+                          f"{exc.strerror or exc}") from None
         self._server = server
         self.port = server.sockets[0].getsockname()[1]
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` (``[V6]:PORT``), the bound port after ``start``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
+
+
+class TlsListener(TcpListener):
+    """TCP on ``host:port`` where clients must negotiate TLS with ``context`` before
+    anything else. The socket carries TLS records, so no raw-descriptor shortcut."""
+
+    raw_descriptor: ClassVar[bool] = False
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext) -> None:
+        super().__init__(host, port)
+        self.tls_context = context
+
+    def describe(self) -> str:
+        return f"TCP+TLS {self.host}:{self.port}"
+
+
+X509_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+"""The files of a credentials directory (qemu's tls-creds-x509 and nbdkit's layout)."""
+
+
+def tls_context(creds_dir: str, *, verify_client: bool = False) -> ssl.SSLContext:
+    """A TLS server context from ``creds_dir``: ``server-cert.pem`` (the certificate, and
+    any intermediates after it), ``server-key.pem`` and ``ca-cert.pem`` (the CA that must
+    have signed client certificates; only read with ``verify_client``, which demands one).
+    TLS 1.2 at least. Raises :class:`InvalidArgument` naming the file that is missing or
+    that does not load, and why."""
+    if not os.path.isdir(creds_dir):
+        raise InvalidArgument(f"TLS credentials {creds_dir!r}: not a directory")
+    needed = X509_FILES if verify_client else X509_FILES[1:]
+    for name in needed:
+        path = os.path.join(creds_dir, name)
+        if not os.path.isfile(path):
+            raise InvalidArgument(f"TLS credentials: {path} is missing")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    cert = os.path.join(creds_dir, "server-cert.pem")
+    key = os.path.join(creds_dir, "server-key.pem")
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise InvalidArgument(f"TLS credentials: {cert} with {key} do not load: "
+                              f"{exc.reason or exc}") from None
+    if verify_client:
+        ca = os.path.join(creds_dir, "ca-cert.pem")
+        try:
+            ctx.load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            raise InvalidArgument(f"TLS credentials: {ca} does not load: "
+                                  f"{exc.reason or exc}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+PSK_AVAILABLE = hasattr(ssl.SSLContext, "set_psk_server_callback")
+"""Whether this runtime's ssl module has PSK callbacks (Python 3.13 added them)."""
+
+
+def psk_refusal(psk_file: str) -> InvalidArgument:
+    """The error for ``--tls-psk``: this implementation serves no TLS-PSK."""
+    why = ("this Python's ssl module has no PSK callbacks (they came in Python 3.13)"
+           if not PSK_AVAILABLE else "TLS-PSK exports are not implemented yet")
+    return InvalidArgument(f"--tls-psk {psk_file}: TLS-PSK is not available: "
+                           f"{why} (Python {sys.version_info[0]}.{sys.version_info[1]}); "
+                           "use --tls-creds with X.509 certificates")

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from dataclasses import fields
 
@@ -30,7 +31,7 @@ from blktap.frontends.nbd_connection import (
     NbdConnection,
     Statistics,
 )
-from blktap.frontends.nbd_listen import Listener, TcpListener, UnixListener
+from blktap.frontends.nbd_listen import Listener, TcpListener, TlsListener, UnixListener
 from blktap.util.buffers import BufferPool
 from blktap.vbd import VBD
 
@@ -46,7 +47,8 @@ class NbdServer:
     """Serve ``vbd`` over NBD on the Unix socket ``path`` (mode 0600).
 
     ``tcp=(host, port)`` adds a TCP listener (off by default: anyone who can reach it can
-    read and write the disk). ``start`` binds and listens; ``stop`` stops accepting,
+    read and write the disk); with ``tls`` (a server context, :func:`.nbd_listen.tls_context`)
+    its clients must upgrade to TLS before anything else. ``start`` binds and listens; ``stop`` stops accepting,
     lets in-flight requests finish, closes every connection and removes the socket file.
     Per connection at most ``max_inflight`` requests and ``max_inflight_bytes`` of
     READ/WRITE payload are in flight (both at least 1; :mod:`.nbd_flow`).
@@ -59,6 +61,7 @@ class NbdServer:
         *,
         buffers: BufferPool | None = None,
         tcp: tuple[str, int] | None = None,
+        tls: ssl.SSLContext | None = None,
         handshake_timeout: float = 10.0,
         max_inflight: int = 128,
         max_inflight_bytes: int = 64 * 1024 * 1024,
@@ -69,6 +72,9 @@ class NbdServer:
         self.path = path
         self.buffers = buffers if buffers is not None else BufferPool()
         self.tcp = tcp
+        self.tls = tls
+        self.tcp_address: str | None = None
+        """``HOST:PORT`` of the TCP listener once started (the bound port)."""
         self.handshake_timeout = handshake_timeout
         self.max_inflight = max_inflight
         self.max_inflight_bytes = max_inflight_bytes
@@ -87,15 +93,21 @@ class NbdServer:
         await self._listen(UnixListener(self.path))
         if self.tcp is not None:
             host, port = self.tcp
-            tcp = TcpListener(host, port)
+            tcp = TcpListener(host, port) if self.tls is None else TlsListener(
+                host, port, self.tls)
             try:
                 await self._listen(tcp)
             except BaseException:
                 await self.stop()
                 raise
             self.tcp_port = tcp.port
-            self.log.warning("minor %d: NBD export also on TCP %s:%d (no authentication)",
-                             self.vbd.minor, host, self.tcp_port)
+            self.tcp_address = tcp.address
+            if self.tls is None:
+                self.log.warning("minor %d: NBD export also on TCP %s (no authentication)",
+                                 self.vbd.minor, tcp.address)
+            else:
+                self.log.info("minor %d: NBD export also on TCP %s, TLS required",
+                              self.vbd.minor, tcp.address)
         self.log.info("minor %d: NBD export on %s", self.vbd.minor, self.path)
 
     async def _listen(self, listener: Listener) -> None:

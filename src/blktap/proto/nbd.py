@@ -248,6 +248,14 @@ class Aborted:
     """The client sent NBD_OPT_ABORT: send :attr:`ServerCodec.output`, then close."""
 
 
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """The client sent NBD_OPT_STARTTLS and :attr:`ServerCodec.output` holds its ACK:
+    send it, run the TLS handshake as the server, then call
+    :meth:`ServerCodec.tls_started` and feed the decrypted bytes. No byte may arrive in
+    between (the client waits for the ACK, then speaks TLS)."""
+
+
 class Request(NamedTuple):
     """One transmission-phase request the application must serve.
 
@@ -268,7 +276,7 @@ class Request(NamedTuple):
     data: memoryview | None = None
 
 
-Event = Negotiated | Aborted | Request
+Event = Negotiated | Aborted | StartTls | Request
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,8 +351,13 @@ class ServerCodec:
         export: ExportInfo,
         alloc: Callable[[int], memoryview] = _default_alloc,
         borrow_payloads: bool = False,
+        tls_required: bool = False,
     ) -> None:
         self.export = export
+        self.tls_required = tls_required
+        """Only NBD_OPT_STARTTLS and NBD_OPT_ABORT are served before TLS is up."""
+        self.tls_active = False
+        self._tls_pending = False  # STARTTLS acknowledged, handshake not done
         self.borrow_payloads = borrow_payloads
         self.state = State.CLIENT_FLAGS
         self.output = bytearray()
@@ -396,11 +409,15 @@ class ServerCodec:
             raise ProtocolError("connection already failed", remote=True)
         if self.state is State.CLOSED:
             return []  # after DISC or ABORT the client must send nothing; ignore it
+        if self._tls_pending and data:
+            raise self._fail("bytes before the TLS handshake after NBD_OPT_STARTTLS")
         self._hs += data
         events: list[Event] = []
-        while self.state in (State.CLIENT_FLAGS, State.OPTIONS):
+        while self.state in (State.CLIENT_FLAGS, State.OPTIONS) and not self._tls_pending:
             if not self._handshake_step(events):
                 break
+        if self._tls_pending and self._hs:
+            raise self._fail("bytes after NBD_OPT_STARTTLS before its reply")
         if self._in_transmission() and self._hs:
             rest, self._hs = bytes(self._hs), bytearray()
             events.extend(self._feed_transmission(rest))
@@ -447,7 +464,10 @@ class ServerCodec:
         self.output += data
 
     def _handle_option(self, option: int, data: bytes, events: list[Event]) -> None:
-        if option == Option.EXPORT_NAME:
+        if option == Option.STARTTLS or (self.tls_required and not self.tls_active
+                                         and option != Option.ABORT):
+            self._tls_option(option, data, events)
+        elif option == Option.EXPORT_NAME:
             if len(data) > MAX_STRING:
                 raise self._fail("export name too long")
             # Any name is accepted: one VBD is served (NBD_OPT_EXPORT_NAME cannot fail).
@@ -478,9 +498,35 @@ class ServerCodec:
         elif option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
             self._meta_context(option, data)
         else:
-            # Unknown options, STARTTLS (no TLS here) and EXTENDED_HEADERS (libnbd falls
+            # Unknown options and EXTENDED_HEADERS (libnbd falls
             # back to compact headers): NBD_REP_ERR_UNSUP, payload already discarded.
             self._option_reply(option, Rep.ERR_UNSUP, b"option not supported")
+
+    def _tls_option(self, option: int, data: bytes, events: list[Event]) -> None:
+        """STARTTLS, and every option but ABORT while TLS is required and not up."""
+        if option != Option.STARTTLS:
+            if option == Option.EXPORT_NAME:  # no reply is possible: hang up (the spec)
+                raise self._fail("NBD_OPT_EXPORT_NAME before TLS, which is required")
+            self._option_reply(option, Rep.ERR_TLS_REQD, b"TLS is required: NBD_OPT_STARTTLS")
+        elif not self.tls_required:
+            self._option_reply(option, Rep.ERR_UNSUP, b"this export offers no TLS")
+        elif self.tls_active:
+            self._option_reply(option, Rep.ERR_INVALID, b"TLS is already up")
+        elif data:
+            self._option_reply(option, Rep.ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+        else:
+            self._option_reply(option, Rep.ACK)
+            self._tls_pending = True
+            events.append(StartTls())
+
+    def tls_started(self) -> None:
+        """The TLS handshake is done: option haggling starts over (the spec: what was
+        negotiated before TLS is forgotten)."""
+        assert self._tls_pending and self.state is State.OPTIONS
+        self._tls_pending = False
+        self.tls_active = True
+        self.structured = False
+        self.base_allocation = False
 
     def _info_or_go(self, option: int, data: bytes, events: list[Event]) -> None:
         # Data: u32 name length, name, u16 number of info requests, u16 each.
