@@ -14,12 +14,15 @@ import logging
 import logging.handlers
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from blktap import paths
+from blktap.frontends.nbd_listen import psk_refusal, tls_context
 from blktap.frontends.nbd_server import NbdServer
+from blktap.proto import tcp_export
 from blktap.tapdisk.control_server import ControlServer
 from blktap.tapdisk.forkserver import prepare_run_dir
 from blktap.tapdisk.service import AttachedVBD, Frontend, FrontendFactory, Tapdisk
@@ -176,9 +179,19 @@ class _NbdFrontend:
     """The NBD export as a Frontend: closing a paused VBD fails the I/O waiting for it
     (it could never be served) so that the export's connections can finish."""
 
-    def __init__(self, server: NbdServer, vbd: VBD) -> None:
+    def __init__(self, server: NbdServer, vbd: VBD, tls: str | None = None) -> None:
         self.server = server
         self.vbd = vbd
+        self._tls = tls
+
+    @property
+    def tcp_export(self) -> dict[str, object] | None:
+        """STATS' ``nbd_tcp``: the TCP address and TLS kind (None: Unix socket only)."""
+        if self.server.tcp_address is None:
+            return None
+        return {"address": self.server.tcp_address, "tls": self._tls,
+                "verify_client": bool(self.server.tls is not None
+                                      and self.server.tls.verify_mode == ssl.CERT_REQUIRED)}
 
     async def stop(self, force: bool = False) -> None:
         self.vbd.fail_waiting_io()
@@ -190,9 +203,19 @@ def _frontends(options: DaemonOptions, rundir: str, pid: int) -> list[FrontendFa
 
     async def nbd(attached: AttachedVBD) -> Frontend | None:
         vbd = attached.vbd
-        server = NbdServer(vbd, paths.nbd_socket(rundir, pid, vbd.minor), buffers=buffers)
+        # A TCP export: settings tap-ctl left beside this OPEN (blktap.proto.tcp_export).
+        export = tcp_export.read_config(paths.minor_dir(rundir), vbd.minor)
+        tcp = tls = None
+        if export is not None:
+            if export.tls_psk is not None:
+                raise psk_refusal(export.tls_psk)
+            if export.tls_creds is not None:
+                tls = tls_context(export.tls_creds, verify_client=export.tls_verify_client)
+            tcp = export.host_port
+        server = NbdServer(vbd, paths.nbd_socket(rundir, pid, vbd.minor), buffers=buffers,
+                           tcp=tcp, tls=tls)
         await server.start()
-        return _NbdFrontend(server, vbd)
+        return _NbdFrontend(server, vbd, None if export is None else export.tls)
 
     async def blockdev(attached: AttachedVBD) -> Frontend | None:
         from blktap.frontends.blockdev import BlockDevice

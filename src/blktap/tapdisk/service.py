@@ -439,6 +439,9 @@ def _stats_of(attached: AttachedVBD) -> dict[str, Any]:
     for frontend in attached.frontends:
         if isinstance(frontend, PauseAware):
             doc["blockdev"] = frontend.report()  # an extra key: C parsers ignore it
+        tcp = getattr(frontend, "tcp_export", None)  # the NBD export's TCP address
+        if tcp is not None:
+            doc["nbd_tcp"] = tcp  # an extra key too
     layer = attached.log.open_layer if attached.log is not None else None
     if layer is not None and doc.get("images"):
         entry = {"name": layer.log.path, "hits": [0, 0], "fail": [0, 0],
