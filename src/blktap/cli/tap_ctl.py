@@ -25,6 +25,7 @@ from blktap import __version__, paths
 from blktap.control import Control, OpenOptions, TapEntry
 from blktap.control.spawn import TAPDISK_ENV, tapdisk_binary
 from blktap.errors import BlktapError, errno_of
+from blktap.proto.tcp_export import TcpExport
 
 log = logging.getLogger("blktap.cli.tap_ctl")
 
@@ -157,11 +158,29 @@ def _open_flags(p: _Parser) -> None:
                    help="do not use O_DIRECT (NO_O_DIRECT)")
     p.add_argument("-C", dest="log_path", metavar="LOGPATH",
                    help="insert a log layer recording changed blocks in LOGPATH (ADD_LOG)")
+    p.add_argument("--export-tcp", dest="export_tcp", metavar="HOST:PORT",
+                   help="also export over NBD on TCP, bound to exactly this IP address "
+                        "([V6]:PORT for IPv6); without TLS anyone who reaches it can read "
+                        "and write the disk")
+    p.add_argument("--tls-creds", dest="tls_creds", metavar="DIR",
+                   help="with --export-tcp: require TLS (NBD_OPT_STARTTLS), X.509 "
+                        "credentials in DIR: server-cert.pem, server-key.pem, ca-cert.pem")
+    p.add_argument("--tls-verify-client", dest="tls_verify_client", action="store_true",
+                   help="with --tls-creds: demand client certificates signed by ca-cert.pem")
+    p.add_argument("--tls-psk", dest="tls_psk", metavar="FILE",
+                   help="with --export-tcp: TLS-PSK with nbdkit's key file (username:hexkey "
+                        "lines); not available in this Python runtime (refused)")
 
 
 def _options(ns: argparse.Namespace, key: bytes | None = None) -> OpenOptions:
     if ns.standby and ns.secondary is None:
         raise _UsageError("-s needs a secondary image (-2)")
+    export = None
+    if ns.export_tcp is not None:
+        export = TcpExport(ns.export_tcp, tls_creds=ns.tls_creds, tls_psk=ns.tls_psk,
+                           tls_verify_client=ns.tls_verify_client)
+    elif ns.tls_creds or ns.tls_psk or ns.tls_verify_client:
+        raise _UsageError("--tls-creds, --tls-psk and --tls-verify-client need --export-tcp")
     return OpenOptions(
         read_only=ns.read_only,
         parent_minor=ns.parent_minor,
@@ -172,6 +191,7 @@ def _options(ns: argparse.Namespace, key: bytes | None = None) -> OpenOptions:
         no_o_direct=ns.no_o_direct,
         log_path=ns.log_path,
         key=key,
+        export=export,
     )
 
 
@@ -307,6 +327,7 @@ def _run_list(ctl: Control, ns: argparse.Namespace, out: IO[str]) -> int:
                 "nbd_socket": None if info.nbd_socket is None else str(info.nbd_socket),
                 "block_device": None if info.block_device is None else str(info.block_device),
                 "block_device_io": info.block_device_io,
+                "nbd_tcp": info.nbd_tcp,
                 "chain": list(info.chain),
                 "cbt_log": info.cbt_log,
                 **_orphan_fields(ctl, entry),
@@ -371,7 +392,8 @@ def _run_free(ctl: Control, ns: argparse.Namespace, out: IO[str]) -> int:
 def _build_create() -> _Parser:
     p = _parser(
         "create", "-a TYPE:PATH [-d DEV] [-R] [-e MINOR] [-r] [-2 TYPE:PATH] [-s] [-t SECS] "
-                  "[-D] [-C LOGPATH] [-c SLICE] [--supervise]",
+                  "[-D] [-C LOGPATH] [-c SLICE] [--supervise] [--export-tcp HOST:PORT "
+                  "[--tls-creds DIR [--tls-verify-client] | --tls-psk FILE]]",
         """
         Create a VBD: allocate a minor, spawn a tapdisk, attach the minor to it and
         open the image on it; print the device path (see `allocate`). If a step fails,
@@ -518,7 +540,8 @@ def _run_detach(ctl: Control, ns: argparse.Namespace, out: IO[str]) -> int:
 def _build_open() -> _Parser:
     p = _parser(
         "open", "-p PID -m MINOR -a TYPE:PATH [-R] [-e MINOR] [-r] [-2 TYPE:PATH] [-s] "
-                "[-t SECS] [-D] [-C LOGPATH] [-E]",
+                "[-t SECS] [-D] [-C LOGPATH] [-E] [--export-tcp HOST:PORT "
+                "[--tls-creds DIR [--tls-verify-client] | --tls-psk FILE]]",
         """
         Open an image on an attached VBD and export it (NBD socket
         <run-dir>/nbd<pid>.<minor>, and a kernel block device where the host allows).

@@ -10,6 +10,7 @@ open: the socket is closed whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -26,6 +27,7 @@ from blktap.control.options import ImageInfo, OpenOptions, check_name
 from blktap.control.rundir import RunDir
 from blktap.errors import InvalidArgument, ProtocolError
 from blktap.proto import control as ctl
+from blktap.proto import tcp_export
 
 __all__ = [
     "LIST_TIMEOUT",
@@ -189,8 +191,19 @@ def open(
 ) -> ImageInfo:
     """Open ``image`` (``"type:/path"``) on the attached VBD ``minor`` (OPEN)."""
     check_minor(minor)
-    req = (options or OpenOptions()).request(minor, image)
-    reply = transact(rundir, pid, req)
+    opts = options or OpenOptions()
+    req = opts.request(minor, image)
+    if opts.export is None:
+        reply = transact(rundir, pid, req)
+    else:
+        # tapdisk reads the export settings during this OPEN; they are for it alone.
+        rundir.ensure()
+        conf = tcp_export.write_config(str(rundir.minors_dir), minor, opts.export)
+        try:
+            reply = transact(rundir, pid, req)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(conf)
     payload = reply.message.payload
     assert isinstance(payload, ctl.ImageInfoPayload)
     return ImageInfo(payload.sectors, payload.sector_size, payload.info)

@@ -145,6 +145,9 @@ class VbdDetails:
     block_device_io: str | None = None
     """``passthrough`` (the kernel does the block device's I/O on the image file) or
     ``fuse`` (tapdisk serves it), from STATS' ``blockdev``; None without a device."""
+    nbd_tcp: dict[str, Any] | None = None
+    """The NBD export's TCP address (``address``, ``tls``: x509 or None,
+    ``verify_client``), from STATS' ``nbd_tcp``; None when it has none."""
 
 
 def details(rundir: RunDir, entry: TapEntry) -> VbdDetails:
@@ -157,6 +160,7 @@ def details(rundir: RunDir, entry: TapEntry) -> VbdDetails:
     chain: tuple[str, ...] = ()
     cbt_log = None
     block_io = None
+    nbd_tcp = None
     if entry.image is not None:
         try:
             doc: Any = client.stats(rundir, entry.pid, entry.minor)
@@ -168,6 +172,8 @@ def details(rundir: RunDir, entry: TapEntry) -> VbdDetails:
             blockdev = doc.get("blockdev") if isinstance(doc, dict) else None
             if isinstance(blockdev, dict) and isinstance(blockdev.get("io_path"), str):
                 block_io = blockdev["io_path"]
+            tcp = doc.get("nbd_tcp") if isinstance(doc, dict) else None
+            nbd_tcp = tcp if isinstance(tcp, dict) else None
         except BlktapError as exc:
             log.debug("tapdisk %d minor %d: no chain: %s", entry.pid, entry.minor, exc)
     return VbdDetails(
@@ -177,6 +183,7 @@ def details(rundir: RunDir, entry: TapEntry) -> VbdDetails:
         chain=chain,
         cbt_log=cbt_log,
         block_device_io=block_io,
+        nbd_tcp=nbd_tcp,
     )
 
 

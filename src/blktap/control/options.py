@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from blktap.errors import InvalidArgument
 from blktap.proto import control as ctl
+from blktap.proto.tcp_export import TcpExport
 
 __all__ = ["ImageInfo", "OpenOptions", "check_name", "split_image"]
 
@@ -36,6 +37,8 @@ class OpenOptions:
     SECONDARY); ``standby`` (-s, STANDBY); ``request_timeout_s`` (-t, req_timeout);
     ``no_o_direct`` (-D, NO_O_DIRECT); ``log_path`` (-C, ADD_LOG); ``key`` (-E,
     OPEN_ENCRYPTED); ``shared`` (SHARED); ``extra_flags`` for any other flag.
+    ``export`` (``--export-tcp`` and its TLS options) sets no flag: the C OPEN has no
+    field for it, so it travels in a file beside the OPEN (:mod:`blktap.proto.tcp_export`).
     """
 
     read_only: bool = False
@@ -49,6 +52,7 @@ class OpenOptions:
     key: bytes | None = None
     shared: bool = False
     extra_flags: ctl.OpenFlag = ctl.OpenFlag(0)  # noqa: RUF009 - an immutable enum value
+    export: TcpExport | None = None
 
     @property
     def flags(self) -> ctl.OpenFlag:

@@ -44,6 +44,7 @@ from blktap.control.options import ImageInfo, OpenOptions
 from blktap.control.rundir import RunDir
 from blktap.errors import BlktapError, InvalidArgument
 from blktap.proto import control as ctl
+from blktap.proto.tcp_export import TcpExport
 
 __all__ = [
     "READY_TIMEOUT",
@@ -165,6 +166,8 @@ def options_from_json(doc: dict[str, Any]) -> OpenOptions:
     """The inverse of :func:`options_to_json`."""
     values = dict(doc)
     values["extra_flags"] = ctl.OpenFlag(int(values.get("extra_flags", 0)))
+    if values.get("export") is not None:
+        values["export"] = TcpExport.from_doc(values["export"])
     return OpenOptions(**values)
 
 
