@@ -154,8 +154,8 @@ class TcpListener(Listener):
             server = await asyncio.get_running_loop().create_server(
                 factory, self.host, self.port)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on TCP {self.address}: "
-                          f"{exc.strerror or exc}") from None
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(exc.errno, f"cannot listen on TCP {self.address}: {why}") from None
         self._server = server
         self.port = server.sockets[0].getsockname()[1]
 
@@ -201,7 +201,7 @@ def tls_context(creds_dir: str, *, verify_client: bool = False) -> ssl.SSLContex
     for name in needed:
         path = os.path.join(creds_dir, name)
         if not os.path.isfile(path):
-            raise InvalidArgument(f"TLS credentials: {path} is missing")
+            raise InvalidArgument(f"TLS credentials: {path} is missing", errno=errno.ENOENT)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     cert = os.path.join(creds_dir, "server-cert.pem")
@@ -232,4 +232,4 @@ def psk_refusal(psk_file: str) -> InvalidArgument:
            if not PSK_AVAILABLE else "TLS-PSK exports are not implemented yet")
     return InvalidArgument(f"--tls-psk {psk_file}: TLS-PSK is not available: "
                            f"{why} (Python {sys.version_info[0]}.{sys.version_info[1]}); "
-                           "use --tls-creds with X.509 certificates")
+                           "use --tls-creds with X.509 certificates", errno=errno.EOPNOTSUPP)
