@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from blktap.control import Control, OpenOptions
 from tests.compat.test_sm_blktap2 import (
     find,
     launch,
@@ -380,6 +381,26 @@ def test_unpause_c_adds_a_log_to_a_vbd_opened_without_one(cbt_run_dir: str,
     qemu_io(source, f"write {7 * BLOCK} 4096")
     assert logged(log) == {7}
     destroy(pid, minor)
+
+
+def test_control_library_opens_and_unpauses_with_a_log(cbt_run_dir: str,
+                                                       tmp_path: Path) -> None:
+    """The control library (what tap-ctl is built on): OpenOptions(log_path=...) and
+    Control.unpause(log_path=...)."""
+    ctl = Control()
+    img = make_image("aio", tmp_path / "disk.raw")
+    log1, log2 = new_log(tmp_path / "1.cbtlog"), new_log(tmp_path / "2.cbtlog")
+    vbd = ctl.create(f"aio:{img}", OpenOptions(log_path=log1))
+    try:
+        target = uri(cbt_run_dir, vbd.pid, vbd.minor)
+        qemu_io(target, f"write {9 * BLOCK} 512")
+        ctl.pause(vbd.pid, vbd.minor)
+        ctl.unpause(vbd.pid, vbd.minor, log_path=log2)
+        qemu_io(target, f"write {11 * BLOCK} 512")
+        assert (logged(log1), logged(log2)) == ({9}, {11})
+        assert ctl.details(ctl.list()[0]).cbt_log == log2
+    finally:
+        ctl.destroy(vbd.pid, vbd.minor)
 
 
 def test_kill_9_after_flushed_writes_keeps_their_bits(cbt_run_dir: str,
