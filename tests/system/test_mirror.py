@@ -312,6 +312,11 @@ def test_live_migration_to_another_host_with_a_restart_of_the_destination(
                 finish(writer)
             states = [s["state"] for s in seen]
             assert "degraded" in states and states[-1] == "in_sync", states
+            # The initial copy took only what A holds: its data (12 MiB) and what fio
+            # wrote (16 MiB window), not the 64 MiB disk.
+            most = (12 + 16) * MiB // BLOCK + 8
+            assert seen[0]["dirty_blocks"] + seen[0]["copied_blocks"] <= most, seen[0]
+            assert seen[-1]["copied_total_blocks"] > 0
             progress_values = [s["progress"] for s in seen]
             assert all(0 <= p <= 1 for p in progress_values)
             wait_for("in sync after the writer", lambda: progress()["state"] == "in_sync", 120)

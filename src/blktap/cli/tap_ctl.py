@@ -146,9 +146,10 @@ def _open_flags(p: _Parser) -> None:
                    help="use the chain already open as MINOR as the parent (REUSE_PRT)")
     p.add_argument("-r", dest="local_cache", action="store_true",
                    help="turn on read caching into the leaf (ADD_LCACHE)")
-    p.add_argument("-2", dest="secondary", metavar="TYPE:PATH",
+    p.add_argument("-2", dest="secondary", metavar="[SETTINGS:]TYPE:PATH",
                    help="secondary image: mirror writes to it, or with -s fail over to it "
-                        "on ENOSPC (SECONDARY)")
+                        "on ENOSPC (SECONDARY); SETTINGS: copy=none|allocated|full (the "
+                        "initial copy), timeout=SECS (before the mirror degrades)")
     p.add_argument("-s", dest="standby", action="store_true",
                    help="with -2: use the secondary only on ENOSPC (STANDBY)")
     p.add_argument("-t", dest="req_timeout", type=_REQ_TIMEOUT, default=0, metavar="SECS",
@@ -625,8 +626,9 @@ def _build_unpause() -> _Parser:
     _pid_minor(p)
     p.add_argument("-a", dest="image", metavar="TYPE:PATH",
                    help="reopen on this image instead of the current one")
-    p.add_argument("-2", dest="secondary", metavar="TYPE:PATH",
-                   help="secondary image to mirror writes to (SECONDARY)")
+    p.add_argument("-2", dest="secondary", metavar="[SETTINGS:]TYPE:PATH",
+                   help="secondary image to mirror writes to from now on (SECONDARY): "
+                        "how a live VBD starts mirroring; SETTINGS as for create -2")
     p.add_argument("-c", dest="log_path", metavar="LOGPATH",
                    help="insert a log layer recording changed blocks in LOGPATH (ADD_LOG)")
     return p
