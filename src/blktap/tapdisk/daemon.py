@@ -128,7 +128,22 @@ def preload() -> None:
     drivers.load_all()
     layer.layer_names()
     with contextlib.suppress(ImportError):  # uvloop is a dependency; run() copes without
-        importlib.import_module("uvloop")
+        importlib.import_module("uvloop").install()
+    # One control server started and stopped on a private socket: what that first use
+    # initializes (event loop machinery, caches) is then shared too. Optional.
+    with contextlib.suppress(Exception):
+        asyncio.run(_warm_up())
+
+
+async def _warm_up() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tapdisk-warm-") as scratch:
+        tapdisk = Tapdisk(scratch, os.getpid())
+        server = ControlServer(tapdisk, os.path.join(scratch, "ctl"))
+        await server.start()
+        await server.stop()
+        await tapdisk.shutdown()
 
 
 def _run(options: DaemonOptions, rundir: str, ready: Callable[[], None] | None) -> int:
