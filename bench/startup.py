@@ -34,14 +34,23 @@ SERVER_COMM = "tapdisk-forksrv"
 
 
 def variant_tapctl(name: str, run_dir: str, before: str | None) -> TapCtl:
-    tc = TapCtl(run_dir, "off")
-    tc.env.pop("PYTHONPATH", None)
-    if name == "no-forkserver":
-        tc.env["BLKTAP_FORKSERVER"] = "off"
-    elif name == "before":
-        if not before:
-            raise SystemExit("variant 'before' needs --before SRC")
-        tc.env["PYTHONPATH"] = before
+    if name != "before":
+        tc = TapCtl(run_dir, "off")
+        tc.env.pop("PYTHONPATH", None)
+        if name == "no-forkserver":
+            tc.env["BLKTAP_FORKSERVER"] = "off"
+        return tc
+    if not before:
+        raise SystemExit("variant 'before' needs --before SRC")
+    # The console script as pip wrote it before the tap-ctl server (whose module the
+    # older tree lacks); the tapdisk it spawns is the venv's script, with the old tree.
+    script = os.path.join(run_dir, "tap-ctl-before")
+    with open(script, "w") as f:
+        f.write(f"#!{sys.executable}\nimport sys\nfrom blktap.cli.tap_ctl import main\n"
+                "sys.exit(main())\n")
+    os.chmod(script, 0o755)
+    tc = TapCtl(run_dir, "off", program=script)
+    tc.env["PYTHONPATH"] = before
     return tc
 
 

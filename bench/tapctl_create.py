@@ -29,12 +29,13 @@ TAP_CTL = str(Path(sys.executable).parent / "tap-ctl")
 class TapCtl:
     """tap-ctl in a private run directory (BLKTAP_RUN_DIR/BLKTAP_DEV_DIR/BLKTAP_BLOCKDEV)."""
 
-    def __init__(self, run_dir: str, blockdev: str) -> None:
+    def __init__(self, run_dir: str, blockdev: str, program: str = TAP_CTL) -> None:
+        self.program = program
         self.env = dict(os.environ, BLKTAP_RUN_DIR=run_dir,
                         BLKTAP_DEV_DIR=os.path.join(run_dir, "dev"), BLKTAP_BLOCKDEV=blockdev)
 
     def run(self, *args: str) -> str:
-        proc = subprocess.run([TAP_CTL, *args], capture_output=True, text=True, check=False,
+        proc = subprocess.run([self.program, *args], capture_output=True, text=True, check=False,
                               env=self.env)
         if proc.returncode:
             raise RuntimeError(f"tap-ctl {' '.join(args)} failed ({proc.returncode}): "
@@ -57,7 +58,7 @@ class TapCtl:
 
     def destroy_all(self) -> None:
         for pid, minor in self.vbds():
-            subprocess.run([TAP_CTL, "destroy", "-p", str(pid), "-m", str(minor)],
+            subprocess.run([self.program, "destroy", "-p", str(pid), "-m", str(minor)],
                            capture_output=True, check=False, env=self.env)
 
 
