@@ -12,7 +12,8 @@ commit's. Each round runs one create + destroy of every variant in turn (the ord
 rotates each round), so load on a shared machine hits all alike; medians and quartiles
 are printed. Then, per variant and per count N: N VBDs created at once (one tapdisk
 each, as tap-ctl create does), the wall time, the sum of the tapdisks' RSS and PSS
-(/proc/PID/smaps_rollup) plus that of the variant's fork server, and the time to
+(/proc/PID/smaps_rollup) plus that of the variant's fork servers (the run directory's
+tapdisk server and, for ``after``, the tap-ctl server), and the time to
 destroy them all. Runs in private run directories; removes everything.
 """
 
@@ -88,6 +89,19 @@ def fork_servers(run_dir: str) -> list[int]:
     return found
 
 
+def tapctl_servers() -> list[int]:
+    """tap-ctl fork servers (one per installation and uid)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if entry.isdigit() and f.read().strip() == "tap-ctl-forksrv":
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
 def make_images(run_dir: str, count: int, size: int) -> list[str]:
     paths = []
     for i in range(count):
@@ -139,7 +153,10 @@ def memory(variant: str, count: int, before: str | None) -> str:
             raise RuntimeError(f"{count} creates left {len(found)} devices")
         time.sleep(1.0)  # let start-up garbage settle
         per = [memory_kib(pid) for pid, _ in found]
-        servers = [memory_kib(pid) for pid in fork_servers(run_dir)]
+        server_pids = fork_servers(run_dir)
+        if variant == "after":
+            server_pids += tapctl_servers()
+        servers = [memory_kib(pid) for pid in server_pids]
         rss = sum(m[0] for m in per + servers)
         pss = sum(m[1] for m in per + servers)
         t0 = time.perf_counter()
@@ -152,7 +169,7 @@ def memory(variant: str, count: int, before: str | None) -> str:
         shutil.rmtree(run_dir, ignore_errors=True)
     return (f"{variant:14s} N={count:<4d} create {created:6.2f} s  destroy {destroyed:6.2f} s  "
             f"RSS {rss / 1024:7.1f} MiB  PSS {pss / 1024:7.1f} MiB  "
-            f"({pss / 1024 / count:.2f} MiB PSS/VBD; {len(servers)} server)")
+            f"({pss / 1024 / count:.2f} MiB PSS/VBD; with {len(servers)} servers)")
 
 
 def main() -> int:
