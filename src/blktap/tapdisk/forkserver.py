@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import os
 import socket
 import struct
@@ -97,8 +98,8 @@ def address(rundir: str) -> bytes:
 def launch(rundir: str) -> int | None:
     """Start a tapdisk through ``rundir``'s fork server with our stdout (module docstring).
 
-    Returns the launcher's exit status (0 once the tapdisk wrote its socket line, 1 if it
-    died before), or None when the caller must start tapdisk itself.
+    Returns the launcher's exit status (0 once the tapdisk wrote its socket line, EIO if
+    it died before), or None when the caller must start tapdisk itself.
     """
     idle = idle_seconds(os.environ)
     if idle is None:
@@ -179,7 +180,7 @@ def _request(conn: socket.socket, rundir: str, stdout_fd: int,
     if second != b"ok":
         sys.stderr.write("tapdisk: the forked tapdisk exited before creating its control "
                          "socket (see the system log)\n")
-        return 1
+        return errno.EIO  # what the spawner reports for a tapdisk that printed nothing
     return 0
 
 
