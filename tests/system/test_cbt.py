@@ -315,6 +315,35 @@ def test_backup_workflow_through_the_block_device(
         destroy(pid, minor)
 
 
+@needs_blockdev
+def test_unpause_c_under_fuse_passthrough_is_refused_and_leaves_the_vbd_usable(
+        cbt_run_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A raw VBD whose block device the kernel serves by FUSE passthrough cannot take a
+    log at resume (the kernel writes the file past every layer): unpause -c fails with
+    EBUSY and says why; the VBD stays paused without the log, so a plain unpause works
+    and the log is left untouched."""
+    monkeypatch.setenv("BLKTAP_BLOCKDEV", "on")
+    img = make_image("aio", tmp_path / "disk.raw")
+    pid, minor, device = create("aio", img, None)
+    try:
+        doc = json.loads(tapctl("stats", "-p", str(pid), "-m", str(minor)))
+        if doc.get("blockdev", {}).get("io_path") != "passthrough":
+            pytest.skip("no FUSE passthrough here")
+        tapctl("pause", "-p", str(pid), "-m", str(minor))
+        log = new_log(tmp_path / "late.cbtlog")
+        proc = subprocess.run([TAP_CTL, "unpause", "-p", str(pid), "-m", str(minor), "-c", log],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 16 and "passthrough" in proc.stderr.lower(), proc.stderr
+        (entry,) = parse_list(tapctl("list"))
+        assert entry["state"] == "0x2a"
+        tapctl("unpause", "-p", str(pid), "-m", str(minor))
+        run("dd", "if=/dev/zero", f"of={device}", "bs=4096", "count=1", "oflag=direct",
+            "conv=notrunc,fsync", "status=none")
+        assert logged(log) == set()
+    finally:
+        destroy(pid, minor)
+
+
 # ------------------------------------------------------ what must keep every bit
 
 

@@ -336,6 +336,7 @@ class Tapdisk:
             if params.path:
                 spec = ImageSpec.parse(params.path)
             log_path = _log_path(request, f"resume of minor {msg.cookie}")
+        log_before = attached.log.path if attached.log is not None else None
         if log_path is not None:
             if attached.log is None:
                 raise InvalidArgument(f"resume of minor {msg.cookie}: a changed-block log "
@@ -357,6 +358,11 @@ class Tapdisk:
                 if isinstance(frontend, PauseAware):
                     frontend.resumed()
         except BlktapError:
+            # A frontend that cannot follow the new stack (FUSE passthrough under a new
+            # log layer): paused again on the stack it can follow, so that a plain
+            # unpause works.
+            if attached.log is not None:
+                attached.log.path = log_before
             await attached.vbd.pause()
             raise
         return self._reply(request)
