@@ -407,8 +407,11 @@ class NbdConnection(FlowControl, OutputBatching, InlineServing, LanePolicy):
             self.protocol_errors += 1
             self.log.warning("minor %d: NBD client %s: TLS handshake failed: %s",
                              self.vbd.minor, self.peer, exc)
-            if self.transport is not None:
-                transport.abort()
+            transport.abort()
+            # The TLS layer tells the application of a loss only after a handshake, so
+            # this connection ends here (else the server's stop would wait for it).
+            if not self.closed.done():
+                self.connection_lost(exc)
             return
         if tls is None or self.transport is None:  # gone during the handshake
             return

@@ -47,9 +47,10 @@ class NbdServer:
     """Serve ``vbd`` over NBD on the Unix socket ``path`` (mode 0600).
 
     ``tcp=(host, port)`` adds a TCP listener (off by default: anyone who can reach it can
-    read and write the disk); with ``tls`` (a server context, :func:`.nbd_listen.tls_context`)
-    its clients must upgrade to TLS before anything else. ``start`` binds and listens; ``stop`` stops accepting,
-    lets in-flight requests finish, closes every connection and removes the socket file.
+    read and write the disk); with ``tls`` (a server context,
+    :func:`.nbd_listen.tls_context`) its clients must upgrade to TLS before anything
+    else. ``start`` binds and listens; ``stop`` stops accepting, lets in-flight
+    requests finish, closes every connection and removes the socket file.
     Per connection at most ``max_inflight`` requests and ``max_inflight_bytes`` of
     READ/WRITE payload are in flight (both at least 1; :mod:`.nbd_flow`).
     """

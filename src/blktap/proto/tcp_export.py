@@ -33,6 +33,9 @@ def parse_address(text: str) -> tuple[str, int]:
         raise InvalidArgument(f"export address {text!r} is not of the form HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif ":" in host:  # "::1:10809" could as well be an address without a port
+        raise InvalidArgument(f"export address {text!r}: {host!r} is not an IP address "
+                              "(IPv6 as [ADDR]:PORT)")
     try:
         ipaddress.ip_address(host)
     except ValueError:
