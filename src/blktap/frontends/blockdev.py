@@ -114,6 +114,32 @@ _UMOUNT_NOFOLLOW = 8
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _wait_direct_io(path: str) -> None:
+    """Wait for the direct I/O in flight on the file ``path`` (best effort).
+
+    ext4 and XFS wait for it (inode_dio_wait) in fallocate(2); a KEEP_SIZE allocation of
+    one block that is already data changes nothing. The block is the file's first data
+    (SEEK_DATA), the first block when it has none. Other filesystems: nothing waits.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        try:
+            offset = os.lseek(fd, 0, os.SEEK_DATA) & ~4095
+        except OSError:
+            offset = 0
+        if offset + 4096 <= os.fstat(fd).st_size:
+            _fallocate(fd, 0x01, offset, 4096)  # FALLOC_FL_KEEP_SIZE; errors: nothing waits
+    finally:
+        os.close(fd)
+
+
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
     if _libc.mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
                    data.encode()) != 0:
@@ -874,7 +900,9 @@ class BlockDevice:
     devices). What a pause can do then (:meth:`hold_io`): tapdisk sends itself a
     FALLOCATE that the kernel sends with the FUSE inode's lock held, and answers it at
     resume; a passthrough write takes that lock, so writes, flushes and discards wait in
-    the kernel, and with them any read the loop device queued behind a waiting write.
+    the kernel, and with them any read the loop device queued behind a waiting write;
+    writes already started are waited for where the image's filesystem allows
+    (:func:`_wait_direct_io`: ext4, XFS).
     Reads that arrive alone still reach the image file, which the kernel keeps open while
     paused. A resume must land on the same file with the same routes (:meth:`resumed`
     refuses any other). Otherwise (``fuse``) every request goes through tapdisk.
@@ -1130,6 +1158,11 @@ class BlockDevice:
         if session.hold_taken.done():
             self._holder = holder
             self._holder_exit = exited
+            # No passthrough write starts now; those already started may still be in
+            # flight on the image file: wait for them where the filesystem can.
+            chain = self.vbd.chain
+            if chain is not None:
+                await loop.run_in_executor(None, _wait_direct_io, chain.images[0].path)
             self.log.info("%s: passthrough writes held", self.path)
             return
         session.hold_tid = -1
