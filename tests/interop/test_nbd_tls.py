@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from blktap.block.driver import OpenOptions
+from blktap.errors import ProtocolError
 from blktap.frontends.nbd_listen import TlsListener, tls_context
 from blktap.frontends.nbd_server import NbdServer
+from blktap.proto import nbd
 from blktap.vbd import VBD, ImageSpec
 from tests.helpers import TAP_CTL
 
@@ -326,3 +329,52 @@ def test_tls_turns_off_lanes_and_writev(creds: Creds, image: Path, tmp_path: Pat
     assert fds and set(fds) == {-1}
     assert TlsListener.raw_descriptor is False
     assert (tmp_path / "out.raw").read_bytes() == image.read_bytes()
+
+
+# ------------------------------------------------------------------ the codec
+def _option(option: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", nbd.IHAVEOPT, option, len(data)) + data
+
+
+def _replies(codec: nbd.ServerCodec) -> list[tuple[int, int]]:
+    """(option, reply type) of each option reply in the codec's output; clears it."""
+    out, found = bytes(codec.output), []
+    codec.output.clear()
+    while out:
+        _magic, option, rep, length = struct.unpack_from(">QIII", out)
+        found.append((option, rep))
+        out = out[20 + length:]
+    return found
+
+
+def test_codec_starttls_rules() -> None:
+    flags = struct.pack(">I", nbd.ClientFlag.FIXED_NEWSTYLE | nbd.ClientFlag.NO_ZEROES)
+    go = struct.pack(">IH", 0, 0)
+    Opt, R = nbd.Option, nbd.Rep
+    codec = nbd.ServerCodec(nbd.ExportInfo(size=SIZE), tls_required=True)
+    # Before TLS: everything but STARTTLS and ABORT is refused with ERR_TLS_REQD.
+    assert codec.feed(flags + _option(Opt.STRUCTURED_REPLY) + _option(Opt.LIST)
+                      + _option(Opt.GO, go) + _option(Opt.STARTTLS, b"x")) == []
+    assert _replies(codec) == [(Opt.STRUCTURED_REPLY, R.ERR_TLS_REQD), (Opt.LIST, R.ERR_TLS_REQD),
+                               (Opt.GO, R.ERR_TLS_REQD), (Opt.STARTTLS, R.ERR_INVALID)]
+    assert not codec.structured
+    assert codec.feed(_option(Opt.STARTTLS)) == [nbd.StartTls()]
+    assert _replies(codec) == [(Opt.STARTTLS, R.ACK)]
+    codec.tls_started()
+    # Haggling starts over; a second STARTTLS is invalid.
+    events = codec.feed(_option(Opt.STARTTLS) + _option(Opt.STRUCTURED_REPLY) + _option(Opt.GO, go))
+    assert [type(e) for e in events] == [nbd.Negotiated]
+    assert [r for _o, r in _replies(codec)] == [R.ERR_INVALID, R.ACK, R.INFO, R.ACK]
+    assert codec.structured
+    # EXPORT_NAME before TLS cannot be answered: the server hangs up.
+    codec = nbd.ServerCodec(nbd.ExportInfo(size=SIZE), tls_required=True)
+    with pytest.raises(ProtocolError, match="before TLS"):
+        codec.feed(flags + _option(Opt.EXPORT_NAME))
+    # Bytes after STARTTLS in the same read as it (not yet TLS) are a protocol error.
+    codec = nbd.ServerCodec(nbd.ExportInfo(size=SIZE), tls_required=True)
+    with pytest.raises(ProtocolError, match="STARTTLS"):
+        codec.feed(flags + _option(Opt.STARTTLS) + b"\x16\x03\x01")
+    # Without TLS configured STARTTLS is unsupported and the rest goes on as before.
+    codec = nbd.ServerCodec(nbd.ExportInfo(size=SIZE))
+    codec.feed(flags + _option(Opt.STARTTLS) + _option(Opt.LIST))
+    assert [r for _o, r in _replies(codec)] == [R.ERR_UNSUP, R.SERVER, R.ACK]
