@@ -159,6 +159,41 @@ class CbtLogFile:
         """A copy of the bitmap as the file holds it now."""
         return self._bits.tobytes()
 
+    def dirty_extents(self, offset: int, length: int,
+                      limit: int = 1 << 30) -> list[tuple[int, int]]:
+        """The range of ``length`` (> 0) bytes at ``offset`` (inside the disk) as runs
+        of (bytes, 1 marked / 0 clean), in order, at most ``limit`` of them: a run ends
+        at a block boundary (a multiple of BLOCK_SIZE) or at the range's end. The runs
+        cover the whole range unless ``limit`` cut them short. Reads the map as it is
+        now, so every mark made before the call is seen (marks precede the writes'
+        acknowledgements)."""
+        assert not self._closed
+        assert offset >= 0 and length > 0 and offset + length <= self.disk_size
+        bits = self._bits
+        end = offset + length
+        block = offset // cbt.BLOCK_SIZE
+        last = (end - 1) // cbt.BLOCK_SIZE
+        runs: list[tuple[int, int]] = []
+        start = offset
+        flag = bits[block >> 3] >> (block & 7) & 1
+        block += 1
+        while block <= last:
+            byte = bits[block >> 3]
+            if not block & 7 and block + 7 <= last and byte in (0, 0xFF):
+                if (byte & 1) == flag:  # eight blocks alike: skip them at once
+                    block += 8
+                    continue
+            bit = byte >> (block & 7) & 1
+            if bit != flag:
+                boundary = block * cbt.BLOCK_SIZE
+                runs.append((boundary - start, flag))
+                if len(runs) == limit:
+                    return runs
+                start, flag = boundary, bit
+            block += 1
+        runs.append((end - start, flag))
+        return runs
+
     @property
     def closed(self) -> bool:
         """:meth:`close` (or :meth:`close_now`) was called."""
