@@ -88,6 +88,21 @@ class Stack(Protocol):
         """Close this and everything below; raises the first error after closing all."""
 
 
+class DirtyBitmap(Protocol):
+    """A record of changed blocks kept by a layer (the CBT log), as a frontend reads it
+    (the NBD ``qemu:dirty-bitmap:<name>`` metadata context)."""
+
+    @property
+    def bitmap_name(self) -> str:
+        """The name a frontend gives the record (fixed while the layer is open)."""
+
+    def dirty_extents(self, offset: int, length: int,
+                      limit: int = 1 << 30) -> list[tuple[int, int]]:
+        """``length`` (> 0) bytes at ``offset`` as runs of (bytes, 1 changed / 0 not),
+        split at the record's block boundaries, at most ``limit`` runs. Every write
+        acknowledged before the call is seen. Only while the stack is open."""
+
+
 class Layer:
     """A layer over ``next`` that passes every operation through (see the module
     docstring for how to write one). ``name`` is its prefix in the image string."""
@@ -137,6 +152,12 @@ class Layer:
 
     def block_status(self, offset: int, length: int) -> list[StatusExtent]:
         return self.next.block_status(offset, length)
+
+    def dirty_bitmap(self) -> DirtyBitmap | None:
+        """The changed-block record kept by this layer or one below it, if any (a layer
+        that keeps one overrides this). The chain at the bottom keeps none."""
+        below = self.next
+        return below.dirty_bitmap() if isinstance(below, Layer) else None
 
     async def close(self) -> None:
         await self.next.close()

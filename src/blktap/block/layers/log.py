@@ -19,12 +19,13 @@ the VBD is paused (``tap-ctl unpause -c``).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable
 
 from blktap.block.capabilities import Capabilities
 from blktap.block.cbtlog import CbtLogFile
 from blktap.block.driver import OpenOptions
-from blktap.block.layer import Layer, LayerOpener, Stack
+from blktap.block.layer import DirtyBitmap, Layer, LayerOpener, Stack
 
 
 class LogLayer(Layer):
@@ -49,6 +50,18 @@ class LogLayer(Layer):
 
     def narrow(self, caps: Capabilities) -> Capabilities:
         return caps.must_see_writes()
+
+    # The layer is its own DirtyBitmap (blktap.block.layer): the NBD export serves it.
+    def dirty_bitmap(self) -> DirtyBitmap | None:
+        return self
+
+    @property
+    def bitmap_name(self) -> str:
+        return bitmap_name(self.log.path)
+
+    def dirty_extents(self, offset: int, length: int,
+                      limit: int = 1 << 30) -> list[tuple[int, int]]:
+        return self.log.dirty_extents(offset, length, limit)
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         if len(data):
@@ -117,6 +130,19 @@ class LogSlot:
         it was closed: paused or closed VBD)."""
         layer = self.layer
         return layer if layer is not None and not layer.log.closed else None
+
+
+def bitmap_name(path: str) -> str:
+    """The name a log's bitmap is served under (NBD ``qemu:dirty-bitmap:<name>``): the
+    file's name without its ``.cbtlog`` suffix (the storage manager names a VDI's log
+    ``<vdi-uuid>.cbtlog``, so the name is the VDI's uuid), or the whole file name when
+    it has no such suffix or nothing before it."""
+    base = os.path.basename(path)
+    stem = base.removesuffix(SUFFIX)
+    return stem if stem else base
+
+
+SUFFIX = ".cbtlog"
 
 
 async def _both(first: Awaitable[None], second: Awaitable[None]) -> None:
