@@ -15,6 +15,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -378,3 +379,30 @@ def test_codec_starttls_rules() -> None:
     codec = nbd.ServerCodec(nbd.ExportInfo(size=SIZE))
     codec.feed(flags + _option(Opt.STARTTLS) + _option(Opt.LIST))
     assert [r for _o, r in _replies(codec)] == [R.ERR_UNSUP, R.SERVER, R.ACK]
+
+
+def test_supervised_restart_keeps_the_tls_export(run_dir: str, creds: Creds,
+                                                 image: Path) -> None:
+    """A supervisor repeats the OPEN, export settings included, after a crash."""
+    port = free_port()
+    run(TAP_CTL, "create", "--supervise", "-a", f"aio:{image}",
+        "--export-tcp", f"127.0.0.1:{port}", "--tls-creds", str(creds.server))
+    [entry] = json.loads(run(TAP_CTL, "list", "--json").stdout)
+    first = int(str(entry["pid"]))
+    try:
+        os.kill(first, 9)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            docs = json.loads(run(TAP_CTL, "list", "--json").stdout)
+            pids = [d["pid"] for d in docs if d["pid"] not in (None, first)]
+            if pids and docs[0].get("nbd_tcp"):
+                entry = docs[0]
+                break
+            time.sleep(0.2)
+        assert entry["pid"] != first, "the supervisor did not restart the tapdisk"
+        assert entry["nbd_tcp"] == {"address": f"127.0.0.1:{port}", "tls": "x509",
+                                    "verify_client": False}
+        out = run("nbdinfo", "--size", Creds.uri(port, creds.anon)).stdout
+        assert out.strip() == str(SIZE)
+    finally:
+        run(TAP_CTL, "destroy", "-p", str(entry["pid"]), "-m", str(entry["minor"]), check=False)

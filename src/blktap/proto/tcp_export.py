@@ -3,8 +3,8 @@
 The C OPEN message has no field for them, and the C tap-ctl must keep working, so the
 settings travel beside it: before OPEN, tap-ctl writes ``<run>/tapdisk/export-<minor>.json``
 (mode 0600, in the minors directory, which only the run directory's owner can write);
-tapdisk's NBD frontend reads it during that OPEN (only a file owned by its own uid), and
-tap-ctl removes it when OPEN has answered, whatever the answer. A C tap-ctl never writes
+tapdisk's NBD frontend reads and removes it during that OPEN (only a file owned by its own
+uid), and tap-ctl removes it when OPEN has answered if it is still there. A C tap-ctl never writes
 one, so its OPEN exports on the Unix socket alone, as before.
 
 Format: a JSON object ``{"tcp": "HOST:PORT", "tls_creds": DIR|null, "tls_psk":
@@ -13,6 +13,7 @@ FILE|null, "tls_verify_client": bool}``.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -111,8 +112,10 @@ def write_config(minors_dir: str, minor: int, export: TcpExport) -> str:
 
 def read_config(minors_dir: str, minor: int) -> TcpExport | None:
     """The settings tap-ctl left for this OPEN of ``minor``, or None (no file: the Unix
-    socket alone). A file not owned by this process's uid, or one that does not parse, is
-    refused with :class:`InvalidArgument`."""
+    socket alone). The file is removed once read: it is for one OPEN (a tap-ctl killed
+    before it could remove it must not leave a TCP export to a later C tap-ctl's OPEN).
+    A file not owned by this process's uid, or one that does not parse, is refused with
+    :class:`InvalidArgument`."""
     path = config_path(minors_dir, minor)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -124,6 +127,8 @@ def read_config(minors_dir: str, minor: int) -> TcpExport | None:
         if os.fstat(fd).st_uid != os.geteuid():
             raise InvalidArgument(f"{path}: not owned by tapdisk's user; refused")
         raw = os.read(fd, 65536)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
     finally:
         os.close(fd)
     try:
