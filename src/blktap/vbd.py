@@ -25,9 +25,17 @@ from typing import Any
 from blktap.block.capabilities import Capabilities
 from blktap.block.chain import Chain, ImageStats, StatusExtent
 from blktap.block.driver import SECTOR_SIZE, SYNC_WRITE_MAX, Image, OpenOptions
-from blktap.block.layer import LayerOpener, Stack, open_stack, split_layers
+from blktap.block.layer import DirtyBitmap, Layer, LayerOpener, Stack, open_stack, split_layers
 from blktap.block.retry import REQUEST_TIMEOUT_S, retry_transient
-from blktap.errors import BlktapError, Busy, InvalidArgument, NoSpace, ReadOnly, Shutdown
+from blktap.errors import (
+    BlktapError,
+    Busy,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    ReadOnly,
+    Shutdown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +277,7 @@ class VBD:
         self._stack: Stack | None = None
         self._top_layers: tuple[LayerOpener, ...] = ()
         self._caps = Capabilities(writable=False)
+        self._bitmap_name: str | None = None  # the stack's DirtyBitmap's, kept while paused
         self._now_stats = ImageStats()  # the one image's (what the fast routes count)
         self._thread_ios: set[ThreadIO] = set()
         self._size = 0
@@ -300,6 +309,14 @@ class VBD:
         resume, narrowed by each layer; kept while paused. Frontends read it once per
         connection (advertised flags) or per batch."""
         return self._caps
+
+    @property
+    def dirty_bitmap_name(self) -> str | None:
+        """The name of the changed-block record (:class:`DirtyBitmap`: the CBT log) of
+        the stack as of its last open or resume, or None when it keeps none. Kept while
+        paused, like :attr:`capabilities`; a resume may change it (``tap-ctl unpause
+        -c`` adds or switches the log)."""
+        return self._bitmap_name
 
     @property
     def admission(self) -> Admission | None:
@@ -510,6 +527,8 @@ class VBD:
             self.state = self._state  # (re)derives _admission
             return
         caps = self._caps = stack.capabilities()
+        bitmap = _dirty_bitmap(stack)
+        self._bitmap_name = bitmap.bitmap_name if bitmap is not None else None
         reads, writes = caps.reads, caps.writes
         if not caps.writable:
             writes = type(writes)()
@@ -765,6 +784,26 @@ class VBD:
         finally:
             self._done()
 
+    async def dirty_status(self, name: str, offset: int, length: int,
+                           limit: int = 1 << 30) -> list[tuple[int, int]]:
+        """The changed-block record ``name`` over ``length`` (> 0) bytes at ``offset``:
+        runs of (bytes, 1 changed / 0 not), at most ``limit`` (see
+        :meth:`DirtyBitmap.dirty_extents`). Waits while paused, as I/O does, then reads
+        the record of the stack open now: every write acknowledged before the call is
+        seen. Raises NotFound (ENOENT) when the stack keeps no record of that name (the
+        log was switched to another name, or none was ever opened)."""
+        self._check_range(offset, length, False)
+        if not length:
+            raise InvalidArgument("changed-block status of an empty range")
+        stack = await self._admit()
+        try:
+            bitmap = _dirty_bitmap(stack)
+            if bitmap is None or bitmap.bitmap_name != name:
+                raise NotFound(f"minor {self.minor}: no changed-block log named {name!r}")
+            return bitmap.dirty_extents(offset, length, limit)
+        finally:
+            self._done()
+
     # -------------------------------------------------------------- statistics
     def stats(self) -> dict[str, Any]:
         """The STATS JSON object of this VBD, with the C tapdisk's keys."""
@@ -798,6 +837,11 @@ class VBD:
             "FIXME_enospc_redirect_count": 0,
             "nbd_mirror_failed": 0,
         }
+
+
+def _dirty_bitmap(stack: Stack) -> DirtyBitmap | None:
+    """The changed-block record of ``stack`` (a layer's; the chain keeps none)."""
+    return stack.dirty_bitmap() if isinstance(stack, Layer) else None
 
 
 async def _open_stack(spec: ImageSpec, options: OpenOptions,
