@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from blktap.block.layers.mirror import BLOCK
+from blktap.block.layers.mirror import BLOCK, COPY_RUN, BlockMap
 from tests.helpers import TAP_CTL, VHD_UTIL, short_tempdir
 from tests.system.test_tap_ctl import assert_clean, ok, parse_list
 
@@ -352,3 +353,32 @@ def test_bad_secondary_strings_are_refused(run_dir: str, tmp_path: Path) -> None
         assert proc.returncode == status, (secondary, proc.returncode, proc.stderr)
     assert BLOCK == 64 * 1024
     assert_clean(run_dir)
+
+
+def test_block_map_against_a_set() -> None:
+    """The record of missed blocks (set_range, merge, take_run with wrap-around) against
+    a plain set, on sizes that are and are not multiples of 8 blocks."""
+    rng = random.Random(5)
+    for _ in range(200):
+        n = rng.randrange(1, 3000)
+        record, model = BlockMap(n), set()
+        for _ in range(20):
+            first = rng.randrange(n)
+            count = rng.randrange(1, n - first + 1)
+            if rng.random() < 0.5:
+                record.set_range(first, count)
+            else:
+                other = BlockMap(n)
+                other.set_range(first, count)
+                record.merge(other)
+            model.update(range(first, first + count))
+            assert record.count == len(model)
+            assert {b for b in range(n) if record.test(b)} == model
+        taken: set[int] = set()
+        cursor = rng.randrange(n)
+        while (run := record.take_run(cursor, COPY_RUN)) is not None:
+            start, length = run
+            assert 1 <= length <= COPY_RUN and not taken & set(range(start, start + length))
+            taken.update(range(start, start + length))
+            cursor = start + length
+        assert taken == model and record.count == 0

@@ -185,8 +185,26 @@ class BlockMap:
             self.count += 1
 
     def set_range(self, first: int, n: int) -> None:
-        for block in range(first, first + n):
-            self.set(block)
+        end = first + n
+        while first < end and first % 8:
+            self.set(first)
+            first += 1
+        whole = end - end % 8
+        if whole > first:  # whole bytes at C speed
+            a, b = first // 8, whole // 8
+            before = int.from_bytes(self.bits[a:b], "little").bit_count()
+            self.bits[a:b] = b"\xff" * (b - a)
+            self.count += (b - a) * 8 - before
+            first = whole
+        while first < end:
+            self.set(first)
+            first += 1
+
+    def merge(self, other: BlockMap) -> None:
+        """Set every block set in ``other`` (same size)."""
+        merged = int.from_bytes(self.bits, "little") | int.from_bytes(other.bits, "little")
+        self.bits = bytearray(merged.to_bytes(len(self.bits), "little"))
+        self.count = merged.bit_count()
 
     def test(self, block: int) -> bool:
         byte, bit = divmod(block, 8)
@@ -517,11 +535,7 @@ class MirrorLayer(Layer):
         state.degraded_count += 1
         assert state.missed is not None and state.unflushed is not None
         if mark_unflushed and state.unflushed.count:
-            for byte, value in enumerate(state.unflushed.bits):
-                if value:
-                    for bit in range(8):
-                        if value >> bit & 1:
-                            state.missed.set(byte * 8 + bit)
+            state.missed.merge(state.unflushed)
         state.unflushed.clear_all()
         if recover:
             self._start(self._recover())
