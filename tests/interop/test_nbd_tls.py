@@ -406,3 +406,26 @@ def test_supervised_restart_keeps_the_tls_export(run_dir: str, creds: Creds,
         assert out.strip() == str(SIZE)
     finally:
         run(TAP_CTL, "destroy", "-p", str(entry["pid"]), "-m", str(entry["minor"]), check=False)
+
+
+def test_tap_ctl_open_and_the_library_export_tcp(run_dir: str, image: Path) -> None:
+    """``tap-ctl open --export-tcp`` and ``Control.create`` with ``OpenOptions.export``."""
+    from blktap.control import Control, OpenOptions, TcpExport
+
+    pid = run(TAP_CTL, "spawn").stdout.strip()
+    minor = run(TAP_CTL, "allocate").stdout.strip().rsplit("-", 1)[1]
+    run(TAP_CTL, "attach", "-p", pid, "-m", minor)
+    port = free_port()
+    run(TAP_CTL, "open", "-p", pid, "-m", minor, "-a", f"aio:{image}",
+        "--export-tcp", f"127.0.0.1:{port}")
+    out = run("qemu-img", "info", "--output=json", f"nbd://127.0.0.1:{port}").stdout
+    assert json.loads(out)["virtual-size"] == SIZE
+    run(TAP_CTL, "destroy", "-p", pid, "-m", minor)
+    ctl = Control()
+    port = free_port()
+    created = ctl.create(f"aio:{image}", OpenOptions(export=TcpExport(f"127.0.0.1:{port}")))
+    try:
+        out = run("qemu-img", "info", "--output=json", f"nbd://127.0.0.1:{port}").stdout
+        assert json.loads(out)["virtual-size"] == SIZE
+    finally:
+        ctl.destroy(created.pid, created.minor)

@@ -17,6 +17,7 @@ from blktap.control.lifecycle import Created
 from blktap.control.listing import TapEntry, VbdDetails
 from blktap.control.options import ImageInfo, OpenOptions
 from blktap.control.rundir import RunDir
+from blktap.proto.tcp_export import TcpExport
 
 __all__ = [
     "Control",
@@ -30,6 +31,7 @@ __all__ = [
     "SpawnError",
     "TapEntry",
     "TapdiskError",
+    "TcpExport",
     "TimedOut",
     "VbdDetails",
 ]
