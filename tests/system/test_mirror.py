@@ -361,7 +361,7 @@ def test_block_map_against_a_set() -> None:
     rng = random.Random(5)
     for _ in range(200):
         n = rng.randrange(1, 3000)
-        record, model = BlockMap(n), set()
+        record, model = BlockMap(n), set[int]()
         for _ in range(20):
             first = rng.randrange(n)
             count = rng.randrange(1, n - first + 1)
