@@ -53,6 +53,10 @@ MAX_STATUS_EXTENTS: Final = 4096
 BASE_ALLOCATION: Final = "base:allocation"
 BASE_ALLOCATION_ID: Final = 1
 """The metadata context id we give ``base:allocation`` in SET_META_CONTEXT replies."""
+DIRTY_BITMAP_PREFIX: Final = "qemu:dirty-bitmap:"
+"""The namespace of changed-block bitmaps, as qemu-nbd names them: flag 1 = changed."""
+DIRTY_BITMAP_ID: Final = 2
+"""The metadata context id we give ``qemu:dirty-bitmap:<name>``."""
 
 
 class HandshakeFlag(enum.IntFlag):
@@ -231,6 +235,9 @@ class ExportInfo:
     """Connections see one consistent export (CAN_MULTI_CONN)."""
     block_status: bool = True
     """The ``base:allocation`` metadata context is offered."""
+    dirty_bitmap: str = ""
+    """The name of the changed-block bitmap offered as ``qemu:dirty-bitmap:<name>``
+    ("": none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +248,8 @@ class Negotiated:
     structured: bool
     base_allocation: bool
     transmission_flags: int
+    dirty_bitmap: str = ""
+    """The bitmap whose ``qemu:dirty-bitmap:`` context was selected ("": none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +373,8 @@ class ServerCodec:
         """Bytes the server must send (option replies, codec-made error replies)."""
         self.structured = False
         self.base_allocation = False
+        self.dirty_bitmap = ""
+        """The name of the bitmap whose context was selected ("": none)."""
         self.no_zeroes = False
         self.export_name = ""
         self.transmission_flags = 0
@@ -527,6 +538,7 @@ class ServerCodec:
         self.tls_active = True
         self.structured = False
         self.base_allocation = False
+        self.dirty_bitmap = ""
 
     def _info_or_go(self, option: int, data: bytes, events: list[Event]) -> None:
         # Data: u32 name length, name, u16 number of info requests, u16 each.
@@ -583,18 +595,28 @@ class ServerCodec:
             self._option_reply(option, Rep.ERR_INVALID, queries.encode())
             return
         offered = self.export.block_status
+        bitmap = self.export.dirty_bitmap
+        dirty = DIRTY_BITMAP_PREFIX + bitmap if bitmap else ""
         if option == Option.LIST_META_CONTEXT:
-            # No query lists everything; "base:" lists the whole namespace.
+            # No query lists everything; "base:" (and "qemu:", "qemu:dirty-bitmap:")
+            # lists the whole namespace.
             if offered and (not queries
                             or any(q in ("base:", BASE_ALLOCATION) for q in queries)):
                 self._option_reply(option, Rep.META_CONTEXT,
                                    _U32.pack(0) + BASE_ALLOCATION.encode())
+            if dirty and (not queries or any(q in ("qemu:", DIRTY_BITMAP_PREFIX, dirty)
+                                             for q in queries)):
+                self._option_reply(option, Rep.META_CONTEXT, _U32.pack(0) + dirty.encode())
         else:
             # SET replaces the selection; an empty selection is allowed.
             self.base_allocation = offered and BASE_ALLOCATION in queries
             if self.base_allocation:
                 self._option_reply(option, Rep.META_CONTEXT,
                                    _U32.pack(BASE_ALLOCATION_ID) + BASE_ALLOCATION.encode())
+            self.dirty_bitmap = bitmap if dirty and dirty in queries else ""
+            if self.dirty_bitmap:
+                self._option_reply(option, Rep.META_CONTEXT,
+                                   _U32.pack(DIRTY_BITMAP_ID) + dirty.encode())
         self._option_reply(option, Rep.ACK)
 
     @staticmethod
@@ -674,16 +696,17 @@ class ServerCodec:
         # Commands without payload or special handling, for the parser's fast path.
         fast = [c for c in (Command.READ, Command.FLUSH, Command.TRIM, Command.CACHE,
                             Command.WRITE_ZEROES) if c in self._allowed]
-        if self.base_allocation:
+        status = self.base_allocation or bool(self.dirty_bitmap)  # a context to report
+        if status:
             fast.append(Command.BLOCK_STATUS)
         self._fast = {int(c): (c, self._allowed[c]) for c in fast}
         self.header_check = HeaderCheck({
             int(c): f for c, f in self._allowed.items()
-            if c is not Command.BLOCK_STATUS or self.base_allocation})
+            if c is not Command.BLOCK_STATUS or status})
 
     def _negotiated(self) -> Negotiated:
         return Negotiated(self.export_name, self.structured, self.base_allocation,
-                          self.transmission_flags)
+                          self.transmission_flags, self.dirty_bitmap)
 
     # -------------------------------------------------------------- transmission
     def feed_partial(self, data: Buffer) -> tuple[list[Event], int]:
@@ -821,7 +844,8 @@ class ServerCodec:
                                             f"read of {length} bytes exceeds {MAX_BLOCK}",
                                             read=True)
             return pos
-        if command is Command.BLOCK_STATUS and not self.base_allocation:
+        if (command is Command.BLOCK_STATUS and not self.base_allocation
+                and not self.dirty_bitmap):
             self.output += self.reply_error(cookie, _errno.EINVAL,
                                             "no metadata context was negotiated")
             return pos
@@ -926,9 +950,12 @@ class ServerCodec:
         return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, code, cookie)
 
     def reply_block_status(
-        self, cookie: int, length: int, extents: Sequence[tuple[int, int]], req_one: bool
+        self, cookie: int, length: int, extents: Sequence[tuple[int, int]], req_one: bool,
+        context: int = BASE_ALLOCATION_ID, done: bool = True,
     ) -> bytes:
-        """One NBD_REPLY_TYPE_BLOCK_STATUS chunk (with DONE) for base:allocation.
+        """One NBD_REPLY_TYPE_BLOCK_STATUS chunk for the metadata context ``context``
+        (BASE_ALLOCATION_ID or DIRTY_BITMAP_ID), with the DONE flag when ``done`` (a
+        reply has one chunk per selected context; the last one is DONE).
 
         ``extents`` are (length, flags) pairs in order from the request offset. Zero-length
         extents are dropped; at most MAX_STATUS_EXTENTS (one with ``req_one``) are sent; the
@@ -953,8 +980,8 @@ class ServerCodec:
                 break
         if not count:
             raise ValueError("block status reply without extents")
-        head = _CHUNK_STATUS.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.BLOCK_STATUS,
-                                  cookie, 4 + len(body), BASE_ALLOCATION_ID)
+        head = _CHUNK_STATUS.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0,
+                                  ReplyType.BLOCK_STATUS, cookie, 4 + len(body), context)
         return head + body
 
 
