@@ -39,6 +39,8 @@ from blktap.frontends.nbd_lane_policy import LaneEvent, LanePolicy, LaneState
 from blktap.frontends.nbd_listen import Listener
 from blktap.frontends.nbd_output import FLUSH_BYTES, OutputBatching
 from blktap.proto.nbd import (
+    DIRTY_BITMAP_ID,
+    MAX_STATUS_EXTENTS,
     REQUEST,
     Aborted,
     Command,
@@ -186,7 +188,8 @@ class NbdConnection(FlowControl, OutputBatching, InlineServing, LanePolicy):
         export = ExportInfo(size=vbd.size, read_only=vbd.read_only or not caps.writable,
                             description=f"blktap VBD minor {vbd.minor}", flush=caps.flush,
                             trim=caps.trim, zero=caps.zero, multi_conn=caps.multi_conn,
-                            block_status=caps.block_status)
+                            block_status=caps.block_status,
+                            dirty_bitmap=vbd.dirty_bitmap_name or "")
         # WRITE payloads are lent from the receive buffer: a write done synchronously
         # needs no copy; any other is copied out (_own) before the buffer is reused.
         self.codec = ServerCodec(export, self._get_buf, borrow_payloads=True,
@@ -505,6 +508,12 @@ class NbdConnection(FlowControl, OutputBatching, InlineServing, LanePolicy):
                     eager_start(_fail(bad), lambda _r, exc: self._finish_simple(req, exc))
                     return
                 query = min(req.length, STATUS_QUERY_MAX)
+                codec = self.codec
+                assert codec is not None
+                if codec.dirty_bitmap:
+                    eager_start(_status_chunks(vbd, codec, req, query),
+                                lambda reply, exc: self._finish_chunks(req, reply, exc))
+                    return
                 eager_start(vbd.block_status(req.offset, query),
                             lambda result, exc: self._finish_status(req, result, exc))
                 return
@@ -613,6 +622,23 @@ class NbdConnection(FlowControl, OutputBatching, InlineServing, LanePolicy):
         except Exception:
             self._callback_failed()
 
+    def _finish_chunks(self, req: Request, reply: bytes | None,
+                       exc: BaseException | None) -> None:
+        try:
+            self._inflight -= 1
+            codec = self.codec
+            if self._intake is _CLOSED or codec is None:
+                return
+            if exc is None and reply:
+                self._out.append(reply)
+            else:
+                if exc is None:
+                    exc = BlktapError("no block status for the range", errno=errno.EIO)
+                self._out.append(self._error_reply(req, exc))
+            self._replied()
+        except Exception:
+            self._callback_failed()
+
     def _error_reply(self, req: Request, exc: BaseException, read: bool = False) -> bytes:
         self.errors += 1
         err = errno_of(exc)
@@ -673,6 +699,26 @@ async def _trim(vbd: VBD, offset: int, length: int, fua: bool) -> None:
     await vbd.trim(offset, length)
     if fua:
         await vbd.flush()
+
+
+async def _status_chunks(vbd: VBD, codec: ServerCodec, req: Request, query: int) -> bytes:
+    """The BLOCK_STATUS reply when a ``qemu:dirty-bitmap:`` context was selected: a
+    base:allocation chunk (if selected too), then the bitmap's chunk (DONE). The bitmap
+    is the VBD's log as open now (it follows ``tap-ctl unpause -c`` to a new log of the
+    same name; another name or no log fails the request with ENOENT, sent as EIO)."""
+    req_one = bool(req.flags & _REQ_ONE)
+    reply = b""
+    if codec.base_allocation:
+        extents = await vbd.block_status(req.offset, query)
+        if not extents:
+            raise BlktapError("no block status for the range", errno=errno.EIO)
+        reply = codec.reply_block_status(req.cookie, req.length,
+                                         [(e.length, e.flags) for e in extents], req_one,
+                                         done=False)
+    runs = await vbd.dirty_status(codec.dirty_bitmap, req.offset, query,
+                                  1 if req_one else MAX_STATUS_EXTENTS)
+    return reply + codec.reply_block_status(req.cookie, req.length, runs, req_one,
+                                            DIRTY_BITMAP_ID)
 
 
 async def _check_writable(vbd: VBD) -> None:
