@@ -1202,7 +1202,19 @@ class BlockDevice:
         if self._session is not None and self._session.hold_unique is not None:
             self._session.release_hold()
             self.log.info("%s: passthrough writes released", self.path)
+        session, exited = self._session, self._holder_exit
+        if session is not None and exited is not None:
+            # Its FSYNC is answered at once until it has exited, not after: the thread
+            # id may be reused.
+            tid = session.hold_tid
+
+            def forget(_done: asyncio.Future[int]) -> None:
+                if session.hold_tid == tid:
+                    session.hold_tid = -1
+
+            exited.add_done_callback(forget)
         self._holder = None  # it exits once answered; asyncio reaps it
+        self._holder_exit = None
 
     # -------------------------------------------------------------------- stop
     async def stop(self, force: bool = False) -> None:
