@@ -197,7 +197,22 @@ def is_running(pid: int) -> bool:
 
 
 def wait_exit(pid: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds for ``pid`` to exit; True if it did."""
+    """Wait up to ``timeout`` seconds for ``pid`` to exit; True if it did.
+
+    With a pidfd (Linux 5.3+) the wait ends as the process exits; otherwise /proc is
+    polled at growing intervals (5 ms to 100 ms)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pidfd = -1  # no pidfd here (an old kernel, a sandbox): poll
+    if pidfd >= 0:
+        try:
+            select.select([pidfd], [], [], max(0.0, timeout))
+        finally:
+            os.close(pidfd)
+        return not is_running(pid)
     deadline = time.monotonic() + timeout
     delay = 0.005
     while is_running(pid):
