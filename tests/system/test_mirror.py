@@ -382,3 +382,42 @@ def test_block_map_against_a_set() -> None:
             taken.update(range(start, start + length))
             cursor = start + length
         assert taken == model and record.count == 0
+
+
+def test_pause_and_resume_while_degraded_keep_the_record(run_dir: str, tmp_path: Path) -> None:
+    primary = raw_file(tmp_path / "primary.raw")
+    secondary = raw_file(tmp_path / "secondary.raw")
+    sock = os.path.join(run_dir, "sec.sock")
+    qemu_io = ["qemu-io", "-f", "raw"]
+    with qemu_nbd(secondary, sock) as server:
+        pid, minor = create(primary, "-2", f"timeout=1:nbd:{sock}")
+        uri = export_uri(run_dir, pid, minor)
+        subprocess.run([*qemu_io, "-c", "write -P 0x5a 0 4M", uri], check=True, timeout=60,
+                       capture_output=True)
+        assert mirror_state(pid, minor)["state"] == "in_sync"
+        server.kill()
+        subprocess.run([*qemu_io, "-c", "write -P 0x6b 8M 4M", "-c", "write -z 1M 1M", uri],
+                       check=True, timeout=60, capture_output=True)
+        degraded = mirror_state(pid, minor)
+        assert degraded["state"] == "degraded", degraded
+        assert degraded["dirty_blocks"] >= 4 * MiB // BLOCK
+        ok("pause", "-p", str(pid), "-m", str(minor))
+        paused = mirror_state(pid, minor)
+        assert paused["state"] == "degraded" and not paused["open"]
+        assert paused["dirty_blocks"] >= degraded["dirty_blocks"]
+        # Resumed while the secondary is still down: serving, degraded, same record.
+        ok("unpause", "-p", str(pid), "-m", str(minor))
+        resumed = mirror_state(pid, minor)
+        assert resumed["state"] == "degraded" and resumed["open"], resumed
+        assert resumed["dirty_blocks"] >= degraded["dirty_blocks"]
+        subprocess.run([*qemu_io, "-c", "write -P 0x7c 20M 64k", uri], check=True,
+                       timeout=60, capture_output=True)
+        server.start()
+        wait_for("in sync", lambda: mirror_state(pid, minor)["state"] == "in_sync", 60)
+        assert mirror_state(pid, minor)["copied_total_blocks"] >= degraded["dirty_blocks"]
+        ok("destroy", "-p", str(pid), "-m", str(minor))
+    assert same_bytes(primary, secondary)
+    with open(secondary, "rb") as f:
+        f.seek(20 * MiB)
+        assert f.read(65536) == b"\x7c" * 65536
+    assert_clean(run_dir)

@@ -350,8 +350,8 @@ class MirrorLayer(Layer):
         secondary: Chain | None = None
         try:
             secondary = await _open_secondary(spec, next.size, options)
-        except BlktapError as exc:
-            if spec.type != "nbd" or exc.errno == errno.EINVAL:
+        except (BlktapError, OSError) as exc:
+            if spec.type != "nbd" or errno_of(exc) == errno.EINVAL:
                 raise
             log.error("secondary %s: %s; mirroring degraded until it answers", spec, exc)
             state.last_error = str(exc)
@@ -360,10 +360,10 @@ class MirrorLayer(Layer):
         if state.phase in (Phase.STANDBY, Phase.FAILED_OVER):
             if secondary is None:
                 raise BlktapError(f"secondary {spec}: {state.last_error}", errno=errno.EIO)
+        elif state.phase == Phase.DEGRADED:
+            layer._start(layer._recover())  # opens the secondary again if needed
         elif secondary is None:
             layer._degrade(state.last_error or "cannot open the secondary", mark_unflushed=False)
-        elif state.phase == Phase.DEGRADED:
-            layer._start(layer._recover())
         elif state.missed.count:
             layer._start(layer._copy())
         else:
@@ -575,7 +575,7 @@ class MirrorLayer(Layer):
                 try:
                     self.secondary = await _open_secondary(state.spec, self.next.size,
                                                            self.options)
-                except BlktapError as exc:
+                except (BlktapError, OSError) as exc:
                     state.last_error = str(exc)
             if self.secondary is not None:
                 probe = memoryview(bytearray(SECTOR_SIZE))
