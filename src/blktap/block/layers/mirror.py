@@ -71,7 +71,8 @@ Writes go to the primary only. When the primary fails a write or write-zeroes wi
 ENOSPC, the VBD fails over for good (as the C tapdisk, which puts the secondary in
 front of the leaf): that write and every later one go to the secondary; reads come from
 the secondary where its leaf holds the range (DATA or ZERO) and from the primary where
-it does not (a raw secondary holds everything). ``FIXME_enospc_redirect_count`` counts
+it does not (a raw secondary holds everything); a flush goes to both, a trim is dropped
+(it could expose the primary's older bytes). ``FIXME_enospc_redirect_count`` counts
 the sectors written after the fail-over, as in C. A standby layer sees every request
 (reads too).
 
@@ -401,9 +402,9 @@ class MirrorLayer(Layer):
 
     async def discard(self, offset: int, length: int) -> None:
         if self.state.spec.standby:
-            if self.state.phase == Phase.FAILED_OVER and self.secondary is not None:
-                await self.secondary.discard(offset, length)
-            else:
+            # After a fail-over a trim is dropped (it is advisory): one on the secondary
+            # could expose the primary's older bytes below it.
+            if self.state.phase == Phase.STANDBY:
                 await self.next.discard(offset, length)
             return
         # Advisory on each side, applied differently: the copier makes them agree.
@@ -422,8 +423,8 @@ class MirrorLayer(Layer):
         if self.secondary is None or phase in (Phase.DEGRADED, Phase.STANDBY):
             await self.next.flush()
             return
-        if phase == Phase.FAILED_OVER:
-            await self.secondary.flush()
+        if phase == Phase.FAILED_OVER:  # the primary holds the writes from before it
+            await _both(self.next.flush(), self.secondary.flush())
             return
         gen = self._write_gen
         sec = self.secondary
@@ -502,6 +503,12 @@ class MirrorLayer(Layer):
         time. A request still running then is kept as an orphan: it is never cancelled
         (the driver may still retry it), and the recovery waits for it to end."""
         if task is None:
+            return False
+        if task.done():
+            exc = task.exception()
+            if exc is None:
+                return True
+            self.state.last_error = f"{type(exc).__name__}: {exc}"
             return False
         remaining = start + self.state.spec.timeout_s - time.monotonic()
         done, _ = await asyncio.wait({task}, timeout=max(remaining, 0.001))
@@ -807,6 +814,13 @@ def _seed(missed: BlockMap, stack: Stack, copy: str) -> None:
             if not ext.flags & STATE_ZERO:
                 first, n = _blocks(ext.offset, ext.length)
                 missed.set_range(first, n)
+
+
+async def _both(first: Awaitable[None], second: Awaitable[None]) -> None:
+    """Run both to the end, then raise the first one's error, if any."""
+    for result in await asyncio.gather(first, second, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
 
 
 async def _sleep_unless(event: asyncio.Event, delay: float) -> None:
