@@ -43,9 +43,9 @@ def tapctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class Vbd:
     """A VBD made by ``tap-ctl create -a aio:IMAGE`` with its block device."""
 
-    def __init__(self, image: Path) -> None:
+    def __init__(self, image: Path, *flags: str) -> None:
         self.image = image
-        self.device = tapctl("create", "-a", f"aio:{image}").stdout.strip()
+        self.device = tapctl("create", "-a", f"aio:{image}", *flags).stdout.strip()
         (entry,) = [e for e in json.loads(tapctl("list", "--json").stdout)
                     if e["path"] == str(image)]
         self.pid, self.minor = int(entry["pid"]), int(entry["minor"])
@@ -75,15 +75,15 @@ def image(run_dir: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def make(image: Path, request: pytest.FixtureRequest) -> Vbd:
-    vbd = Vbd(image)
+def make(image: Path, request: pytest.FixtureRequest, *flags: str) -> Vbd:
+    vbd = Vbd(image, *flags)
     request.addfinalizer(vbd.destroy)  # before run_dir's sweep: a clean destroy first
     return vbd
 
 
-def passthrough_vbd(image: Path, request: pytest.FixtureRequest) -> Vbd:
+def passthrough_vbd(image: Path, request: pytest.FixtureRequest, *flags: str) -> Vbd:
     """A VBD whose block device passes I/O through; skips where the kernel cannot."""
-    vbd = make(image, request)
+    vbd = make(image, request, *flags)
     info = vbd.blockdev()
     if info["io_path"] != "passthrough" and "kernel" in info["passthrough_reason"]:
         pytest.skip(f"no FUSE passthrough here: {info['passthrough_reason']}")
@@ -231,3 +231,34 @@ def test_destroy_while_paused_with_passthrough(image: Path,
     assert not os.path.exists(vbd.device)
     backing = Path(f"/sys/block/{os.path.basename(loop)}/loop/backing_file")
     assert not backing.exists() or str(image) not in backing.read_text()
+
+
+def test_read_only_pause_holds_reads_and_resume_follows_a_new_file(
+        image: Path, request: pytest.FixtureRequest, run_dir: str) -> None:
+    first = os.urandom(MiB)
+    with open(image, "r+b") as f:
+        f.write(first)
+    vbd = passthrough_vbd(image, request, "-R")
+    out, _ = dd_read(vbd.device, 0, MiB).communicate(timeout=30)
+    assert out == first
+    tapctl("pause", *vbd.ids())
+    assert vbd.blockdev()["held"] is True
+    # The loop device reads tapdisk's served name now: a read waits for the resume.
+    reader = dd_read(vbd.device, 0, MiB)
+    try:
+        assert still_running(reader, 1.0), "a read went through while paused"
+        other = Path(run_dir) / "other.raw"
+        second = os.urandom(MiB)
+        with open(other, "wb") as f:
+            f.truncate(SIZE)
+            f.write(second)
+    finally:
+        tapctl("unpause", *vbd.ids(), "-a", f"aio:{other}")
+    out, _ = reader.communicate(timeout=30)
+    assert out == second  # the held read was served by the resumed VBD, on the new file
+    info = vbd.blockdev()
+    assert info["held"] is False and info["io_path"] == "passthrough", info
+    reads_before = info["fuse_reads"]
+    out, _ = dd_read(vbd.device, 0, MiB).communicate(timeout=30)
+    assert out == second
+    assert vbd.blockdev()["fuse_reads"] == reads_before  # passthrough again

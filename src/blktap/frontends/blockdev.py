@@ -53,6 +53,11 @@ log = logging.getLogger(__name__)
 FILE_NAME = "disk"
 FILE_ID = 2
 """Node id of the one file (the root directory is fuse.ROOT_ID)."""
+SERVED_NAME = "disk.served"
+SERVED_ID = 3
+"""A second name for the same bytes, never opened with passthrough: a read-only loop
+device is switched onto it (LOOP_CHANGE_FD) while its VBD is paused. Not listed."""
+_DATA_IDS = (FILE_ID, SERVED_ID)
 
 MAX_IO = 1 << 20
 """Largest READ or WRITE negotiated with the kernel (max_write, max_pages)."""
@@ -95,6 +100,7 @@ def passthrough_wanted() -> bool:
 # --------------------------------------------------------------------- loop ioctls
 # linux/loop.h
 _LOOP_CLR_FD = 0x4C01
+_LOOP_CHANGE_FD = 0x4C06
 _LOOP_CONFIGURE = 0x4C0A
 _LOOP_CTL_GET_FREE = 0x4C82
 _LO_FLAGS_READ_ONLY = 1
@@ -287,6 +293,23 @@ def _loop_attach(path: str, read_only: bool, direct: bool) -> str:
         os.close(fd)
 
 
+def _loop_change_fd(device: str, path: str, direct: bool) -> None:
+    """LOOP_CHANGE_FD: the read-only loop ``device`` goes on reading ``path`` (same size).
+    The kernel drains the device's requests in flight first.
+
+    Blocks until the FUSE server answers the open: call it outside the event loop's
+    thread."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0))
+    try:
+        lfd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(lfd, _LOOP_CHANGE_FD, fd)
+        finally:
+            os.close(lfd)
+    finally:
+        os.close(fd)
+
+
 def _loop_claimed(device: str) -> bool:
     """Whether ``device`` is held exclusively (mounted, a dm/md member, ...)."""
     try:
@@ -433,6 +456,8 @@ class _FuseSession:
         self._file = fuse.Attr(FILE_ID, self._size,
                                stat.S_IFREG | (0o400 if self._read_only else 0o600),
                                time=now, blksize=FILE_BLKSIZE)
+        self._served = fuse.Attr(SERVED_ID, self._size, self._file.mode, time=now,
+                                 blksize=FILE_BLKSIZE)
         self._sync_ops: dict[int, SyncOp] = {
             Opcode.INIT: self._init,
             Opcode.LOOKUP: self._lookup,
@@ -557,7 +582,7 @@ class _FuseSession:
             self._send_errno(unique, errno.EINVAL)
             return
         _fh, offset, size, _flags = _unpack_read(self._head, _IN_SIZE)
-        if nodeid != FILE_ID:
+        if nodeid not in _DATA_IDS:
             self._send_errno(unique, errno.EISDIR if nodeid == fuse.ROOT_ID else errno.ENOENT)
             return
         if size > MAX_IO:
@@ -594,7 +619,7 @@ class _FuseSession:
                             n - fuse.WRITE_HEAD_SIZE)
             self._send_errno(unique, errno.EINVAL)
             return
-        if nodeid != FILE_ID:
+        if nodeid not in _DATA_IDS:
             self._send_errno(unique, errno.EBADF)
             return
         data = self._data
@@ -699,6 +724,8 @@ class _FuseSession:
     def _attr(self, nodeid: int) -> fuse.Attr:
         if nodeid == FILE_ID:
             return self._file
+        if nodeid == SERVED_ID:
+            return self._served
         if nodeid == fuse.ROOT_ID:
             return self._root
         raise BlktapError(f"no inode {nodeid}", errno=errno.ENOENT)
@@ -728,9 +755,11 @@ class _FuseSession:
 
     def _lookup(self, nodeid: int, body: memoryview) -> Payload:
         name = fuse.decode_name(body)
-        if nodeid != fuse.ROOT_ID or name != FILE_NAME.encode():
-            raise BlktapError(f"no {name!r} in inode {nodeid}", errno=errno.ENOENT)
-        return fuse.encode_entry_out(self._file, ATTR_VALID_SECONDS)
+        if nodeid == fuse.ROOT_ID and name == FILE_NAME.encode():
+            return fuse.encode_entry_out(self._file, ATTR_VALID_SECONDS)
+        if nodeid == fuse.ROOT_ID and name == SERVED_NAME.encode():
+            return fuse.encode_entry_out(self._served, ATTR_VALID_SECONDS)
+        raise BlktapError(f"no {name!r} in inode {nodeid}", errno=errno.ENOENT)
 
     def _getattr(self, nodeid: int, _body: memoryview) -> Payload:
         return fuse.encode_attr_out(self._attr(nodeid), ATTR_VALID_SECONDS)
@@ -750,11 +779,11 @@ class _FuseSession:
 
     def _open(self, nodeid: int, body: memoryview) -> Payload:
         flags = fuse.decode_open_flags(body)
-        if nodeid != FILE_ID:
+        if nodeid not in _DATA_IDS:
             raise BlktapError("not a file", errno=errno.EISDIR)
         if self._read_only and flags & os.O_ACCMODE != os.O_RDONLY:
             raise BlktapError("the device is read-only", errno=errno.EROFS)
-        if self.backing_id is not None:
+        if self.backing_id is not None and nodeid == FILE_ID:
             # Every open of an inode in passthrough mode must name the same backing file.
             return fuse.encode_open_out(0, fuse.OpenFlag.PASSTHROUGH, self.backing_id)
         return fuse.encode_open_out(0, self._open_flags)
@@ -793,7 +822,7 @@ class _FuseSession:
         raise BlktapError("the filesystem holds exactly one file", errno=errno.EPERM)
 
     def _fsync(self, nodeid: int, _body: memoryview) -> Coroutine[Any, Any, Payload]:
-        if nodeid != FILE_ID:
+        if nodeid not in _DATA_IDS:
             return _done_payload()
         return self._flush()
 
@@ -803,7 +832,7 @@ class _FuseSession:
 
     def _fallocate(self, nodeid: int, body: memoryview) -> Coroutine[Any, Any, Payload]:
         req = fuse.FallocateIn.decode(body)
-        if nodeid != FILE_ID:
+        if nodeid not in _DATA_IDS:
             raise BlktapError("not a file", errno=errno.EISDIR)
         mode = req.mode
         end = req.offset + req.length
@@ -905,7 +934,10 @@ class BlockDevice:
     (:func:`_wait_direct_io`: ext4, XFS).
     Reads that arrive alone still reach the image file, which the kernel keeps open while
     paused. A resume must land on the same file with the same routes (:meth:`resumed`
-    refuses any other). Otherwise (``fuse``) every request goes through tapdisk.
+    refuses any other). A read-only device does better: LOOP_CHANGE_FD moves it onto
+    a second name of the file that tapdisk serves (``disk.served``), so that a pause holds
+    every request and lets the image file go, and a resume moves it back, onto whichever
+    file the VBD then has. Otherwise (``fuse``) every request goes through tapdisk.
     """
 
     BUSY_TIMEOUT = 2.0
@@ -921,6 +953,7 @@ class BlockDevice:
         # Resolved, as the kernel shows the loop device's backing file.
         self.mountpoint = os.path.join(os.path.realpath(run_dir), "fuse", str(minor))
         self.file_path = os.path.join(self.mountpoint, FILE_NAME)
+        self.served_path = os.path.join(self.mountpoint, SERVED_NAME)
         self.dev_dir = dev_dir
         self.path = os.path.join(dev_dir, f"tapdev{minor}")
         self.loop_device: str | None = None
@@ -938,6 +971,7 @@ class BlockDevice:
         self._holder: asyncio.subprocess.Process | None = None  # sends the hold
         self._holder_exit: asyncio.Future[int] | None = None
         self._loop_base = (0, 0, 0, 0, 0)  # the loop device's counters when bound
+        self._swapped = False  # a read-only device moved onto SERVED_NAME for a pause
         self._mounted = False
         self._linked = False
         self._started = False
@@ -956,7 +990,7 @@ class BlockDevice:
             self.loop_device, self.direct_io, session.inflight if session else 0,
             reads, writes, largest_read, largest_write, self.io_path,
             self.passthrough_reason, loop[0], loop[1], loop[2], loop[3],
-            session is not None and session.hold_unique is not None)
+            self._swapped or (session is not None and session.hold_unique is not None))
 
     def report(self) -> dict[str, object]:
         """What STATS adds for this device (``blockdev``): the I/O path and counters."""
@@ -1010,7 +1044,7 @@ class BlockDevice:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         os.makedirs(os.path.dirname(self.mountpoint), mode=0o700, exist_ok=True)
-        for stale in loops_backed_by(self.file_path):
+        for stale in loops_backed_by(self.file_path) + loops_backed_by(self.served_path):
             # Left by a tapdisk that died: its I/O fails at once, so clearing is quick;
             # if something still holds it open it detaches on its last close.
             self.log.warning("detaching %s, left on %s by a previous tapdisk", stale,
@@ -1138,10 +1172,19 @@ class BlockDevice:
         lets the held writes go.
         """
         session = self._session
-        if (self.io_path != IO_PASSTHROUGH or session is None or self.vbd.read_only
-                or self._holder is not None):
+        if self.io_path != IO_PASSTHROUGH or session is None or self._holder is not None:
             return
         loop = asyncio.get_running_loop()
+        if self.vbd.read_only:
+            if not self._swapped and self.loop_device is not None:
+                # A read-only device can change its file: onto the served name, whose
+                # reads wait for the paused VBD, and the image file is let go.
+                await loop.run_in_executor(None, _loop_change_fd, self.loop_device,
+                                           self.served_path, self.direct_io)
+                self._swapped = True
+                self._backing = loop_backing_file(self.loop_device) or self.served_path
+                self.log.info("%s: served by tapdisk while paused", self.path)
+            return
         session.hold_taken = loop.create_future()
         tool = shutil.which("fallocate")
         argv = ([tool, "--keep-size", "--punch-hole", "--offset", str(_HOLD_OFFSET),
@@ -1176,12 +1219,16 @@ class BlockDevice:
                           f"{err.decode(errors='replace').strip() or 'no answer'}",
                           errno=errno.EIO)
 
-    def resumed(self) -> None:
+    async def resumed(self) -> None:
         """After the VBD resumed: let held writes go if the device can follow the new
         stack. Raises Busy (holding on) when it cannot: passthrough goes to the file the
         device started on, which the new stack no longer is, or a layer of the new stack
-        must see every request."""
+        must see every request. A read-only device always follows: back to passthrough
+        on the new stack's file where it can, else served by tapdisk from now on."""
         if self.io_path != IO_PASSTHROUGH:
+            return
+        if self._swapped:
+            await self._resume_read_only()
             return
         why, path = self._passthrough_refusal()
         if path is not None:
@@ -1197,6 +1244,35 @@ class BlockDevice:
                        f"image file and cannot change that ({why}); destroy and recreate "
                        f"the device, or create it with {PASSTHROUGH_ENV}=off")
         self._release_hold()
+
+    async def _resume_read_only(self) -> None:
+        session = self._session
+        assert session is not None and self.loop_device is not None
+        self._swapped = False  # resumed: on whichever file, the device no longer waits
+        why, path = self._passthrough_refusal()
+        if path is not None:
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                why = f"{path}: {exc.strerror}"
+            else:
+                if (st.st_dev, st.st_ino) != self._backing_key:
+                    self._drop_passthrough("the image file changed")
+                    self._setup_passthrough()
+                    why = self.passthrough_reason if session.backing_id is None else ""
+        if why:
+            self._drop_passthrough(why)
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, _loop_change_fd, self.loop_device, self.file_path, self.direct_io)
+        except OSError as exc:
+            self._drop_passthrough(f"back to passthrough: {exc.strerror}")
+            return
+        self.io_path = IO_PASSTHROUGH
+        self.passthrough_reason = ""
+        self._backing = loop_backing_file(self.loop_device) or self.file_path
+        self.log.info("%s: passthrough again", self.path)
 
     def _release_hold(self) -> None:
         if self._session is not None and self._session.hold_unique is not None:

@@ -82,7 +82,7 @@ class PauseAware(Protocol):
 
     async def hold_io(self) -> None: ...
 
-    def resumed(self) -> None:
+    async def resumed(self) -> None:
         """Let held I/O go; raise BlktapError when the frontend cannot follow the
         resumed stack (the VBD is then paused again)."""
 
@@ -356,7 +356,7 @@ class Tapdisk:
         try:
             for frontend in attached.frontends:
                 if isinstance(frontend, PauseAware):
-                    frontend.resumed()
+                    await frontend.resumed()
         except BlktapError:
             # A frontend that cannot follow the new stack (FUSE passthrough under a new
             # log layer): paused again on the stack it can follow, so that a plain
