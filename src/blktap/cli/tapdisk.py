@@ -37,6 +37,8 @@ environment:
   {paths.RUN_DIR_ENV}   run directory (default {paths.DEFAULT_RUN_DIR})
   {paths.DEV_DIR_ENV}   block device directory (default {paths.DEFAULT_DEV_DIR})
   BLKTAP_BLOCKDEV  auto, on or off: the default of --blockdev
+  BLKTAP_FORKSERVER  off, or the seconds the run directory's fork server stays idle
+                   (default 600): started without arguments, tapdisk is forked from it
   BLKTAP_FUSE_PASSTHROUGH  auto or off: whether the kernel block device of a VBD on
                    one raw file lets the kernel read and write the file itself (FUSE
                    passthrough, where the kernel has it); STATS' blockdev.io_path says
