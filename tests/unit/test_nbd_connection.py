@@ -23,11 +23,13 @@ from typing import Any, TypeVar
 import pytest
 
 from blktap.block.driver import OpenOptions
+from blktap.block.layers.log import LogSlot
 from blktap.frontends.nbd_connection import NbdConnection
 from blktap.frontends.nbd_flow import INTAKE_TRANSITIONS, Intake
 from blktap.frontends.nbd_lane_policy import LANE_TRANSITIONS, LaneEvent, LaneState
 from blktap.frontends.nbd_listen import Listener
 from blktap.frontends.nbd_server import NbdServer
+from blktap.proto import cbt
 from blktap.vbd import VBD, ImageSpec
 
 T = TypeVar("T")
@@ -325,8 +327,8 @@ def test_option_haggling(image: str) -> None:
             assert wire.option_reply()[:2] == (OPT_LIST, REP_ACK)
             assert wire.go_replies(OPT_INFO)[0] == SIZE  # INFO: still haggling after it
             assert wire.option_reply()[:2] == (OPT_STRUCTURED_REPLY, REP_ACK)
-            # No such context (yet: a CBT export will have it): just the ACK. Each SET
-            # replaces what the one before chose.
+            # No such context (this VBD has no changed-block log): just the ACK. Each
+            # SET replaces what the one before chose.
             assert wire.option_reply()[:2] == (OPT_SET_META_CONTEXT, REP_ACK)
             opt, rep, data = wire.option_reply()
             assert (opt, rep, data[4:]) == (OPT_SET_META_CONTEXT, REP_META_CONTEXT,
@@ -781,5 +783,176 @@ def test_a_move_the_table_lacks_is_refused(image: str) -> None:
             h.conn.abort()
             await h.settle()
             await vbd.close()
+
+    run(body)
+
+
+# ------------------------------------------------------- the changed-block context
+OPT_LIST_META_CONTEXT = 9
+BITMAP = b"qemu:dirty-bitmap:vm1"  # the log vm1.cbtlog
+BLOCK64 = 64 * KIB
+
+
+def meta_queries(opt: int, *queries: bytes) -> bytes:
+    data = struct.pack(">II", 0, len(queries))
+    for q in queries:
+        data += struct.pack(">I", len(q)) + q
+    return option(opt, data)
+
+
+def contexts(wire: Wire, opt: int) -> list[tuple[int, bytes]]:
+    """The META_CONTEXT replies to one LIST or SET, up to its ACK: (id, name)."""
+    out: list[tuple[int, bytes]] = []
+    while True:
+        got, rep, data = wire.option_reply()
+        assert got == opt
+        if rep == REP_ACK:
+            return out
+        assert rep == REP_META_CONTEXT
+        out.append((struct.unpack(">I", data[:4])[0], data[4:]))
+
+
+def status_chunks(wire: Wire, cookie: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """The chunks of one BLOCK_STATUS reply, up to DONE: (DONE flag, context, extents)."""
+    out = []
+    while True:
+        flags, kind, got, payload = wire.chunk()
+        assert (kind, got) == (CHUNK_BLOCK_STATUS, cookie), (kind, payload)
+        extents = [struct.unpack(">II", payload[i : i + 8]) for i in range(4, len(payload), 8)]
+        out.append((flags & 1, struct.unpack(">I", payload[:4])[0], extents))
+        if flags & 1:
+            return out
+
+
+async def open_logged_vbd(image: str, log: Path) -> VBD:
+    log.write_bytes(cbt.CbtLog.new(SIZE).encode())
+    vbd = VBD(0)
+    await vbd.open(ImageSpec("aio", image), OpenOptions(), [LogSlot(str(log)).opener()])
+    return vbd
+
+
+def test_dirty_bitmap_context_listed_selected_and_reported(image: str, tmp_path: Path) -> None:
+    async def body() -> None:
+        vbd = await open_logged_vbd(image, tmp_path / "vm1.cbtlog")
+        h = Harness(vbd)
+        try:
+            list_ = OPT_LIST_META_CONTEXT
+            wire = await h.negotiate(
+                option(OPT_STRUCTURED_REPLY), meta_queries(list_),
+                meta_queries(list_, b"qemu:"), meta_queries(list_, b"qemu:dirty-bitmap:"),
+                meta_queries(list_, b"base:"), meta_queries(list_, b"qemu:dirty-bitmap:vm2"),
+                meta_queries(OPT_SET_META_CONTEXT, b"qemu:dirty-bitmap:other"),
+                meta_queries(OPT_SET_META_CONTEXT, BITMAP, b"base:allocation"))
+            assert wire.option_reply()[:2] == (OPT_STRUCTURED_REPLY, REP_ACK)
+            assert contexts(wire, list_) == [(0, b"base:allocation"), (0, BITMAP)]
+            assert contexts(wire, list_) == [(0, BITMAP)]
+            assert contexts(wire, list_) == [(0, BITMAP)]
+            assert contexts(wire, list_) == [(0, b"base:allocation")]
+            assert contexts(wire, list_) == []
+            assert contexts(wire, OPT_SET_META_CONTEXT) == []
+            chosen = {name: cid for cid, name in contexts(wire, OPT_SET_META_CONTEXT)}
+            assert set(chosen) == {b"base:allocation", BITMAP}
+            assert len(set(chosen.values())) == 2 and wire.rest() == 0
+            h.send(go())
+            await h.settle()
+            h.take().go_replies()
+
+            # Writes: block 1 whole, a byte in block 3, blocks 5-6 (unaligned), the last.
+            writes = [(BLOCK64, BLOCK64), (3 * BLOCK64 + 100, 1),
+                      (5 * BLOCK64 + 10, BLOCK64), (SIZE - 512, 512)]
+            for cookie, (offset, length) in enumerate(writes, 10):
+                h.send(request(WRITE, cookie, offset, length, payload=pattern(cookie, length)))
+            await h.settle()
+            wire = h.take()
+            done = sorted(wire.simple()[:2] for _ in writes)  # in any order
+            assert done == [(0, c) for c in range(10, 10 + len(writes))]
+            dirty = {1, 3, 5, 6, SIZE // BLOCK64 - 1}
+
+            h.send(request(BLOCK_STATUS, 20, 0, SIZE))
+            await h.settle()
+            (d1, c1, alloc), (d2, c2, bits) = status_chunks(h.take(), 20)
+            assert (d1, c1, d2, c2) == (0, chosen[b"base:allocation"], 1, chosen[BITMAP])
+            assert sum(n for n, _ in alloc) <= SIZE
+            assert bits == [(BLOCK64, 0), (BLOCK64, 1), (BLOCK64, 0), (BLOCK64, 1),
+                            (BLOCK64, 0), (2 * BLOCK64, 1), (SIZE - 8 * BLOCK64, 0),
+                            (BLOCK64, 1)]
+            pos = 0
+            for n, flag in bits:
+                assert bool(flag) == all(b in dirty for b in range(pos // BLOCK64,
+                                                                   (pos + n) // BLOCK64))
+                pos += n
+
+            # Clipped to the request at both ends, block boundaries in between.
+            h.send(request(BLOCK_STATUS, 21, BLOCK64 + 7, 2 * BLOCK64 + 9))
+            await h.settle()
+            bits = status_chunks(h.take(), 21)[1][2]
+            assert bits == [(BLOCK64 - 7, 1), (BLOCK64, 0), (16, 1)]
+
+            # REQ_ONE: one extent per context, within the request.
+            h.send(request(BLOCK_STATUS, 22, 5 * BLOCK64 + 1, 1000, flags=CMD_REQ_ONE)
+                   + request(BLOCK_STATUS, 23, 7 * BLOCK64, 3 * BLOCK64, flags=CMD_REQ_ONE)
+                   + request(BLOCK_STATUS, 24, 0, 4 * BLOCK64, flags=CMD_REQ_ONE))
+            await h.settle()
+            wire = h.take()
+            replies: dict[int, list[tuple[int, tuple[int, int]]]] = {}
+            for _ in range(3):
+                flags, kind, cookie, payload = wire.chunk()
+                assert kind == CHUNK_BLOCK_STATUS and len(payload) == 4 + 8
+                replies.setdefault(cookie, []).append(
+                    (struct.unpack(">I", payload[:4])[0], struct.unpack(">II", payload[4:])))
+                if not flags & 1:
+                    flags, kind, got, payload = wire.chunk()
+                    assert got == cookie and flags & 1 and len(payload) == 4 + 8
+                    replies[cookie].append((struct.unpack(">I", payload[:4])[0],
+                                            struct.unpack(">II", payload[4:])))
+            mine = {c: dict(r)[chosen[BITMAP]] for c, r in replies.items()}
+            assert mine == {22: (1000, 1), 23: (3 * BLOCK64, 0), 24: (BLOCK64, 0)}
+            assert wire.rest() == 0
+        finally:
+            h.conn.abort()
+            await h.settle()
+            await vbd.close()
+
+    run(body)
+
+
+def test_dirty_bitmap_context_alone_and_without_a_log(image: str, tmp_path: Path) -> None:
+    async def body() -> None:
+        vbd = await open_logged_vbd(image, tmp_path / "vm1.cbtlog")
+        plain = await open_vbd(image)
+        h = Harness(vbd)
+        h2 = Harness(plain)
+        try:
+            await h.negotiate(option(OPT_STRUCTURED_REPLY),
+                              meta_queries(OPT_SET_META_CONTEXT, BITMAP), go())
+            h.send(request(WRITE, 1, 2 * BLOCK64, 512, payload=bytes(512)))
+            await h.settle()
+            assert h.take().simple() == (0, 1, b"")  # acknowledged: its bit is seen
+            h.send(request(BLOCK_STATUS, 2, 0, 4 * BLOCK64))
+            await h.settle()
+            wire = h.take()
+            ((done, cid, bits),) = status_chunks(wire, 2)  # one chunk: the bitmap's
+            assert done == 1 and cid != 0
+            assert bits == [(2 * BLOCK64, 0), (BLOCK64, 1), (BLOCK64, 0)]
+
+            # A VBD without a log offers no bitmap: none listed, none selected.
+            wire = await h2.negotiate(option(OPT_STRUCTURED_REPLY),
+                                      meta_queries(OPT_LIST_META_CONTEXT),
+                                      meta_queries(OPT_SET_META_CONTEXT, BITMAP), go())
+            assert wire.option_reply()[:2] == (OPT_STRUCTURED_REPLY, REP_ACK)
+            assert contexts(wire, OPT_LIST_META_CONTEXT) == [(0, b"base:allocation")]
+            assert contexts(wire, OPT_SET_META_CONTEXT) == []
+            wire.go_replies()
+            h2.send(request(BLOCK_STATUS, 3, 0, BLOCK64))
+            await h2.settle()
+            _, kind, cookie, payload = h2.take().chunk()
+            assert (kind, cookie) == (CHUNK_ERROR, 3)
+            assert struct.unpack(">I", payload[:4])[0] == EINVAL
+        finally:
+            for x in (h, h2):
+                x.conn.abort()
+                await x.settle()
+            await vbd.close()
+            await plain.close()
 
     run(body)
