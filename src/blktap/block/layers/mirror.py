@@ -336,6 +336,8 @@ class MirrorLayer(Layer):
         self._stopping = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._write_gen = 0
+        """Bumped when a secondary write starts and when it ends: a flush clears
+        ``unflushed`` only if it did not change while the flush ran."""
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -356,11 +358,12 @@ class MirrorLayer(Layer):
                 raise
             log.error("secondary %s: %s; mirroring degraded until it answers", spec, exc)
             state.last_error = str(exc)
+        if state.phase in (Phase.STANDBY, Phase.FAILED_OVER) and secondary is None:
+            raise BlktapError(f"secondary {spec}: {state.last_error}", errno=errno.EIO)
         layer = cls(next, options, state, secondary)
         state.open = True
         if state.phase in (Phase.STANDBY, Phase.FAILED_OVER):
-            if secondary is None:
-                raise BlktapError(f"secondary {spec}: {state.last_error}", errno=errno.EIO)
+            pass
         elif state.phase == Phase.DEGRADED:
             layer._start(layer._recover())  # opens the secondary again if needed
         elif secondary is None:
@@ -482,9 +485,13 @@ class MirrorLayer(Layer):
                 assert self.state.missed is not None
                 self.state.missed.set_range(first, n)
                 await self._settle(task, start)
+                self._write_gen += 1
                 self._kick()
                 raise
-            if not await self._settle(task, start):
+            settled = await self._settle(task, start)
+            # Started and ended: a flush sent meanwhile may not cover it (see flush).
+            self._write_gen += 1
+            if not settled:
                 assert self.state.missed is not None
                 self.state.missed.set_range(first, n)
                 if self.secondary is sec:
@@ -678,6 +685,7 @@ class MirrorLayer(Layer):
             log.error("copying blocks %d+%d to the secondary: %s", first, n, exc)
             state.last_error = f"primary: {exc}"
         finally:
+            self._write_gen += 1
             self._runs.discard(run)
             if not copied or run.touched:
                 state.missed.set_range(first, n)
