@@ -1,9 +1,10 @@
 """A throwaway Ceph cluster for the tests (scripts/ceph-cluster.sh), started once per run.
 
 :func:`shared_cluster` starts it on first use in a private short directory and stops it
-(everything removed) when the test process ends, however it ends short of SIGKILL; the
-``ceph_cluster`` fixture of tests/system/test_rbd.py and the ``rbd`` conformance case
-(tests/conformance.py) share it. Images get unique names; each user removes its own.
+(everything removed) when the test process ends, however it ends (atexit, and a detached
+watcher for deaths that skip atexit); the ``ceph_cluster`` fixture of
+tests/system/test_rbd.py and the ``rbd`` conformance case (tests/conformance.py) share it.
+Images get unique names; each user removes its own.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import atexit
 import contextlib
 import itertools
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -90,6 +92,7 @@ def shared_cluster() -> Cluster:
     if _cluster is None:
         path = tempfile.mkdtemp(prefix="ceph-", dir="/tmp")  # short: socket paths
         atexit.register(_stop, path)
+        _watch(path)
         proc = subprocess.run([SCRIPT, "start", path], capture_output=True, text=True,
                               timeout=180)
         if proc.returncode != 0:
@@ -107,6 +110,17 @@ def stop_shared_cluster() -> None:
     if _cluster is not None:
         _stop(_cluster.dir)
         _cluster = None
+
+
+def _watch(path: str) -> None:
+    """A detached watcher that stops the cluster once this process is gone, also when
+    it dies without running atexit (SIGTERM from a timeout, SIGKILL)."""
+    me = os.getpid()
+    script = (f"while kill -0 {me} 2>/dev/null; do sleep 2; done; "
+              f"{shlex.quote(SCRIPT)} stop {shlex.quote(path)}; rm -rf {shlex.quote(path)}")
+    # Backgrounded by the shell, which exits at once: the watcher is nobody's child here.
+    subprocess.run(["sh", "-c", f"({script}) </dev/null >/dev/null 2>&1 &"],
+                   check=True, timeout=30, start_new_session=True)
 
 
 def _stop(path: str) -> None:
