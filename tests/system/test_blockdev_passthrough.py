@@ -69,6 +69,8 @@ class Vbd:
 @pytest.fixture
 def image(run_dir: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("BLKTAP_BLOCKDEV", "on")
+    # Read-write devices use passthrough only when asked (auto: read-only ones only).
+    monkeypatch.setenv("BLKTAP_FUSE_PASSTHROUGH", "on")
     path = Path(run_dir) / "disk.raw"
     with open(path, "wb") as f:
         f.truncate(SIZE)
@@ -167,14 +169,31 @@ def test_forced_fallback_serves_every_request(image: Path, request: pytest.Fixtu
     assert vbd.blockdev()["fuse_writes"] > 0
 
 
-@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_auto_passes_through_read_only_devices_only(image: Path,
+                                                     request: pytest.FixtureRequest,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default keeps a read-write device's pause and live-snapshot unpause whole."""
+    monkeypatch.setenv("BLKTAP_FUSE_PASSTHROUGH", "auto")
+    rw = make(image, request)
+    info = rw.blockdev()
+    assert info["io_path"] == "fuse"
+    assert "read-write device" in info["passthrough_reason"]
+    rw.destroy()
+    ro = make(image, request, "-R")
+    info = ro.blockdev()
+    if "kernel" in info["passthrough_reason"]:
+        pytest.skip(f"no FUSE passthrough here: {info['passthrough_reason']}")
+    assert info["io_path"] == "passthrough", info
+
+
+@pytest.mark.parametrize("mode", ["on", "auto", "off"])
 @pytest.mark.parametrize("engine", ["io_uring", "libaio"])
 def test_fio_verify_through_each_path(image: Path, request: pytest.FixtureRequest,
                                       monkeypatch: pytest.MonkeyPatch, mode: str,
                                       engine: str) -> None:
     monkeypatch.setenv("BLKTAP_FUSE_PASSTHROUGH", mode)
     vbd = make(image, request)
-    assert vbd.blockdev()["io_path"] in (("fuse",) if mode == "off"
+    assert vbd.blockdev()["io_path"] in (("fuse",) if mode != "on"
                                          else ("passthrough", "fuse"))
     probe = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True, timeout=30)
     if engine not in probe.stdout:

@@ -39,9 +39,12 @@ environment:
   BLKTAP_BLOCKDEV  auto, on or off: the default of --blockdev
   BLKTAP_FORKSERVER  off, or the seconds the run directory's fork server stays idle
                    (default 600): started without arguments, tapdisk is forked from it
-  BLKTAP_FUSE_PASSTHROUGH  auto or off: whether the kernel block device of a VBD on
-                   one raw file lets the kernel read and write the file itself (FUSE
-                   passthrough, where the kernel has it); STATS' blockdev.io_path says
+  BLKTAP_FUSE_PASSTHROUGH  auto, on or off: whether the kernel block device of a VBD
+                   on one raw file lets the kernel read and write the file itself (FUSE
+                   passthrough, where the kernel has it): auto for read-only devices
+                   (default), on for read-write ones too (a pause then holds writes but
+                   not lone reads, and an unpause onto another file is refused), off
+                   for none; STATS' blockdev.io_path says
 
 Logs go to syslog (daemon facility) when daemonized, to standard error with -D.
 """

@@ -15,7 +15,9 @@ that many requests are in flight at once and replies go out in completion order.
 Where the VBD is one raw file and the kernel has FUSE passthrough (6.9 and later), the
 file is opened with FOPEN_PASSTHROUGH instead and the kernel does the loop device's reads
 and writes on the image file itself (see :class:`BlockDevice` for what that costs a
-pause); BLKTAP_FUSE_PASSTHROUGH=off, or a kernel without it, keeps every request here.
+pause). By default (BLKTAP_FUSE_PASSTHROUGH=auto) only read-only devices use it;
+``on`` lets read-write devices use it too, ``off`` keeps every request here, as does a
+kernel without it.
 
 Deadlock rule: the thread running the event loop never does I/O on the FUSE file or the
 loop device itself (opening the file, configuring or clearing the loop device, and
@@ -28,6 +30,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import enum
 import errno
 import fcntl
 import logging
@@ -92,10 +95,29 @@ _HOLD_SCRIPT = (
 """What holds when util-linux's fallocate is missing."""
 
 
-def passthrough_wanted() -> bool:
-    """Whether BLKTAP_FUSE_PASSTHROUGH allows passthrough (anything but off/0/no/false)."""
+class PassthroughMode(enum.Enum):
+    """BLKTAP_FUSE_PASSTHROUGH: which block devices may use FUSE passthrough."""
+
+    OFF = "off"
+    """Never: every request goes through tapdisk."""
+    AUTO = "auto"
+    """Read-only devices only (the default): their pause holds every request and their
+    resume may land on another file, as without passthrough."""
+    ON = "on"
+    """Read-write devices too, with what a pause can do then (see :class:`BlockDevice`):
+    reads that arrive alone still reach the image while paused, and a resume must land
+    on the same file (a live snapshot's unpause onto a new leaf is refused)."""
+
+
+def passthrough_mode() -> PassthroughMode:
+    """BLKTAP_FUSE_PASSTHROUGH: ``off`` (also 0/no/false), ``on`` (also 1/yes/true),
+    anything else ``auto``."""
     value = os.environ.get(PASSTHROUGH_ENV, "auto").strip().lower()
-    return value not in ("off", "0", "no", "false")
+    if value in ("off", "0", "no", "false"):
+        return PassthroughMode.OFF
+    if value in ("on", "1", "yes", "true"):
+        return PassthroughMode.ON
+    return PassthroughMode.AUTO
 
 # --------------------------------------------------------------------- loop ioctls
 # linux/loop.h
@@ -966,7 +988,7 @@ class BlockDevice:
         self._backing = self.file_path
         self.io_path = IO_FUSE
         self.passthrough_reason = "not started"
-        self._want_passthrough = passthrough_wanted()
+        self._passthrough_mode = passthrough_mode()
         self._backing_key: tuple[int, int] | None = None
         self._holder: asyncio.subprocess.Process | None = None  # sends the hold
         self._holder_exit: asyncio.Future[int] | None = None
@@ -1057,7 +1079,7 @@ class BlockDevice:
         os.makedirs(self.mountpoint, mode=0o700, exist_ok=True)
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self._session = _FuseSession(fd, self.vbd, self.log, open_flags=self._open_flags,
-                                     passthrough=self._want_passthrough)
+                                     passthrough=self._passthrough_mode is not PassthroughMode.OFF)
         options = (f"fd={fd},rootmode={stat.S_IFDIR:o},user_id=0,group_id=0,allow_other,"
                    "default_permissions")
         # Mounting queues INIT and returns; nothing here waits for the server.
@@ -1104,8 +1126,14 @@ class BlockDevice:
     def _passthrough_refusal(self) -> tuple[str, str | None]:
         """``(reason, None)`` when the VBD cannot use passthrough now, else
         ``("", image path)``."""
-        if not self._want_passthrough:
+        mode = self._passthrough_mode
+        if mode is PassthroughMode.OFF:
             return f"{PASSTHROUGH_ENV}=off", None
+        if mode is PassthroughMode.AUTO and not self.vbd.read_only:
+            # A read-write passthrough device cannot hold every request while paused
+            # nor change its file at resume (the storage manager's live snapshot).
+            return (f"read-write device ({PASSTHROUGH_ENV}=on lets read-write devices "
+                    "use passthrough, with a weaker pause)"), None
         session = self._session
         if session is None or not session.passthrough:
             return "the kernel does not offer FUSE passthrough", None
