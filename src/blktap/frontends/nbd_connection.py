@@ -133,6 +133,7 @@ class NbdConnection(FlowControl, OutputBatching, InlineServing, LanePolicy):
         self._header_next = False
         self._carry = 0
         self._inline_counts = IOCounts()  # what one _inline call served
+        self._tls_early: bytearray | None = None  # set while start_tls runs (_start_tls)
         self._init_flow(server.max_inflight, server.max_inflight_bytes)
         self._init_output()
         self._init_lanes()
@@ -270,6 +271,10 @@ class NbdConnection(FlowControl, OutputBatching, InlineServing, LanePolicy):
                     data = self._rbuf[:end]
                     events, pos = codec.feed_partial(data)
                 else:
+                    if self._tls_early is not None:
+                        # Decrypted before start_tls returned: held until TLS is up.
+                        self._tls_early += self._rbuf[:end]
+                        return
                     events = codec.feed(self._rbuf[:end])  # negotiation
                 if self._big > 0 and events:
                     # A run of large WRITEs reads each header alone and its payload
@@ -402,11 +407,15 @@ class NbdConnection(FlowControl, OutputBatching, InlineServing, LanePolicy):
         assert self._fd < 0
         if self._out or self._held:
             self._flush()
+        # The TLS layer may pass on what follows the handshake before start_tls returns
+        # (asyncio's does): buffer_updated keeps it here until the codec knows TLS is up.
+        self._tls_early = bytearray()
         try:
             tls = await self._loop.start_tls(
                 transport, self, ctx, server_side=True,
                 ssl_handshake_timeout=self.server.handshake_timeout)
         except Exception as exc:  # SSLError, a timeout, a reset: this client only
+            self._tls_early = None
             self.protocol_errors += 1
             self.log.warning("minor %d: NBD client %s: TLS handshake failed: %s",
                              self.vbd.minor, self.peer, exc)
@@ -416,11 +425,18 @@ class NbdConnection(FlowControl, OutputBatching, InlineServing, LanePolicy):
             if not self.closed.done():
                 self.connection_lost(exc)
             return
+        early, self._tls_early = self._tls_early, None
         if tls is None or self.transport is None:  # gone during the handshake
             return
         self.transport = tls
         tls.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         codec.tls_started()
+        if early:
+            if len(early) > len(self._rbuf):  # a client does not haggle that much at once
+                self._broke_protocol(ProtocolError("too much data right after STARTTLS"))
+                return
+            self._rbuf[:len(early)] = early
+            self.buffer_updated(len(early))
         self.log.debug("minor %d: NBD client %s: TLS %s", self.vbd.minor, self.peer,
                        tls.get_extra_info("ssl_object").version())
 
