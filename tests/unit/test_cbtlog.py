@@ -320,3 +320,40 @@ def test_log_for_a_smaller_disk_is_refused(tmp_path: Path) -> None:
 def test_missing_log(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         CbtLogFile.open(str(tmp_path / "none.cbtlog"), 64 * MiB)
+
+
+@given(st.lists(st.tuples(st.integers(0, 8 * MiB - 1), st.integers(1, 2 * MiB)),
+                max_size=20),
+       st.lists(st.tuples(st.integers(0, 8 * MiB - 1), st.integers(1, 8 * MiB)),
+                min_size=1, max_size=10),
+       st.integers(1, 5))
+@settings(max_examples=60, deadline=None)
+def test_dirty_extents_match_the_marks(writes: list[tuple[int, int]],
+                                       queries: list[tuple[int, int]], limit: int) -> None:
+    """dirty_extents: runs that alternate, tile the range, end at block boundaries (or
+    the range's end), and say 1 exactly for marked blocks; ``limit`` cuts the list."""
+    size = 8 * MiB - 1000
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "e.cbtlog")
+        create(path, size)
+        log = CbtLogFile.open(path, size)
+        try:
+            for offset, length in writes:
+                offset = min(offset, size - 1)
+                log.mark(offset, min(length, size - offset))
+            for offset, length in queries:
+                offset = min(offset, size - 1)
+                length = min(length, size - offset)
+                runs = log.dirty_extents(offset, length)
+                pos = offset
+                for n, flag in runs:
+                    assert n > 0 and flag in (0, 1)
+                    for block in range(pos // 65536, (pos + n - 1) // 65536 + 1):
+                        assert log.is_marked(block) is bool(flag)
+                    pos += n
+                    assert pos == offset + length or pos % 65536 == 0
+                assert pos == offset + length
+                assert all(runs[i][1] != runs[i + 1][1] for i in range(len(runs) - 1))
+                assert log.dirty_extents(offset, length, limit) == runs[:limit]
+        finally:
+            log.close_now()

@@ -179,10 +179,9 @@ class CbtLogFile:
         block += 1
         while block <= last:
             byte = bits[block >> 3]
-            if not block & 7 and block + 7 <= last and byte in (0, 0xFF):
-                if (byte & 1) == flag:  # eight blocks alike: skip them at once
-                    block += 8
-                    continue
+            if not block & 7 and block + 7 <= last and byte == (0xFF if flag else 0):
+                block += 8  # eight blocks alike the run: skip them at once
+                continue
             bit = byte >> (block & 7) & 1
             if bit != flag:
                 boundary = block * cbt.BLOCK_SIZE
