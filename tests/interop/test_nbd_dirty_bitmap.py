@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from blktap.proto.cbt import HEADER_SIZE
 from tests.system.test_cbt import (
     BLOCK,
     SIZE,
@@ -252,4 +253,27 @@ def test_a_connection_follows_unpause_c(clean_dir: str, tmp_path: Path) -> None:
         assert fresh["exports"][0]["contexts"] == ["base:allocation", PREFIX + "renamed"]
     finally:
         del h  # closes the connection
+        destroy(pid, minor)
+
+
+def test_many_extents_over_several_replies_and_bits_from_before_the_open(
+        clean_dir: str, tmp_path: Path) -> None:
+    """A log whose every other block was marked before the VBD opened it (a log kept
+    across a restart), on a 512 MiB disk: 8192 alternating extents, more than one reply
+    may carry (4096); nbdinfo asks again and gets every one."""
+    size = 512 << 20
+    img = tmp_path / "big.raw"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    name = str(uuid.uuid4())
+    log = new_log(tmp_path / f"{name}.cbtlog", size)
+    with open(log, "r+b") as f:
+        f.seek(HEADER_SIZE)
+        f.write(b"\x55" * (size // BLOCK // 8))  # blocks 0, 2, 4, ...
+    pid, minor, _ = create("aio", str(img), log)
+    try:
+        extents = nbdinfo_map(uri(clean_dir, pid, minor), PREFIX + name)
+        assert len(extents) == size // BLOCK
+        assert dirty_blocks(extents, size) == set(range(0, size // BLOCK, 2))
+    finally:
         destroy(pid, minor)
