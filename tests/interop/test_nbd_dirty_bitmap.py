@@ -277,3 +277,29 @@ def test_many_extents_over_several_replies_and_bits_from_before_the_open(
         assert dirty_blocks(extents, size) == set(range(0, size // BLOCK, 2))
     finally:
         destroy(pid, minor)
+
+
+def test_unpause_c_adds_the_context_for_new_connections(clean_dir: str,
+                                                        tmp_path: Path) -> None:
+    """A VBD opened without a log offers no bitmap; ``unpause -c`` adds one: connections
+    made after it offer the context, one made before it still has none."""
+    img = make_image("aio", tmp_path / "disk.raw")
+    pid, minor, _ = create("aio", img, None)
+    target = uri(clean_dir, pid, minor)
+    h = nbd.NBD()
+    try:
+        h.add_meta_context(PREFIX + "late")
+        h.connect_uri(target)
+        assert not h.can_meta_context(PREFIX + "late")
+        tapctl("pause", "-p", str(pid), "-m", str(minor))
+        log = new_log(tmp_path / "late.cbtlog")
+        tapctl("unpause", "-p", str(pid), "-m", str(minor), "-c", log)
+        listing = json.loads(run("nbdinfo", "--json", target).stdout)
+        assert listing["exports"][0]["contexts"] == ["base:allocation", PREFIX + "late"]
+        assert dirty_blocks(nbdinfo_map(target, PREFIX + "late")) == set()
+        h.pwrite(b"w" * 512, 7 * BLOCK)  # the old connection's write is logged too
+        assert dirty_blocks(nbdinfo_map(target, PREFIX + "late")) == {7}
+        assert not h.can_meta_context(PREFIX + "late")
+    finally:
+        del h
+        destroy(pid, minor)
