@@ -137,7 +137,7 @@ def qemu_nbd(image: str, sock: str) -> Iterator[Server]:
 def fio(uri: str, *args: str, name: str = "mirror") -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", "--output-format=json",
-         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+         "--verify_state_save=0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def finish(proc: subprocess.Popen[bytes], timeout: float = 300) -> dict[str, Any]:
