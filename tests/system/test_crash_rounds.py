@@ -11,11 +11,13 @@ landed inside an allocating write.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,3 +58,48 @@ def test_kill9_rounds_lose_no_flushed_write_and_leave_valid_images(
     assert s["kills_in_allocation"] > 0
     # Nothing of the dead tapdisks is left: only the run directory's own entries.
     assert sorted(set(os.listdir(run_dir)) - {"tapdisk", "dev"}) == []
+
+
+def _harness_module() -> Any:
+    spec = importlib.util.spec_from_file_location("crash_harness", HARNESS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_model_flags_lost_torn_and_foreign_sectors() -> None:
+    """The checker itself: a lost flushed write, an unflushed write, a torn sector and
+    another sector's data are told apart (no tapdisk; the model alone)."""
+    crash = _harness_module()
+    sectors = 16
+    model = crash.Model({}, sectors)
+    W = crash.Write
+    # write 0 covers sectors 0-7 and was flushed; write 1 covers 4-11 and was not.
+    writes = [W(0, 0, 8 * 512, True), W(1, 4 * 512, 8 * 512, True)]
+    allowed = model.allowed(writes, 1, 7, 3)
+    h = crash.Harness.__new__(crash.Harness)
+
+    def run(image: bytes) -> list[str]:
+        r = crash.Round("g", "raw", "nbd", 0)
+        h.verify(r, image, crash.Model({}, sectors), allowed)
+        return list(r.violations)
+
+    def t(seq: int, lba: int) -> bytes:
+        return bytes(crash.tag(7, 3, seq, lba))
+
+    good = b"".join([t(0, i) for i in range(4)] + [t(1, i) for i in range(4, 12)]
+                    + [bytes(512)] * 4)
+    assert run(good) == []
+    # sectors 4-11 may still hold write 0 or nothing: write 1 was never flushed
+    older = b"".join([t(0, i) for i in range(8)] + [bytes(512)] * 8)
+    assert run(older) == []
+    lost = bytes(512) + good[512:]
+    assert "lost acknowledged+flushed write" in run(lost)[0]
+    torn = good[:256] + bytes(256) + good[512:]
+    assert len(run(torn)) == 1
+    foreign = good[:15 * 512] + t(0, 2)
+    assert "changed without a write" in run(foreign)[0]
+    shifted = good[:8 * 512] + t(1, 4) + good[9 * 512:]
+    assert "data never written" in run(shifted)[0]
