@@ -594,6 +594,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def release_all() -> None:
+    """After an aborted run: destroy every VBD of the run directory, free dead minors
+    (their sockets, mounts, loop devices and links go with them)."""
+    listing = subprocess.run([TAP_CTL, "list"], capture_output=True, text=True, timeout=60)
+    for line in listing.stdout.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if "minor" not in fields:
+            continue
+        if "pid" in fields:
+            subprocess.run([TAP_CTL, "destroy", "-p", fields["pid"], "-m", fields["minor"]],
+                           capture_output=True, timeout=60)
+        else:
+            subprocess.run([TAP_CTL, "free", "-m", fields["minor"]], capture_output=True,
+                           timeout=60)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     own_run = "BLKTAP_RUN_DIR" not in os.environ
@@ -605,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = h.main()
     finally:
+        release_all()
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
         if own_run:

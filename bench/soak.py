@@ -241,6 +241,22 @@ class Soak:
         }
 
 
+def release_all() -> None:
+    """After an aborted run: destroy every VBD of the run directory, free dead minors
+    (their sockets, mounts, loop devices and links go with them)."""
+    listing = subprocess.run([TAP_CTL, "list"], capture_output=True, text=True, timeout=60)
+    for line in listing.stdout.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if "minor" not in fields:
+            continue
+        if "pid" in fields:
+            subprocess.run([TAP_CTL, "destroy", "-p", fields["pid"], "-m", fields["minor"]],
+                           capture_output=True, timeout=60)
+        else:
+            subprocess.run([TAP_CTL, "free", "-m", fields["minor"]], capture_output=True,
+                           timeout=60)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/soak.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -263,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = soak.run()
     finally:
+        release_all()
         soak.stop.set()
         shutil.rmtree(work, ignore_errors=True)
         if own_run:
