@@ -211,7 +211,7 @@ def report(out: Path, doc_path: Path) -> None:
              "checks pass, not how fast the stack is. The aim for the long run is 1000 kill "
              "rounds, 10 million fuzz executions per target and a one-hour soak:", "",
              "```",
-             "bench/reliability.py all --rounds 1000 --fuzz-seconds 86400 "
+             "bench/reliability.py all --rounds 1000 --fuzz-seconds 100000 "
              "--fuzz-runs 10000000 --soak-seconds 3600",
              "```", ""]
 
@@ -281,7 +281,12 @@ def report(out: Path, doc_path: Path) -> None:
             lines.append(f"| {name} | {t['executions']} | {t['exec_per_sec']} | "
                          f"{t['new_units']} | {t['seconds']:.0f} | {found} | "
                          f"`{t['command']}` |")
-        lines += ["", "A crash or hang found becomes a regression input in "
+        rates = ", ".join(f"{name} {1e7 / max(t['exec_per_sec'], 1) / 3600:.0f} h"
+                          for name, t in fuzz["targets"].items())
+        lines += ["", f"At these rates 10 million executions take: {rates} per target "
+                  "(one core each; libFuzzer's -fork/-jobs, passed through "
+                  "`--libfuzzer`, would spread them).",
+                  "", "A crash or hang found becomes a regression input in "
                   "tests/fuzz/corpus/TARGET/ (`regress-*`), replayed by tests/fuzz/test_fuzz.py.",
                   ""]
 
