@@ -19,7 +19,8 @@ a raw parent filled with a known pattern) and runs ``--per-image`` rounds on it.
    random instant (0..--max-kill-delay s), or, in half the rounds on a VHD, within the
    median time an allocating write took so far from the start of a write to an
    unallocated block: in the middle of the allocation;
-4. ``tap-ctl free`` of the dead minor (its sockets, mount, loop device and link go).
+4. ``tap-ctl free`` of the dead minor, or ``tap-ctl destroy`` of the dead tapdisk's VBD
+   (every other round): its sockets, mount, loop device and link go.
 
 Every 512-byte sector written carries a tag (run, round, write sequence number, sector
 number) repeated over the sector. The model: a write acknowledged before the start of the
@@ -429,7 +430,11 @@ class Harness:
             writes: list[Write] = []
             durable = self.writer(r, frontend, pid, minor, device, model, writes)
             self.wait_dead(pid)
-            tapctl("free", "-m", str(minor))
+            # the dead tapdisk's leftovers go with free (even rounds) or destroy (odd)
+            if r.index % 2:
+                tapctl("destroy", "-p", str(pid), "-m", str(minor))
+            else:
+                tapctl("free", "-m", str(minor))
             allowed = model.allowed(writes, durable, self.run, r.index)
             if kind != "raw":
                 self.check_vhd(r, path, parent)
