@@ -485,8 +485,12 @@ class Harness:
         assert proc.stderr is not None
         proc.stderr.close()
         if os.path.exists(journal):
+            # Whether the image is valid before the revert too (the C tool requires the
+            # revert; the image is not expected to open before it).
+            before = vhdutil("check", "-n", path).returncode
             rev = vhdutil("revert", "-n", path, "-j", journal)
-            r.killed_during += " (journal left: vhd-util revert " + \
+            r.killed_during += f" (journal left; check before revert: exit {before}; " \
+                "vhd-util revert " + \
                 ("ok)" if rev.returncode == 0 else f"failed: {rev.stderr.strip()})")
             if rev.returncode == 0:
                 with contextlib.suppress(FileNotFoundError):
