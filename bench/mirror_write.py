@@ -10,6 +10,9 @@ through the VBD's NBD socket for ``--runtime`` seconds. Configurations, run in t
 each repetition (so that noise from other load on the machine spreads over all of them):
 
 - ``plain``: ``tap-ctl create -a aio:IMG`` (no secondary);
+- ``slow``: ``tap-ctl create -a fault:rate=0:aio:IMG``, a layer that sees every request
+  and changes none: what losing the fast routes costs, which any layer that must see
+  writes pays (the mirror's baseline);
 - ``mirror``: ``tap-ctl create -a aio:IMG -2 nbd:SOCKET``, the secondary a sparse raw
   file served on a Unix socket by ``qemu-nbd`` (``--secondary qemu-nbd``, the default)
   or by a second tapdisk's NBD export (``--secondary tapdisk``).
@@ -54,8 +57,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def create(env: dict[str, str], img: Path, *flags: str) -> tuple[str, str]:
-    device = sh(TAP_CTL, "create", "-a", f"aio:{img}", *flags, env=env).strip()
+def create(env: dict[str, str], img: Path, *flags: str, layer: str = "") -> tuple[str, str]:
+    device = sh(TAP_CTL, "create", "-a", f"{layer}aio:{img}", *flags, env=env).strip()
     minor = device.rsplit("-", 1)[1]
     for line in sh(TAP_CTL, "list", "-m", minor, env=env).splitlines():
         fields = dict(f.split("=", 1) for f in line.split())
@@ -92,12 +95,15 @@ def one_run(work: Path, env: dict[str, str], size_mib: int, secondary: str | Non
             while not sock.exists():
                 time.sleep(0.02)
             flags += ["-2", f"nbd:{sock}"]
+        elif secondary == "slow":
+            pass
         elif secondary == "tapdisk":
             sec_vbd = create(env, sparse(work / "secondary.raw", size_mib),
                              *([] if direct else ["-D"]))
             server_pid = int(sec_vbd[0])
             flags += ["-2", f"nbd:{env['BLKTAP_RUN_DIR']}/nbd{sec_vbd[0]}.{sec_vbd[1]}"]
-        pid, minor = create(env, img, *flags)
+        pid, minor = create(env, img, *flags,
+                            layer="fault:rate=0:" if secondary == "slow" else "")
         try:
             uri = f"nbd+unix:///?socket={env['BLKTAP_RUN_DIR']}/nbd{pid}.{minor}"
             cmd = ["fio", "--name=mirror", "--ioengine=nbd", f"--uri={uri}",
@@ -109,7 +115,7 @@ def one_run(work: Path, env: dict[str, str], size_mib: int, secondary: str | Non
             cpu = cpu_seconds(int(pid)) - cpu0
             scpu = (cpu_seconds(server_pid) - scpu0) if server_pid else 0.0
             state = json.loads(sh(TAP_CTL, "stats", "-p", pid, "-m", minor, env=env))
-            if secondary and state.get("mirror", {}).get("state") != "in_sync":
+            if secondary not in (None, "slow") and state["mirror"]["state"] != "in_sync":
                 raise RuntimeError(f"mirror not in sync: {state.get('mirror')}")
         finally:
             sh(TAP_CTL, "destroy", "-p", pid, "-m", minor, env=env)
@@ -141,7 +147,8 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"{tool} is not installed", file=sys.stderr)
             return 1
-    configs: list[tuple[str, str | None]] = [("plain", None), ("mirror", ns.secondary)]
+    configs: list[tuple[str, str | None]] = [("plain", None), ("slow", "slow"),
+                                             ("mirror", ns.secondary)]
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in configs}
     with tempfile.TemporaryDirectory(prefix="mirror-bench-", dir=ns.dir) as tmp:
         work = Path(tmp)

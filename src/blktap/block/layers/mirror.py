@@ -335,6 +335,9 @@ class MirrorLayer(Layer):
         self._busy = 0
         self._stopping = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        self._waiting: dict[asyncio.Future[None], float] = {}
+        """Waiters of secondary requests -> their deadline (see _settle)."""
+        self._watchdog: asyncio.TimerHandle | None = None
         self._write_gen = 0
         """Bumped when a secondary write starts and when it ends: a flush clears
         ``unflushed`` only if it did not change while the flush ran."""
@@ -517,18 +520,47 @@ class MirrorLayer(Layer):
                 return True
             self.state.last_error = f"{type(exc).__name__}: {exc}"
             return False
-        remaining = start + self.state.spec.timeout_s - time.monotonic()
-        done, _ = await asyncio.wait({task}, timeout=max(remaining, 0.001))
-        if task in done:
+        # One future per request and one shared watchdog timer (not a timer per request,
+        # as asyncio.wait's timeout would cost).
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def wake(_: object) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        task.add_done_callback(wake)
+        self._waiting[waiter] = start + self.state.spec.timeout_s
+        self._arm_watchdog()
+        try:
+            await waiter
+        finally:
+            self._waiting.pop(waiter, None)
+        if task.done():
             exc = task.exception()
             if exc is None:
                 return True
             self.state.last_error = f"{type(exc).__name__}: {exc}"
             return False
+        task.remove_done_callback(wake)
         self.state.last_error = f"no answer within {self.state.spec.timeout_s:g} s"
         self._orphans.add(task)
         task.add_done_callback(self._orphan_done)
         return False
+
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is None:
+            period = min(self.state.spec.timeout_s / 4, 0.25)
+            self._watchdog = asyncio.get_running_loop().call_later(period, self._watch)
+
+    def _watch(self) -> None:
+        """Release the waiters of secondary requests past their deadline."""
+        self._watchdog = None
+        now = time.monotonic()
+        for waiter, deadline in list(self._waiting.items()):
+            if deadline <= now and not waiter.done():
+                waiter.set_result(None)
+        if self._waiting:
+            self._arm_watchdog()
 
     async def _on_secondary(self, op: SecondaryOp, start: float) -> bool:
         """:meth:`_send` then :meth:`_settle`."""
@@ -757,6 +789,9 @@ class MirrorLayer(Layer):
             if self._orphans:
                 await asyncio.wait(set(self._orphans), timeout=5.0)
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
             state.open = False
             await super().close()
 
