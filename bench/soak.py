@@ -65,7 +65,7 @@ class Vbd:
     image: str
     pid: int = 0
     minor: int = 0
-    pages: dict[int, bytes] = field(default_factory=dict)  # page -> what it must hold
+    pages: dict[int, int] = field(default_factory=dict)  # page -> counter of its last write
     ops: int = 0
     bytes: int = 0
     connects: int = 0
@@ -139,11 +139,11 @@ class Soak:
                         counter += 1
                         data = page_data(v.index, counter, page)
                         h.pwrite(data, page * PAGE)
-                        v.pages[page] = data
+                        v.pages[page] = counter
                     elif roll < 0.95:
                         page = rng.choice(list(v.pages))
                         got = h.pread(PAGE, page * PAGE)
-                        if got != v.pages[page]:
+                        if got != page_data(v.index, v.pages[page], page):
                             v.mismatches.append(f"page {page}: {got[:28].hex()}")
                     else:
                         h.flush()
@@ -191,8 +191,8 @@ class Soak:
             h = nbd.NBD()
             try:
                 h.connect_uri(self.uri(v))
-                for page, data in v.pages.items():
-                    if h.pread(PAGE, page * PAGE) != data:
+                for page, counter in v.pages.items():
+                    if h.pread(PAGE, page * PAGE) != page_data(v.index, counter, page):
                         v.mismatches.append(f"final: page {page}")
                 h.shutdown()
             except nbd.Error as exc:
