@@ -23,6 +23,15 @@ system of all its threads, from /proc) and of the secondary's server. The images
 opened without O_DIRECT unless ``--direct``: the writes then cost the least, which
 shows the mirror's own cost at its largest. Everything shares the machine's CPUs with
 whatever else runs: read the numbers as noisy.
+
+Numbers (2 shared cores, load 4-13, 1 GiB sparse images without O_DIRECT, medians of 2-3
+runs of 4 s): plain 58844-61352 IOPS at 8.3 us tapdisk CPU per write; slow 43481-47800
+IOPS at 14.2-14.8 us; mirrored to qemu-nbd 4399 IOPS at 139.7 us (qemu-nbd 73.8 us),
+to a second tapdisk 5756 IOPS at 119.0 us (that tapdisk 27.9 us). Most of the mirror's
+cost is the NBD client's write (libnbd's ``aio_pwrite`` and a second completion per
+write): in one process (a chain on a raw file, the nbd driver to qemu-nbd, 20000 writes
+at QD32) a write costs 6 us on the file, 51-55 us on the nbd driver alone, 86-94 us
+mirrored to both (106-117 us before the secondary's waits shared one timer).
 """
 
 from __future__ import annotations
