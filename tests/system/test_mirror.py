@@ -134,10 +134,11 @@ def qemu_nbd(image: str, sock: str) -> Iterator[Server]:
             os.unlink(sock)
 
 
-def fio(uri: str, *args: str, name: str = "mirror") -> subprocess.Popen[bytes]:
+def fio(uri: str, *args: str, cwd: Path, name: str = "mirror") -> subprocess.Popen[bytes]:
+    """fio on ``uri``, run in ``cwd`` (where it leaves its verify state files)."""
     return subprocess.Popen(
         ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", "--output-format=json",
-         "--verify_state_save=0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
 
 
 def finish(proc: subprocess.Popen[bytes], timeout: float = 300) -> dict[str, Any]:
@@ -163,10 +164,10 @@ def test_fio_verify_through_a_mirror_then_the_secondary_equals_the_primary(
         assert mirror_state(pid, minor)["state"] == "in_sync"
         finish(fio(export_uri(run_dir, pid, minor), "--rw=randwrite", "--bs=4k",
                    "--iodepth=16", "--size=32M", "--offset=8M", "--verify=crc32c",
-                   "--do_verify=1", "--randseed=3"))
+                   "--do_verify=1", "--randseed=3", cwd=tmp_path))
         finish(fio(export_uri(run_dir, pid, minor), "--rw=write", "--bs=1M",
                    "--iodepth=4", "--size=8M", "--verify=crc32c", "--randseed=4",
-                   name="seq"))
+                   name="seq", cwd=tmp_path))
         state = mirror_state(pid, minor)
         assert state["state"] == "in_sync" and state["dirty_blocks"] == 0, state
         doc = stats(pid, minor)
@@ -188,7 +189,7 @@ def test_secondary_killed_and_restarted_the_mirror_records_and_resyncs(
         writer = fio(export_uri(run_dir, pid, minor), "--rw=randwrite", "--bs=4k",
                      "--iodepth=8", "--size=48M", "--time_based", "--runtime=25",
                      "--verify=crc32c", "--do_verify=1", "--verify_backlog=256",
-                     "--randseed=7")
+                     "--randseed=7", cwd=tmp_path)
         try:
             wait_for("writes", lambda: stats(pid, minor)["secs"][1] > 2048, 60)
             # Stop qemu-nbd (kill -9) and let it stay down for a while.
@@ -282,7 +283,7 @@ def test_live_migration_to_another_host_with_a_restart_of_the_destination(
             pid_a, minor_a = create(disk_a)
             writer = fio(export_uri(run_dir, pid_a, minor_a), "--rw=randwrite", "--bs=4k",
                          "--iodepth=4", "--offset=32M", "--size=16M", "--time_based",
-                         "--runtime=30", "--rate_iops=400", "--randseed=11")
+                         "--runtime=30", "--rate_iops=400", "--randseed=11", cwd=tmp_path)
             try:
                 wait_for("writes", lambda: stats(pid_a, minor_a)["secs"][1] > 1024, 60)
                 # Start mirroring A to B as the storage manager does: pause, then
