@@ -422,3 +422,32 @@ def test_pause_and_resume_while_degraded_keep_the_record(run_dir: str, tmp_path:
         f.seek(20 * MiB)
         assert f.read(65536) == b"\x7c" * 65536
     assert_clean(run_dir)
+
+
+def test_open_with_a_file_secondary_step_by_step(run_dir: str, tmp_path: Path) -> None:
+    """``tap-ctl open -2 aio:FILE`` (attach and open as separate steps): the file
+    receives every write; a read-only open with a secondary is refused (EINVAL)."""
+    primary = raw_file(tmp_path / "primary.raw")
+    secondary = raw_file(tmp_path / "secondary.raw")
+    ok("allocate")
+    pid = ok("spawn").strip()
+    ok("attach", "-p", pid, "-m", "0")
+    refused = subprocess.run([TAP_CTL, "open", "-p", pid, "-m", "0", "-a", f"aio:{primary}",
+                              "-R", "-2", f"aio:{secondary}"], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 22, refused.stderr
+    ok("open", "-p", pid, "-m", "0", "-a", f"aio:{primary}", "-2", f"aio:{secondary}")
+    uri = export_uri(run_dir, int(pid), 0)
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x3c 3M 1M", "-c",
+                    "write -P 0x4d 100k 7k", "-c", "flush", uri], check=True, timeout=60,
+                   capture_output=True)
+    state = mirror_state(int(pid), 0)
+    assert state["state"] == "in_sync" and state["secondary"] == f"aio:{secondary}", state
+    ok("close", "-p", pid, "-m", "0")
+    ok("detach", "-p", pid, "-m", "0")
+    ok("free", "-m", "0")
+    assert same_bytes(primary, secondary)
+    with open(secondary, "rb") as f:
+        f.seek(3 * MiB)
+        assert f.read(MiB) == b"\x3c" * MiB
+    assert_clean(run_dir)
