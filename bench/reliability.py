@@ -70,7 +70,7 @@ def step_crash(args: argparse.Namespace, out: Path) -> None:
     doc["host"] = before
     doc["commit"] = before["commit"]
     doc["command"] = (f"bench/crash.py --rounds {args.rounds} --seed {args.seed} "
-                      f"--json {out / 'crash.json'}")
+                      f"--json {os.path.relpath(out / 'crash.json', REPO)}")
     save(out / "crash.json", doc)
 
 
@@ -131,7 +131,7 @@ def step_soak(args: argparse.Namespace, out: Path) -> None:
     doc["host"] = before
     doc["commit"] = before["commit"]
     doc["command"] = (f"bench/soak.py --vbds {args.vbds} --seconds {args.soak_seconds} "
-                      f"--json {out / 'soak.json'}")
+                      f"--json {os.path.relpath(out / 'soak.json', REPO)}")
     save(out / "soak.json", doc)
 
 
@@ -241,6 +241,7 @@ def report(out: Path, doc_path: Path) -> None:
         tools = [r for r in crash["rounds"] if r["frontend"] == "vhd-util"]
         killed = [r for r in tools if not r["killed_during"].startswith("after")]
         reverted = [r for r in tools if "journal left" in r["killed_during"]]
+        valid_before = [r for r in reverted if "before revert: exit 0" in r["killed_during"]]
         lines += [host_line(crash.get("host")), "",
                   f"Command: `{crash.get('command', 'bench/crash.py')}`{at(crash)} "
                   f"({s['seconds']:.0f} s). How a round works: `bench/crash.py --help`.", "",
@@ -260,6 +261,8 @@ def report(out: Path, doc_path: Path) -> None:
                   f"(of {len(tools)}) |",
                   f"| of which left a resize journal (undone by `vhd-util revert`) | "
                   f"{len(reverted)} |",
+                  f"| of those, accepted by `vhd-util check` before the revert | "
+                  f"{len(valid_before)} |",
                   f"| **lost or foreign sectors** | **{s['violations']}** |",
                   f"| **images `vhd-util check` refused** | **{s['invalid_images']}** |", "",
                   "Rounds per image kind and frontend: " + ", ".join(
