@@ -45,7 +45,7 @@ def test_kill9_rounds_lose_no_flushed_write_and_leave_valid_images(
     result = json.loads(out.read_text())
     s = result["summary"]
     bad = [r for r in result["rounds"] if r["violations"] or r["invalid"]]
-    # the seed replays the run: bench/crash.py --seed N with the same options
+    # bench/crash.py --seed N repeats the choices of the run (offsets, delays), not its timing
     assert bad == [], f"seed {s['seed']}: " + json.dumps(bad[:3], indent=1)
     assert s["violations"] == 0 and s["invalid_images"] == 0
     assert proc.returncode == 0, proc.stderr
