@@ -11,7 +11,9 @@ layer (blktap.block.layers.mirror) between real tapdisks, qemu-nbd and fio.
   primary.
 * Live storage migration: a tapdisk on "host A" (its own run directory) serves a disk
   holding data while fio writes; a tapdisk on "host B" (another run directory) exports
-  an empty image; A is paused and unpaused with ``-2 copy=allocated:nbd:B``; the
+  an empty image on a Unix socket, or over TCP with TLS on the loopback address
+  (``--export-tcp --tls-creds``; A's secondary is ``nbd:nbds://...?tls-certificates=``
+  with the CA's certificate); A is paused and unpaused with ``-2 copy=allocated:nbd:B``; the
   background copy runs; B's tapdisk is killed and started again in the middle; A
   reaches ``in_sync``; A is paused; B's export equals A's image byte for byte. STATS
   reports the progress throughout.
@@ -35,6 +37,7 @@ import pytest
 
 from blktap.block.layers.mirror import BLOCK, COPY_RUN, BlockMap
 from tests.helpers import TAP_CTL, VHD_UTIL, short_tempdir
+from tests.interop.test_nbd_tls import Creds, free_port
 from tests.system.test_tap_ctl import assert_clean, ok, parse_list
 
 MiB = 1 << 20
@@ -259,8 +262,22 @@ def test_standby_takes_over_when_the_primary_is_out_of_space(
     assert_clean(run_dir)
 
 
+@pytest.fixture(scope="module")
+def tls_creds(tmp_path_factory: pytest.TempPathFactory) -> Creds:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    return Creds(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.mark.parametrize("transport", ["unix", "tls"])
 def test_live_migration_to_another_host_with_a_restart_of_the_destination(
-        run_dir: str, tmp_path: Path) -> None:
+        run_dir: str, tmp_path: Path, transport: str,
+        request: pytest.FixtureRequest) -> None:
+    """B exports on a Unix socket (a link that follows B's restarts), or on TCP with TLS
+    on the loopback address (the same port after the restart; A checks B's certificate
+    against the CA)."""
+    creds: Creds | None = request.getfixturevalue("tls_creds") if transport == "tls" else None
+    port = free_port()
     # Host A's disk holds data in a few places (and holes elsewhere: not copied).
     disk_a = raw_file(tmp_path / "a.raw")
     with open(disk_a, "r+b") as f:
@@ -272,11 +289,15 @@ def test_live_migration_to_another_host_with_a_restart_of_the_destination(
         link = os.path.join(run_b, "export.sock")  # the name A mirrors to, across restarts
 
         def start_b() -> tuple[int, int]:
-            pid, minor = create(disk_b, run_dir=run_b)
+            tcp = [] if creds is None else ["--export-tcp", f"127.0.0.1:{port}",
+                                            "--tls-creds", str(creds.server)]
+            pid, minor = create(disk_b, *tcp, run_dir=run_b)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(link)
             os.symlink(f"nbd{pid}.{minor}", link)
             return pid, minor
+
+        target = link if creds is None else Creds.uri(port, creds.anon)
 
         pid_b, minor_b = start_b()
         try:
@@ -290,7 +311,7 @@ def test_live_migration_to_another_host_with_a_restart_of_the_destination(
                 # unpause onto the same leaf with a secondary.
                 ok("pause", "-p", str(pid_a), "-m", str(minor_a))
                 ok("unpause", "-p", str(pid_a), "-m", str(minor_a), "-a", f"aio:{disk_a}",
-                   "-2", f"copy=allocated,timeout=1:nbd:{link}")
+                   "-2", f"copy=allocated,timeout=1:nbd:{target}")
                 seen: list[dict[str, Any]] = []
 
                 def progress() -> dict[str, Any]:

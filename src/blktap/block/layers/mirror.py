@@ -5,7 +5,9 @@ standby modes, and what the C tapdisk lacks: it survives a failing secondary.
 The secondary string
 --------------------
 ``[SETTINGS:]TYPE:PATH``: a driver type and path as in the image string (usually
-``nbd:...``, see :mod:`blktap.block.drivers.nbd`), opened as a chain of its own with the
+``nbd:...``, see :mod:`blktap.block.drivers.nbd`: a Unix socket, ``HOST:PORT``, or an NBD
+URI, ``nbds://HOST:PORT/?tls-certificates=DIR`` for another host's TLS export; the whole
+string must fit ``params.secondary``, 255 bytes), opened as a chain of its own with the
 primary's open options. Its size must be the primary's (EINVAL otherwise, as the C
 tapdisk). An optional first field of comma-separated ``key=value`` settings (it holds a
 ``=``, which no driver type does) chooses what the C tapdisk has no word for; it travels
