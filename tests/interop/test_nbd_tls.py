@@ -318,7 +318,7 @@ def test_tls_turns_off_lanes_and_writev(creds: Creds, image: Path, tmp_path: Pat
                 proc = await asyncio.create_subprocess_exec(*argv)
                 while proc.returncode is None:
                     fds += [c._fd for c in server._conns]
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.001)  # a copy may take only a few ms
                 assert await proc.wait() == 0
             stats = server.statistics()
             return stats.reads, stats.lane_reads, stats.lane_writes, fds
