@@ -39,12 +39,22 @@ def create(img: str) -> tuple[int, int]:
     return int(entry["pid"]), minor
 
 
+def _exited(pid: int) -> bool:
+    """Gone or a zombie: its descriptors (the control socket) are closed by then. (Its
+    command line empties earlier, while the socket may still accept a connection.)"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
 def kill9(run_dir: str, pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while pid in tapdisk_pids(run_dir) and time.monotonic() < deadline:
+    while not _exited(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert pid not in tapdisk_pids(run_dir)
+    assert _exited(pid) and pid not in tapdisk_pids(run_dir)
 
 
 def loops_on(run_dir: str) -> list[str]:
