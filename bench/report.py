@@ -748,7 +748,7 @@ def headline_into(doc: dict[str, Any], path: str, md: str) -> None:
              f"From the {doc['mode']} run of {doc['date']} on {doc['machine']['cpus']} x "
              f"{doc['machine']['cpu']}, load average {_load(doc)} "
              f"([full report]({_rel(md, path)}))"
-             + (", short runs on a busy machine: indicative only" if doc["mode"] == "quick"
+             + (", one short run per case: indicative only" if doc["mode"] == "quick"
                 else "")
              + "; ratios are ours / the best peer, **below** marks where ours is slower:", ""]
     block += [*headline_table(doc), ""]
