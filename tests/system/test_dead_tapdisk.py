@@ -40,13 +40,22 @@ def create(img: str) -> tuple[int, int]:
 
 
 def _exited(pid: int) -> bool:
-    """Gone or a zombie: its descriptors (the control socket) are closed by then. (Its
-    command line empties earlier, while the socket may still accept a connection.)"""
+    """Gone, or every thread of it a zombie: its descriptors (the control socket) are
+    closed by then. (Its command line empties earlier, and the leader turns zombie while
+    other threads still exit holding the descriptor table, so the socket may still
+    accept a connection.)"""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return True
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] not in ("Z", "X"):
+                    return False
+        except OSError:
+            continue  # that thread is gone
+    return True
 
 
 def kill9(run_dir: str, pid: int) -> None:
