@@ -1129,11 +1129,6 @@ class BlockDevice:
         mode = self._passthrough_mode
         if mode is PassthroughMode.OFF:
             return f"{PASSTHROUGH_ENV}=off", None
-        if mode is PassthroughMode.AUTO and not self.vbd.read_only:
-            # A read-write passthrough device cannot hold every request while paused
-            # nor change its file at resume (the storage manager's live snapshot).
-            return (f"read-write device ({PASSTHROUGH_ENV}=on lets read-write devices "
-                    "use passthrough, with a weaker pause)"), None
         session = self._session
         if session is None or not session.passthrough:
             return "the kernel does not offer FUSE passthrough", None
@@ -1145,6 +1140,11 @@ class BlockDevice:
         # writes (a changed-block log) or everything turns it off.
         if not caps.reads.direct or (not self.vbd.read_only and not caps.writes.direct):
             return "a layer must see every request", None
+        if mode is PassthroughMode.AUTO and not self.vbd.read_only:
+            # A read-write passthrough device cannot hold every request while paused
+            # nor change its file at resume (the storage manager's live snapshot).
+            return (f"read-write device ({PASSTHROUGH_ENV}=on lets read-write devices "
+                    "use passthrough, with a weaker pause)"), None
         return "", chain.images[0].path
 
     def _setup_passthrough(self) -> None:
