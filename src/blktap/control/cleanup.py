@@ -120,7 +120,9 @@ class Cleaned:
 
 def is_dead(rundir: RunDir, pid: int) -> bool:
     """True if tapdisk ``pid`` cannot serve: its process is gone, or its ``ctl<pid>``
-    socket is missing or refuses connections (the pid now names another process)."""
+    socket is missing, or refuses connections while the pid names another program (a
+    reused pid). A tapdisk that is starting refuses too, between binding its socket
+    and listening on it: it is not dead."""
     if not spawn.is_running(pid):
         return True
     path = rundir.ctl_socket(pid)
@@ -128,13 +130,28 @@ def is_dead(rundir: RunDir, pid: int) -> bool:
     try:
         sock.settimeout(1.0)
         sock.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
+    except FileNotFoundError:
         return True
+    except ConnectionRefusedError:
+        return not _is_tapdisk(pid)
     except OSError:  # a full backlog, a timeout: somebody is there
         return False
     finally:
         sock.close()
     return False
+
+
+def _is_tapdisk(pid: int) -> bool:
+    """Whether process ``pid`` runs tapdisk (named so when forked by the fork server,
+    else a Python running the tapdisk entry point)."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            if f.read().strip() == b"tapdisk":
+                return True
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return any(os.path.basename(arg) == b"tapdisk" for arg in f.read().split(b"\0"))
+    except OSError:
+        return False
 
 
 def dead_pids(rundir: RunDir) -> list[int]:
