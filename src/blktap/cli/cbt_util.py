@@ -15,9 +15,9 @@ import re
 import sys
 import uuid
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 
 from blktap import __version__
+from blktap.cli.usage import EinvalParser, command_parser
 from blktap.errors import BlktapError, errno_of
 
 PROG = "cbt-util"
@@ -56,21 +56,11 @@ exit status:
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that exits with EINVAL (22) on usage errors, as the C tool."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(errno.EINVAL, f"{self.prog}: error: {message}\n")
+_Parser = EinvalParser
 
 
 def _parser(name: str, description: str, epilog: str = "") -> _Parser:
-    return _Parser(
-        prog=f"{PROG} {name}",
-        description=description,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    return command_parser(PROG, name, description, epilog)
 
 
 def _out(line: str) -> None:

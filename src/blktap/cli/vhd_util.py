@@ -13,9 +13,9 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 
 from blktap import __version__
+from blktap.cli.usage import EinvalParser, command_parser
 from blktap.errors import BlktapError, InvalidArgument, errno_of
 
 PROG = "vhd-util"
@@ -62,21 +62,11 @@ class UsageError(Exception):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that exits with EINVAL (22) on usage errors, as the C tool."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(errno.EINVAL, f"{self.prog}: error: {message}\n")
+_Parser = EinvalParser
 
 
 def _parser(name: str, description: str, epilog: str = "") -> _Parser:
-    return _Parser(
-        prog=f"{PROG} {name}",
-        description=description,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    return command_parser(PROG, name, description, epilog)
 
 
 def _out(line: str) -> None:
