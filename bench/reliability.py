@@ -125,12 +125,14 @@ def step_fuzz(args: argparse.Namespace, out: Path) -> None:
 def step_soak(args: argparse.Namespace, out: Path) -> None:
     before = host()
     cmd = [PY, str(REPO / "bench/soak.py"), "--vbds", str(args.vbds), "--seconds",
-           str(args.soak_seconds), "--json", str(out / "soak.json")]
+           str(args.soak_seconds), "--interval", str(args.soak_interval), "--json",
+           str(out / "soak.json")]
     subprocess.run(cmd, env=env_without_run_dir(), timeout=None)
     doc = json.loads((out / "soak.json").read_text())
     doc["host"] = before
     doc["commit"] = before["commit"]
     doc["command"] = (f"bench/soak.py --vbds {args.vbds} --seconds {args.soak_seconds} "
+                      f"--interval {args.soak_interval} "
                       f"--json {os.path.relpath(out / 'soak.json', REPO)}")
     save(out / "soak.json", doc)
 
@@ -371,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fuzz-runs", type=int, default=0, help="stop each target after N")
     p.add_argument("--vbds", type=int, default=32)
     p.add_argument("--soak-seconds", type=int, default=300)
+    p.add_argument("--soak-interval", type=float, default=1.0,
+                   help="seconds between RSS/descriptor samples (10 keeps an hour's JSON small)")
     args = p.parse_args(argv)
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
