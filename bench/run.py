@@ -12,6 +12,8 @@ PNG plots rendered from it.
 Sections (see docs/performance.md for what each measures):
   nbd       the NBD export on raw buffered, raw O_DIRECT, an allocated dynamic VHD and
             first writes into an empty dynamic VHD (nbd-compare's five workloads);
+  nbd-driver  a remote raw image (nbdkit) re-exported by our tapdisk with the image
+            nbd:SOCKET against qemu-nbd's own NBD client (bench/nbd_driver_compare.py);
   scaling   4 KiB random reads/writes at queue depth 1..128 and 1..8 connections;
   blockdev  fio (io_uring, O_DIRECT) on our tapdev, on qemu-storage-daemon's FUSE export
             under a loop device, and on a loop device straight on the image;
@@ -51,6 +53,7 @@ from typing import Any
 
 import blockdevs
 import memory
+import nbd_driver_compare
 import report
 import tapctl_create
 import vhd_chain_depth
@@ -62,7 +65,7 @@ BIN = Path(sys.executable).parent
 SERVE = ROOT / "bench" / "serve_tapdisk.py"
 DEFAULT_WORKLOADS = ["randread-4k-qd1", "randread-4k-qd32", "randwrite-4k-qd32",
                      "read-1m-qd8", "write-1m-qd8"]
-SECTIONS = ("nbd", "scaling", "blockdev", "control", "memory", "vhd")
+SECTIONS = ("nbd", "nbd-driver", "scaling", "blockdev", "control", "memory", "vhd")
 MiB = 1 << 20
 
 
@@ -300,7 +303,7 @@ class Runner:
         self.progress = Progress(self.count())
 
     def needs_images(self) -> bool:
-        return bool({"nbd", "scaling", "blockdev"} & set(self.sections))
+        return bool({"nbd", "nbd-driver", "scaling", "blockdev"} & set(self.sections))
 
     def count(self) -> int:
         p = self.plan
@@ -308,6 +311,9 @@ class Runner:
         dummy = "x"
         if "nbd" in self.sections:
             n += sum(g.fio_runs(self.repeat) for g in nbd_groups(p, dummy, dummy, dummy, dummy))
+        if "nbd-driver" in self.sections:
+            n += nbd_driver_compare.group(dummy, dummy, dummy,
+                                          p.buffered_workloads).fio_runs(self.repeat)
         if "scaling" in self.sections:
             n += sum(g.fio_runs(self.repeat) for g in scaling_groups(p, dummy))
         if "blockdev" in self.sections:
@@ -362,6 +368,8 @@ class Runner:
         if "nbd" in self.sections:
             for g in nbd_groups(p, raw, vhd, empty, fresh):
                 self.guarded(g.id, partial(self.group, g))
+        if "nbd-driver" in self.sections:
+            self.guarded("nbd-driver", lambda: self.nbd_driver(raw))
         if "scaling" in self.sections:
             for g in scaling_groups(p, raw):
                 self.guarded(g.id, partial(self.group, g))
@@ -374,6 +382,15 @@ class Runner:
         if "vhd" in self.sections:
             self.guarded("coalesce", self.coalesce)
             self.guarded("chain-depth", self.chain_depth)
+
+    def nbd_driver(self, raw: str) -> None:
+        sockdir = tempfile.mkdtemp(prefix="ndc-", dir="/tmp")  # short socket paths
+        try:
+            with nbd_driver_compare.remote_server(raw, sockdir) as (remote, cmd):
+                self.group(nbd_driver_compare.group(raw, remote, cmd,
+                                                    self.plan.buffered_workloads))
+        finally:
+            shutil.rmtree(sockdir, ignore_errors=True)
 
     def blockdev(self, raw: str) -> None:
         with ExitStack() as stack:
