@@ -105,15 +105,16 @@ def group(image: str, remote: str, remote_cmd: str, workloads: list[str]) -> Gro
              "re-exporter's (the remote's is not counted)")
 
 
-def cpu_per_request(run: dict[str, Any], bs_bytes: int) -> float | None:
-    """Microseconds of the column's CPU per request of one nbd-compare run."""
+def cpu_per_request(run: dict[str, Any], bs_bytes: int, runtime: float) -> float | None:
+    """Microseconds of the column's CPU per request of one nbd-compare run: its CPU
+    seconds over fio's whole wall time, divided by the requests of fio's ``runtime``."""
     if "server_cpu_pct" not in run or not run.get("wall_s"):
         return None
-    requests = run["bw_bytes"] / bs_bytes if bs_bytes >= 128 << 10 else run["iops"]
-    if requests <= 0:
+    rate = float(run["bw_bytes"]) / bs_bytes if bs_bytes >= 128 << 10 else float(run["iops"])
+    if rate <= 0:
         return None
-    # server_cpu_pct is over the whole fio wall time; fio's rate is over its runtime.
-    return float(run["server_cpu_pct"]) / 100 / requests * 1e6
+    cpu_s = float(run["server_cpu_pct"]) / 100 * float(run["wall_s"])
+    return cpu_s / (rate * runtime) * 1e6
 
 
 def summarize(result: dict[str, Any]) -> list[str]:
@@ -136,7 +137,8 @@ def summarize(result: dict[str, Any]) -> list[str]:
                 continue
             vals = [r["iops"] if unit == "IOPS" else r["bw_bytes"] / 1048576 for r in ok]
             med[n] = statistics.median(vals)
-            cpu = [c for r in ok if (c := cpu_per_request(r, bs)) is not None]
+            cpu = [c for r in ok
+                   if (c := cpu_per_request(r, bs, result["runtime_s"])) is not None]
             text = f"{med[n]:.0f}"
             if cpu and n != "remote":
                 text += f" ({statistics.median(cpu):.1f} us/req)"
