@@ -10,15 +10,13 @@ from __future__ import annotations
 import argparse
 import base64
 import errno
-import os
 import re
 import sys
 import uuid
 from collections.abc import Callable, Sequence
 
 from blktap import __version__
-from blktap.cli.usage import EinvalParser, command_parser
-from blktap.errors import BlktapError, errno_of
+from blktap.cli.usage import EinvalParser, command_parser, run_verb
 
 PROG = "cbt-util"
 
@@ -65,10 +63,6 @@ def _parser(name: str, description: str, epilog: str = "") -> _Parser:
 
 def _out(line: str) -> None:
     sys.stdout.write(line + "\n")
-
-
-def _err(cmd: str, message: str) -> None:
-    sys.stderr.write(f"{PROG} {cmd}: {message}\n")
 
 
 def _size(text: str) -> int:
@@ -271,22 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"Invalid COMMAND {cmd}\n")
         top.print_usage(sys.stderr)
         return errno.EINVAL
-    try:
-        return run(args[1:])
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else errno.EINVAL
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return errno.EPIPE
-    except (BlktapError, OSError) as exc:
-        if isinstance(exc, BlktapError):
-            message = exc.message
-        else:
-            message = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-        _err(cmd, message)
-        return errno_of(exc)
-    except KeyboardInterrupt:
-        return errno.EINTR
+    return run_verb(PROG, cmd, run, args[1:])
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from blktap import __version__
-from blktap.cli.usage import EinvalParser, command_parser
-from blktap.errors import BlktapError, InvalidArgument, errno_of
+from blktap.cli.usage import EinvalParser, command_parser, run_verb
+from blktap.errors import InvalidArgument
 
 PROG = "vhd-util"
 
@@ -71,10 +71,6 @@ def _parser(name: str, description: str, epilog: str = "") -> _Parser:
 
 def _out(line: str) -> None:
     sys.stdout.write(line + "\n")
-
-
-def _err(cmd: str, message: str) -> None:
-    sys.stderr.write(f"{PROG} {cmd}: {message}\n")
 
 
 def _mb(value: int, what: str, p: _Parser) -> int:
@@ -717,22 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(cmd, debug)
     if debug:
         logging.getLogger(__name__).debug("%s %s (pid %d)", cmd, " ".join(rest), os.getpid())
-    try:
-        return run(rest)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else errno.EINVAL
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return errno.EPIPE
-    except (BlktapError, OSError) as exc:
-        if isinstance(exc, BlktapError):
-            message = exc.message
-        else:
-            message = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-        _err(cmd, message)
-        return errno_of(exc)
-    except KeyboardInterrupt:
-        return errno.EINTR
+    return run_verb(PROG, cmd, run, rest)
 
 
 if __name__ == "__main__":
