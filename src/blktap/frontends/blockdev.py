@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from blktap.errors import BlktapError, Busy, InvalidArgument, ProtocolError, errno_of
-from blktap.proto import fuse
+from blktap.frontends.fuse_uring import FuseRing, possible_cpus
+from blktap.proto import fuse, fuse_uring
 from blktap.proto.fuse import Opcode
 from blktap.util import eager
 from blktap.util.buffers import aligned
@@ -80,6 +81,17 @@ can (FUSE passthrough); ``off``: every request goes through tapdisk."""
 
 IO_FUSE = "fuse"
 IO_PASSTHROUGH = "passthrough"
+IO_FUSE_URING = "fuse-uring"
+"""The I/O path when tapdisk serves the requests through FUSE over io_uring."""
+
+URING_ENV = "BLKTAP_FUSE_URING"
+"""``auto``, ``on`` or ``off``: whether tapdisk serves the FUSE requests through io_uring
+ring entries (FUSE over io_uring) instead of reading and writing ``/dev/fuse``."""
+URING_PARAMETER = "/sys/module/fuse/parameters/enable_uring"
+URING_DEPTH = 32
+"""Ring entries per queue (one queue per possible CPU): the requests of one CPU the
+server holds at once; more wait in the kernel. Each entry has a MAX_IO payload buffer,
+whose pages are touched only as far as requests fill them."""
 
 _HOLD_OFFSET = 1 << 62
 """The offset of the FALLOCATE that tapdisk itself sends to hold a passthrough file's
@@ -118,6 +130,44 @@ def passthrough_mode() -> PassthroughMode:
     if value in ("on", "1", "yes", "true"):
         return PassthroughMode.ON
     return PassthroughMode.AUTO
+
+class UringMode(enum.Enum):
+    """BLKTAP_FUSE_URING: whether the FUSE requests come through io_uring."""
+
+    OFF = "off"
+    """Never: requests are read from and answered on ``/dev/fuse``."""
+    AUTO = "auto"
+    """Where the kernel offers it (the ``fuse.enable_uring`` module parameter is Y and
+    the connection negotiates it), else ``/dev/fuse``."""
+    ON = "on"
+    """Required: a block device that cannot have it fails to start, saying why."""
+
+
+URING_DEFAULT = UringMode.OFF
+"""What an unset BLKTAP_FUSE_URING means (see docs/performance.md for why)."""
+
+
+def uring_mode() -> UringMode:
+    """BLKTAP_FUSE_URING: ``off`` (also 0/no/false), ``on`` (also 1/yes/true), ``auto``;
+    unset or anything else: URING_DEFAULT."""
+    value = os.environ.get(URING_ENV, "").strip().lower()
+    if value in ("off", "0", "no", "false"):
+        return UringMode.OFF
+    if value in ("on", "1", "yes", "true"):
+        return UringMode.ON
+    if value == "auto":
+        return UringMode.AUTO
+    return URING_DEFAULT
+
+
+def uring_parameter() -> str | None:
+    """The ``fuse.enable_uring`` module parameter (``Y``/``N``), None when the kernel has
+    no FUSE over io_uring (no parameter)."""
+    try:
+        with open(URING_PARAMETER, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 # --------------------------------------------------------------------- loop ioctls
 # linux/loop.h
@@ -392,6 +442,12 @@ _OUT_SIZE = fuse.OUT_HEADER.size
 _READ_HEAD_SIZE = fuse.IN_HEADER.size + fuse.READ_IN.size
 _WRITE_HEAD_SIZE = fuse.WRITE_HEAD_SIZE
 _WRITE_REPLY_SIZE = fuse.WRITE_REPLY.size
+_READ_IN_SIZE = fuse.READ_IN.size
+_WRITE_IN_SIZE = fuse.WRITE_IN.size
+_WRITE_OUT_SIZE = fuse.WRITE_OUT.size
+_OP_OFFSET = fuse_uring.OP_OFFSET
+_encode_ring_reply = fuse_uring.encode_reply_header
+_pack_write_out_into = fuse.WRITE_OUT.pack_into
 _unpack_prefix = fuse.IN_HEADER_PREFIX.unpack_from
 _unpack_read = fuse.READ_IN.unpack_from
 _unpack_write = fuse.WRITE_IN.unpack_from
@@ -438,13 +494,25 @@ AsyncOp = Callable[[int, memoryview], Coroutine[Any, Any, Payload]]
 class _FuseSession:
     """The server side of one FUSE connection: one directory holding one file.
 
-    Reads requests from the non-blocking ``fd`` in the event loop, replies with one
-    ``writev`` each. ``inflight`` counts requests whose reply is not written yet.
+    Requests come two ways, handled alike: read from the non-blocking ``fd`` in the event
+    loop and answered with one ``writev`` each, and, once ``ring`` is registered, from its
+    entries, answered in the same entry (FUSE over io_uring). A request carries its *ref*:
+    -1 for ``/dev/fuse``, the ring entry's index otherwise; the reply goes back the way the
+    request came. ``inflight`` counts requests whose reply is not sent yet.
     """
 
     def __init__(self, fd: int, vbd: VBD, logger: logging.LoggerAdapter[logging.Logger], *,
-                 open_flags: int, passthrough: bool = False) -> None:
+                 open_flags: int, passthrough: bool = False,
+                 ring: FuseRing | None = None) -> None:
         self.fd = fd
+        self.ring = ring
+        """Ring entries to offer at INIT (FUSE_OVER_IO_URING); None: ``/dev/fuse`` only."""
+        self.uring = False
+        """The INIT reply enabled FUSE over io_uring (the ring must then be registered)."""
+        self.ring_requests = 0
+        """Requests that came through the ring."""
+        self._ring_payloads: list[memoryview] = ring.payloads if ring is not None else []
+        self._ring_headers: list[memoryview] = ring.header_views if ring is not None else []
         self.ended = False
         self.stopping = False
         self.inflight = 0
@@ -457,6 +525,8 @@ class _FuseSession:
         """While set, every OPEN of the file is answered with FOPEN_PASSTHROUGH to it."""
         self.hold_unique: int | None = None
         """The request id of tapdisk's own FALLOCATE that holds the file's writes."""
+        self.hold_ref = -1
+        """Where that FALLOCATE came from (-1: ``/dev/fuse``, else a ring entry)."""
         self.hold_taken: asyncio.Future[None] | None = None
         self._want_passthrough = passthrough
         self.hold_tid = -1
@@ -516,9 +586,12 @@ class _FuseSession:
             asyncio.get_running_loop().remove_reader(self.fd)
 
     def close(self) -> None:
-        """Stop reading and close the descriptor (which aborts the connection if mounted)."""
+        """Stop reading, close the ring (it holds the connection too) and the descriptor
+        (which aborts the connection if mounted)."""
         self.stop_reading()
         self.ended = True
+        if self.ring is not None:
+            self.ring.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -561,17 +634,66 @@ class _FuseSession:
         if n < _IN_SIZE:
             self._log.error("FUSE request of %d bytes ignored (shorter than a header)", n)
             return
-        length, opcode, unique, nodeid = _unpack_prefix(self._head)
+        head = self._head
+        length, opcode, unique, nodeid = _unpack_prefix(head)
         if length != n:
             self._log.error("FUSE request %d: header says %d bytes, read %d", unique, length, n)
-            self._send_errno(unique, errno.EIO)
+            self._send_errno(-1, unique, errno.EIO)
             return
         if opcode == _READ:
-            self._read(unique, nodeid, n)
+            if n < _READ_HEAD_SIZE:
+                self._send_errno(-1, unique, errno.EINVAL)
+                return
+            _fh, offset, size, _flags = _unpack_read(head, _IN_SIZE)
+            self._read(-1, unique, nodeid, offset, size)
         elif opcode == _WRITE:
-            self._write(unique, nodeid, n)
+            _fh, offset, size, _wflags, _owner, _flags, _pad = _unpack_write(head, _IN_SIZE)
+            if n != _WRITE_HEAD_SIZE + size:
+                self._log.error("FUSE WRITE %d: %d data bytes announced, %d read", unique,
+                                size, n - fuse.WRITE_HEAD_SIZE)
+                self._send_errno(-1, unique, errno.EINVAL)
+                return
+            data = self._data
+            if self._write(-1, unique, nodeid, offset, data[:size], data):
+                # The write waits (e.g. for the disk, or a paused VBD): it keeps this
+                # buffer, the next request is read into another.
+                self._data = self._buffers.get(MAX_IO)
+                self._iov = [self._head, self._data]
         else:
-            self._other(opcode, unique, nodeid, n)
+            pid = int(fuse.IN_HEADER.unpack_from(head)[6])
+            self._other(-1, opcode, unique, nodeid, pid, n)
+
+    def on_ring_request(self, index: int) -> None:
+        """Serve the request the kernel put in ring entry ``index``."""
+        header = self._ring_headers[index]
+        self.ring_requests += 1
+        try:
+            _length, opcode, unique, nodeid, op_size, payload_sz = \
+                fuse_uring.decode_entry(header)
+        except ProtocolError as exc:
+            self._log.error("%s", exc)
+            unique = _unpack_prefix(header)[2]
+            self._send_errno(index, unique, errno.EIO)
+            return
+        if opcode == _READ:
+            if op_size < _READ_IN_SIZE:
+                self._send_errno(index, unique, errno.EINVAL)
+                return
+            _fh, offset, size, _flags = _unpack_read(header, _OP_OFFSET)
+            self._read(index, unique, nodeid, offset, size)
+        elif opcode == _WRITE:
+            _fh, offset, size, _wflags, _owner, _flags, _pad = _unpack_write(header, _OP_OFFSET)
+            if size != payload_sz or op_size < _WRITE_IN_SIZE:
+                self._log.error("FUSE WRITE %d: %d data bytes announced, %d in the ring "
+                                "entry", unique, size, payload_sz)
+                self._send_errno(index, unique, errno.EINVAL)
+                return
+            self._write(index, unique, nodeid, offset, self._ring_payloads[index][:size])
+        else:
+            pid = int(fuse.IN_HEADER.unpack_from(header)[6])
+            body = memoryview(bytes(header[_OP_OFFSET:_OP_OFFSET + op_size])
+                              + bytes(self._ring_payloads[index][:payload_sz]))
+            self._other(index, opcode, unique, nodeid, pid, body)
 
     # ----------------------------------------------------------------- replies
     def _send(self, parts: list[bytes | memoryview]) -> None:
@@ -585,10 +707,29 @@ class _FuseSession:
             if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
                 self._log.error("writing a FUSE reply: %s", exc)
 
-    def _send_errno(self, unique: int, err: int) -> None:
-        self._send([fuse.reply_error(unique, err)])
+    def _commit(self, index: int, unique: int, error: int, payload_sz: int) -> None:
+        """Answer the request in ring entry ``index`` (its payload already written)."""
+        ring = self.ring
+        assert ring is not None
+        _encode_ring_reply(self._ring_headers[index], unique, error, payload_sz)
+        ring.commit(index, unique)
 
-    def _send_exc(self, unique: int, exc: BaseException, what: str) -> None:
+    def _send_reply(self, ref: int, unique: int, payload: bytes = b"") -> None:
+        if ref < 0:
+            self._send([fuse.reply(unique, payload)])
+            return
+        size = len(payload)
+        if size:
+            self._ring_payloads[ref][:size] = payload
+        self._commit(ref, unique, 0, size)
+
+    def _send_errno(self, ref: int, unique: int, err: int) -> None:
+        if ref < 0:
+            self._send([fuse.reply_error(unique, err)])
+        else:
+            self._commit(ref, unique, err, 0)
+
+    def _send_exc(self, ref: int, unique: int, exc: BaseException, what: str) -> None:
         err = errno_of(exc)
         if isinstance(exc, BlktapError):  # refused at the VBD's entry, or its state
             self._log.debug("%s failed: %s", what, exc)
@@ -596,28 +737,26 @@ class _FuseSession:
             self._log.warning("%s failed: %s", what, exc)
         else:
             self._log.error("%s failed", what, exc_info=exc)
-        self._send_errno(unique, err)
+        self._send_errno(ref, unique, err)
 
     # --------------------------------------------------------------- data path
-    def _read(self, unique: int, nodeid: int, n: int) -> None:
-        if n < _READ_HEAD_SIZE:
-            self._send_errno(unique, errno.EINVAL)
-            return
-        _fh, offset, size, _flags = _unpack_read(self._head, _IN_SIZE)
+    def _read(self, ref: int, unique: int, nodeid: int, offset: int, size: int) -> None:
         if nodeid not in _DATA_IDS:
-            self._send_errno(unique, errno.EISDIR if nodeid == fuse.ROOT_ID else errno.ENOENT)
+            self._send_errno(ref, unique,
+                             errno.EISDIR if nodeid == fuse.ROOT_ID else errno.ENOENT)
             return
         if size > MAX_IO:
-            self._send_errno(unique, errno.EINVAL)
+            self._send_errno(ref, unique, errno.EINVAL)
             return
         end = offset + size
         if end > self._size:
             end = self._size
             if offset >= end:  # at or past the end of the file: a short (empty) read
-                self._send([_pack_out(_OUT_SIZE, 0, unique)])
+                self._send_reply(ref, unique)
                 return
         length = end - offset
-        buf = self._buffers.get(length)
+        # Through the ring the data goes straight into the entry's payload buffer.
+        buf = self._buffers.get(length) if ref < 0 else self._ring_payloads[ref][:length]
         self.inflight += 1
         stats = self.stats
         stats[0] += 1
@@ -625,51 +764,52 @@ class _FuseSession:
             stats[1] = length
 
         def done(_result: object, exc: BaseException | None) -> None:
-            if exc is None:
+            if exc is not None:
+                self._send_exc(ref, unique, exc, f"read {offset}+{length}")
+            elif ref < 0:
                 self._send([_pack_out(_OUT_SIZE + length, 0, unique), buf])
             else:
-                self._send_exc(unique, exc, f"read {offset}+{length}")
-            self._buffers.put(buf)
+                self._commit(ref, unique, 0, length)
+            if ref < 0:
+                self._buffers.put(buf)
             self._finished()
 
         eager.start(self._vbd.read(offset, buf), done)
 
-    def _write(self, unique: int, nodeid: int, n: int) -> None:
-        _fh, offset, size, _wflags, _owner, _flags, _pad = _unpack_write(self._head, _IN_SIZE)
-        if n != _WRITE_HEAD_SIZE + size:
-            self._log.error("FUSE WRITE %d: %d data bytes announced, %d read", unique, size,
-                            n - fuse.WRITE_HEAD_SIZE)
-            self._send_errno(unique, errno.EINVAL)
-            return
+    def _write(self, ref: int, unique: int, nodeid: int, offset: int, data: memoryview,
+               pooled: memoryview | None = None) -> bool:
+        """Start the WRITE of ``data``; True when it still runs (and keeps ``data``).
+        ``pooled``: the buffer holding ``data``, back to the pool when a write that
+        waited is done."""
+        size = len(data)
         if nodeid not in _DATA_IDS:
-            self._send_errno(unique, errno.EBADF)
-            return
-        data = self._data
+            self._send_errno(ref, unique, errno.EBADF)
+            return False
         stats = self.stats
         stats[2] += 1
         if size > stats[3]:
             stats[3] = size
-        # [still running, buffer lent to the request]
-        state = [True, False]
+        running = [True]
         self.inflight += 1
 
         def done(_result: object, exc: BaseException | None) -> None:
-            if exc is None:
+            if exc is not None:
+                self._send_exc(ref, unique, exc, f"write {offset}+{size}")
+            elif ref < 0:
                 self._send([_pack_write_reply(_WRITE_REPLY_SIZE, 0, unique, size, 0)])
             else:
-                self._send_exc(unique, exc, f"write {offset}+{size}")
-            state[0] = False
-            if state[1]:
-                self._buffers.put(data)
+                _pack_write_out_into(self._ring_payloads[ref], 0, size, 0)
+                self._commit(ref, unique, 0, _WRITE_OUT_SIZE)
+            if not running[0] and pooled is not None:
+                self._buffers.put(pooled)
+            running[0] = False
             self._finished()
 
-        eager.start(self._vbd.write(offset, data[:size]), done)
-        if state[0]:
-            # The write waits (e.g. for the disk, or a paused VBD): it keeps this
-            # buffer, the next request is read into another.
-            state[1] = True
-            self._data = self._buffers.get(MAX_IO)
-            self._iov = [self._head, self._data]
+        eager.start(self._vbd.write(offset, data), done)
+        if running[0]:
+            running[0] = False
+            return True
+        return False
 
     # ----------------------------------------------------------- other requests
     def _body(self, n: int) -> memoryview:
@@ -680,21 +820,23 @@ class _FuseSession:
             self._data[: n - fuse.IN_HEADER.size - head_args])
         return memoryview(joined)
 
-    def _other(self, opcode: int, unique: int, nodeid: int, n: int) -> None:
+    def _other(self, ref: int, opcode: int, unique: int, nodeid: int, pid: int,
+               body_or_n: memoryview | int) -> None:
         if opcode in fuse.NO_REPLY:
             # FORGET/BATCH_FORGET: our two inodes live as long as the mount.
             # INTERRUPT: requests here cannot be cancelled; they finish and reply.
             return
-        body = self._body(n)
-        if opcode == Opcode.FSYNC and self._caller() == self.hold_tid:
+        body = self._body(body_or_n) if isinstance(body_or_n, int) else body_or_n
+        if opcode == Opcode.FSYNC and pid == self.hold_tid:
             # util-linux fallocate, the holder, fsyncs before it exits: nothing of ours
             # to flush, and the VBD may still be paused (a destroy while paused).
-            self._send([fuse.reply(unique)])
+            self._send_reply(ref, unique)
             return
-        if opcode == Opcode.FALLOCATE and self._is_hold(body):
+        if opcode == Opcode.FALLOCATE and self._is_hold(pid, body):
             # Tapdisk's own request, sent with the file's inode lock held: not answered
             # until release_hold, so that passthrough writes wait in the kernel.
             self.hold_unique = unique
+            self.hold_ref = ref
             if self.hold_taken is not None and not self.hold_taken.done():
                 self.hold_taken.set_result(None)
             return
@@ -703,36 +845,32 @@ class _FuseSession:
             try:
                 payload = sync_op(nodeid, body)
             except (BlktapError, OSError) as exc:
-                self._send_exc(unique, exc, _opname(opcode))
+                self._send_exc(ref, unique, exc, _opname(opcode))
                 return
-            self._send([fuse.reply(unique, payload)])
+            self._send_reply(ref, unique, payload)
             return
         async_op = self._async_ops.get(opcode)
         if async_op is None:
-            self._send_errno(unique, errno.ENOSYS)
+            self._send_errno(ref, unique, errno.ENOSYS)
             return
         try:
             coro = async_op(nodeid, body)
         except (BlktapError, OSError) as exc:
-            self._send_exc(unique, exc, _opname(opcode))
+            self._send_exc(ref, unique, exc, _opname(opcode))
             return
         self.inflight += 1
 
         def done(result: Payload | None, exc: BaseException | None) -> None:
             if exc is None:
-                self._send([fuse.reply(unique, result or b"")])
+                self._send_reply(ref, unique, result or b"")
             else:
-                self._send_exc(unique, exc, _opname(opcode))
+                self._send_exc(ref, unique, exc, _opname(opcode))
             self._finished()
 
         eager.start(coro, done)
 
-    def _caller(self) -> int:
-        """The thread id of the current request's caller."""
-        return int(fuse.IN_HEADER.unpack_from(self._head)[6])
-
-    def _is_hold(self, body: memoryview) -> bool:
-        if self._caller() != self.hold_tid or len(body) < fuse.FALLOCATE_IN.size:
+    def _is_hold(self, pid: int, body: memoryview) -> bool:
+        if pid != self.hold_tid or len(body) < fuse.FALLOCATE_IN.size:
             return False
         req = fuse.FallocateIn.decode(body)
         return req.offset == _HOLD_OFFSET and req.mode == _HOLD_MODE
@@ -741,7 +879,7 @@ class _FuseSession:
         """Answer the holding FALLOCATE (if any): the kernel lets the held writes go."""
         unique, self.hold_unique = self.hold_unique, None
         if unique is not None:
-            self._send([fuse.reply(unique)])
+            self._send_reply(self.hold_ref, unique)
 
     def _attr(self, nodeid: int) -> fuse.Attr:
         if nodeid == FILE_ID:
@@ -765,6 +903,10 @@ class _FuseSession:
             flags |= fuse.INIT_PASSTHROUGH | fuse.InitFlag.INIT_EXT
             depth = fuse.MAX_STACK_DEPTH
             self.passthrough = True
+        if self.ring is not None and init.flags & fuse_uring.INIT_OVER_IO_URING:
+            # From now on the kernel holds every request until the ring is registered.
+            flags |= fuse_uring.INIT_OVER_IO_URING | fuse.InitFlag.INIT_EXT
+            self.uring = True
         minor = min(init.minor, fuse.KERNEL_MINOR)
         self.initialized = True
         if not self.init_done.done():
@@ -921,10 +1063,19 @@ class BlockDeviceStatistics:
     loop_write_sectors: int = 0
     held: bool = False
     """Writes are held in the kernel for a pause (passthrough only)."""
+    uring_reason: str = ""
+    """Why the requests do not come through io_uring (empty when they do: ``io_path``
+    ``fuse-uring``; also with passthrough when the ring is there for what remains)."""
+    uring_entries: int = 0
+    """Ring entries registered with the kernel (queues x depth), 0 without the ring."""
+    ring_requests: int = 0
+    """Requests that came through the ring (the others through ``/dev/fuse``)."""
 
     def as_dict(self) -> dict[str, object]:
         return {"loop_device": self.loop_device, "direct_io": self.direct_io,
                 "io_path": self.io_path, "passthrough_reason": self.passthrough_reason,
+                "uring_reason": self.uring_reason, "uring_entries": self.uring_entries,
+                "fuse_ring_requests": self.ring_requests,
                 "held": self.held, "fuse_inflight": self.inflight,
                 "fuse_reads": self.reads, "fuse_writes": self.writes,
                 "loop_reads": self.loop_reads, "loop_read_sectors": self.loop_read_sectors,
@@ -989,6 +1140,9 @@ class BlockDevice:
         self.io_path = IO_FUSE
         self.passthrough_reason = "not started"
         self._passthrough_mode = passthrough_mode()
+        self._uring_mode = uring_mode()
+        self._ring: FuseRing | None = None
+        self.uring_reason = "not started"
         self._backing_key: tuple[int, int] | None = None
         self._holder: asyncio.subprocess.Process | None = None  # sends the hold
         self._holder_exit: asyncio.Future[int] | None = None
@@ -1012,7 +1166,9 @@ class BlockDevice:
             self.loop_device, self.direct_io, session.inflight if session else 0,
             reads, writes, largest_read, largest_write, self.io_path,
             self.passthrough_reason, loop[0], loop[1], loop[2], loop[3],
-            self._swapped or (session is not None and session.hold_unique is not None))
+            self._swapped or (session is not None and session.hold_unique is not None),
+            self.uring_reason, self._ring.live if self._ring is not None else 0,
+            session.ring_requests if session is not None else 0)
 
     def report(self) -> dict[str, object]:
         """What STATS adds for this device (``blockdev``): the I/O path and counters."""
@@ -1078,8 +1234,11 @@ class BlockDevice:
             _umount(self.mountpoint, _MNT_DETACH)
         os.makedirs(self.mountpoint, mode=0o700, exist_ok=True)
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        # The ring exists before INIT: the INIT reply offers it only if it does.
+        self._ring = self._make_ring(loop)
         self._session = _FuseSession(fd, self.vbd, self.log, open_flags=self._open_flags,
-                                     passthrough=self._passthrough_mode is not PassthroughMode.OFF)
+                                     passthrough=self._passthrough_mode is not PassthroughMode.OFF,
+                                     ring=self._ring)
         options = (f"fd={fd},rootmode={stat.S_IFDIR:o},user_id=0,group_id=0,allow_other,"
                    "default_permissions")
         # Mounting queues INIT and returns; nothing here waits for the server.
@@ -1089,6 +1248,7 @@ class BlockDevice:
         _become_io_flusher()
         self._session.start_reading()
         await asyncio.wait_for(asyncio.shield(self._session.init_done), _WAIT_TIMEOUT)
+        self._start_ring()
         self._setup_passthrough()
         try:
             await self._attach()
@@ -1101,6 +1261,8 @@ class BlockDevice:
         if self._session.backing_id is not None:
             self.io_path = IO_PASSTHROUGH
             self.passthrough_reason = ""
+        else:
+            self.io_path = self._served_io_path()
         assert self.loop_device is not None
         self._loop_base = loop_counters(self.loop_device)
         self.direct_io = loop_direct_io(self.loop_device)
@@ -1121,6 +1283,72 @@ class BlockDevice:
             if not attach.cancelled() and attach.exception() is None:
                 self.loop_device = attach.result()
             raise
+
+    # --------------------------------------------------------- FUSE over io_uring
+    def _served_io_path(self) -> str:
+        """The I/O path when tapdisk serves the requests."""
+        return IO_FUSE_URING if self._ring is not None else IO_FUSE
+
+    def _uring_refused(self, why: str) -> None:
+        """Record why the requests do not come through io_uring; with
+        BLKTAP_FUSE_URING=on, fail the start instead (BlktapError, EOPNOTSUPP)."""
+        if self._uring_mode is UringMode.ON:
+            raise BlktapError(f"{self.path}: {URING_ENV}=on but FUSE over io_uring is "
+                              f"unavailable: {why}", errno=errno.EOPNOTSUPP)
+        self.uring_reason = why
+        if self._uring_mode is UringMode.AUTO:
+            self.log.info("%s: FUSE over io_uring off: %s", self.path, why)
+
+    def _make_ring(self, loop: asyncio.AbstractEventLoop) -> FuseRing | None:
+        """The ring entries to offer at INIT, or None (with the reason recorded)."""
+        if self._uring_mode is UringMode.OFF:
+            self._uring_refused(f"{URING_ENV}=off" if os.environ.get(URING_ENV)
+                                else f"off by default ({URING_ENV}=auto or on enables it)")
+            return None
+        parameter = uring_parameter()
+        if parameter is None:
+            self._uring_refused("this kernel has no FUSE over io_uring (no "
+                                f"{URING_PARAMETER})")
+            return None
+        if parameter != "Y":
+            self._uring_refused(f"the fuse module parameter enable_uring is {parameter} "
+                                f"(root turns it on: echo Y > {URING_PARAMETER})")
+            return None
+        try:
+            return FuseRing.create(loop, queues=possible_cpus(), depth=URING_DEPTH,
+                                   payload_size=fuse_uring.payload_size(MAX_IO, MAX_IO // 4096))
+        except OSError as exc:
+            self._uring_refused(f"cannot make an io_uring: {exc.strerror}")
+            return None
+
+    def _start_ring(self) -> None:
+        """After INIT: hand the ring's entries to the kernel, or fall back to
+        ``/dev/fuse`` (raising instead with BLKTAP_FUSE_URING=on)."""
+        ring, session = self._ring, self._session
+        if ring is None or session is None:
+            return
+        if not session.uring:
+            self._close_ring()
+            self._uring_refused("the kernel did not offer FUSE_OVER_IO_URING at INIT")
+            return
+        ring.on_request = session.on_ring_request
+        try:
+            ring.register(session.fd)
+        except OSError as exc:
+            # A refused REGISTER turns the connection back to /dev/fuse (fc->io_uring).
+            self._close_ring()
+            self._uring_refused(f"the kernel refused the ring entries: {exc.strerror}")
+            return
+        self.uring_reason = ""
+        self.log.info("%s: FUSE requests through io_uring (%d queues x %d entries)",
+                      self.path, ring.queues, ring.depth)
+
+    def _close_ring(self) -> None:
+        if self._session is not None:
+            self._session.ring = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
 
     # ------------------------------------------------------------- passthrough
     def _passthrough_refusal(self) -> tuple[str, str | None]:
@@ -1184,7 +1412,7 @@ class BlockDevice:
                 fcntl.ioctl(session.fd, fuse.FUSE_DEV_IOC_BACKING_CLOSE,
                             bytearray(fuse.BACKING_ID.pack(session.backing_id)), True)
             session.backing_id = None
-        self.io_path = IO_FUSE
+        self.io_path = self._served_io_path()
         self.passthrough_reason = why
         self.log.info("%s: FUSE passthrough off: %s", self.path, why)
 
@@ -1388,6 +1616,7 @@ class BlockDevice:
         if session is not None:
             session.close()
             self._session = None
+        self._close_ring()
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(self.mountpoint)
         with contextlib.suppress(OSError):  # the last device of this run directory
