@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from blktap.block.capabilities import Capabilities
+from blktap.block.capabilities import NO_ROUTES, Capabilities, WriteObserver
 from blktap.block.chain import Chain, ImageStats, StatusExtent
 from blktap.block.driver import SECTOR_SIZE, SYNC_WRITE_MAX, Image, OpenOptions
 from blktap.block.layer import DirtyBitmap, Layer, LayerOpener, Stack, open_stack, split_layers
@@ -84,11 +84,18 @@ class SyncFile:
     """A VBD's one image as a descriptor on which its caller serves requests itself, at
     once: any request with ``offset`` and ``length`` multiples of 512 and
     ``offset + length <= size`` is one ``os.preadv`` (``os.pwritev``, with RWF_DSYNC
-    for FUA, when ``writable``) of ``fd`` at ``offset``. See :meth:`VBD.sync_file`."""
+    for FUA, when ``writable``) of ``fd`` at ``offset``. See :meth:`VBD.sync_file`.
+
+    ``observe``, when not None, must be called before each write is issued:
+    ``observe(offset, length, fua)`` tells the stack's write observers (a changed-block
+    log) of it and returns True, or returns False having done nothing when the write
+    must go through the VBD's methods instead (a FUA write: the observers' sync must
+    not block the event loop)."""
 
     fd: int
     size: int
     writable: bool
+    observe: Callable[[int, int, bool], bool] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +109,10 @@ class Admission:
     multiples of 512, inside the device, and (a write) the stack writable, which is
     ``offset + length <= write_limit`` with ``write_limit`` -1 when not writable.
 
+    When the stack has write observers (Capabilities.observers: a changed-block log),
+    every write route here is wrapped to call them before the write is issued
+    (:class:`_Observed`); without observers the routes are the driver's own functions.
+
     Threads (:class:`ThreadIO`) call :meth:`admits`; the event loop's fast paths copy it
     inline for speed (a call per request costs more than the rest of the check): each
     copy says so, and
@@ -112,7 +123,9 @@ class Admission:
     write_limit: int
     read_image: Image | None
     """The one image, when reads may go to its coroutine directly (Routes.direct)."""
-    write_image: Image | None
+    write_direct: Callable[[int, memoryview, bool], Awaitable[None]] | None
+    """The one image's ``write`` (with the stack's write observers called first, if it
+    has any), when writes may go to it directly (Routes.direct)."""
     read_now: Callable[[int, memoryview], bool] | None
     write_now: Callable[[int, memoryview, bool], bool] | None
     read_blocking: Callable[[int, memoryview], bool] | None
@@ -307,7 +320,10 @@ class VBD:
     def capabilities(self) -> Capabilities:
         """What the VBD's stack can do (blktap.block.capabilities): computed at open and
         resume, narrowed by each layer; kept while paused. Frontends read it once per
-        connection (advertised flags) or per batch."""
+        connection (advertised flags) or per batch. When the stack has write observers
+        (a changed-block log), ``writes`` is NO_ROUTES here: a frontend must not write
+        past the VBD on its own (FUSE passthrough); the VBD's own fast routes
+        (:attr:`admission`) call the observers and stay."""
         return self._caps
 
     @property
@@ -526,7 +542,10 @@ class VBD:
             self._ready = None
             self.state = self._state  # (re)derives _admission
             return
-        caps = self._caps = stack.capabilities()
+        caps = stack.capabilities()
+        # Frontends see no write route when writes have observers: a route of their own
+        # past the VBD (FUSE passthrough) would skip them. The VBD's routes call them.
+        self._caps = caps.narrow(writes=NO_ROUTES) if caps.observers else caps
         bitmap = _dirty_bitmap(stack)
         self._bitmap_name = bitmap.bitmap_name if bitmap is not None else None
         reads, writes = caps.reads, caps.writes
@@ -535,20 +554,35 @@ class VBD:
         image = chain.leaf
         fast = chain.fast
         self._now_stats = stats = chain.stats[0]
+        write_direct: Callable[[int, memoryview, bool], Awaitable[None]] | None = (
+            image.write if writes.direct else None)
+        write_now = fast.write_now if writes.sync else None
+        write_blocking = fast.write_blocking if writes.thread else None
+        observe = None
+        if caps.observers and writes.any:
+            observed = _Observed(caps.observers)
+            observe = observed.in_loop
+            if write_direct is not None:
+                write_direct = observed.direct(write_direct)
+            if write_now is not None:
+                write_now = observed.sync(write_now)
+            if write_blocking is not None:
+                write_blocking = observed.thread(write_blocking)
         sync = None
         if reads.lent_fd and fast.sync_fd is not None:
             fd = fast.sync_fd()
             if fd is not None:
-                sync = SyncFile(fd, self._size, writes.lent_fd)
+                sync = SyncFile(fd, self._size, writes.lent_fd,
+                                observe if writes.lent_fd else None)
         self._ready = Admission(
             read_limit=self._size if reads.any else -1,
             write_limit=self._size if writes.any else -1,
             read_image=image if reads.direct else None,
-            write_image=image if writes.direct else None,
+            write_direct=write_direct,
             read_now=fast.read_now if reads.sync else None,
-            write_now=fast.write_now if writes.sync else None,
+            write_now=write_now,
             read_blocking=fast.read_blocking if reads.thread else None,
-            write_blocking=fast.write_blocking if writes.thread else None,
+            write_blocking=write_blocking,
             sync=sync,
             stats=stats,
         )
@@ -689,14 +723,14 @@ class VBD:
         length = len(data)
         adm = self._admission
         # Admission.admits, inline.
-        if (adm is not None and (image := adm.write_image) is not None
+        if (adm is not None and (write := adm.write_direct) is not None
                 and not (offset | length) & _SECTOR_MASK
                 and offset >= 0 and offset + length <= adm.write_limit):
             stats = adm.stats
             self._inflight += 1
             stats.hits[1] += length >> 9
             try:
-                await image.write(offset, data, fua)
+                await write(offset, data, fua)
             except BaseException:
                 stats.fail[1] += length >> 9
                 self.errors[1] += 1
@@ -837,6 +871,68 @@ class VBD:
             "FIXME_enospc_redirect_count": 0,
             "nbd_mirror_failed": 0,
         }
+
+
+class _Observed:
+    """The fast write routes of a stack with write observers (a changed-block log):
+    each calls every observer's ``mark`` before it issues a write, and makes the marks
+    durable before a FUA write (its bits durable no later than its data). The event
+    loop's synchronous routes (``write_now``, the lent descriptor) decline FUA writes,
+    so that no sync blocks the loop: the direct route or the stack serves them."""
+
+    __slots__ = ("_observers",)
+
+    def __init__(self, observers: tuple[WriteObserver, ...]) -> None:
+        self._observers = observers
+
+    def in_loop(self, offset: int, length: int, fua: bool) -> bool:
+        """Before a write on a synchronous route of the event loop: mark, or False for
+        FUA (nothing done: the caller sends the write through :meth:`VBD.write`)."""
+        if fua:
+            return False
+        if length:
+            for observer in self._observers:
+                observer.mark(offset, length)
+        return True
+
+    def sync(self, now: Callable[[int, memoryview, bool], bool]
+             ) -> Callable[[int, memoryview, bool], bool]:
+        in_loop = self.in_loop
+
+        def write_now(offset: int, data: memoryview, fua: bool) -> bool:
+            return in_loop(offset, len(data), fua) and now(offset, data, fua)
+
+        return write_now
+
+    def thread(self, blocking: Callable[[int, memoryview, bool], bool]
+               ) -> Callable[[int, memoryview, bool], bool]:
+        observers = self._observers
+
+        def write_blocking(offset: int, data: memoryview, fua: bool) -> bool:
+            if len(data):
+                for observer in observers:
+                    observer.mark(offset, len(data))
+                if fua:
+                    for observer in observers:
+                        observer.sync_now()
+            return blocking(offset, data, fua)
+
+        return write_blocking
+
+    def direct(self, write: Callable[[int, memoryview, bool], Awaitable[None]]
+               ) -> Callable[[int, memoryview, bool], Awaitable[None]]:
+        observers = self._observers
+
+        async def write_direct(offset: int, data: memoryview, fua: bool) -> None:
+            if len(data):
+                for observer in observers:
+                    observer.mark(offset, len(data))
+                if fua:
+                    for observer in observers:
+                        await observer.sync()
+            await write(offset, data, fua)
+
+        return write_direct
 
 
 def _dirty_bitmap(stack: Stack) -> DirtyBitmap | None:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -237,23 +238,90 @@ def test_concurrent_syncs_share_one_msync(tmp_path: Path) -> None:
     assert file_bits(path) == [0, 1008]
 
 
+class GatedLog(CountingLog):
+    """Each msync says it started (``entered``) and waits for ``release``."""
+
+    entered = threading.Event()
+    release = threading.Event()
+
+    def _msync(self, lo: int, hi: int) -> None:
+        type(self).entered.set()
+        type(self).release.wait(10)
+        super()._msync(lo, hi)
+
+
 def test_a_mark_during_a_sync_is_synced_by_the_next(tmp_path: Path) -> None:
     path = copy(tmp_path, "empty-64m.cbtlog")
-    CountingLog.calls = 0
+    GatedLog.calls = 0
+    GatedLog.entered.clear()
+    GatedLog.release.clear()
 
     async def go() -> None:
-        log = CountingLog.open(path, 64 * MiB)
+        log = GatedLog.open(path, 64 * MiB)
         log.mark(0, 1)
         first = asyncio.ensure_future(log.sync())
-        await asyncio.sleep(0)  # the first sync has taken the dirty range
+        await asyncio.to_thread(GatedLog.entered.wait, 10)  # it has taken the range
         log.mark(65536, 1)
-        await log.sync()  # must cover the second mark: waits, then syncs again
+        second = asyncio.ensure_future(log.sync())  # must cover the second mark
+        await asyncio.sleep(0.01)
+        assert not second.done()
+        GatedLog.release.set()
         await first
-        assert CountingLog.calls == 2
+        await second
+        assert GatedLog.calls == 2
         assert not log.pending
         await log.close()
 
     run(go())
+    assert file_bits(path) == [0, 1]
+
+
+def test_a_thread_sync_waits_for_the_sync_that_took_its_bits(tmp_path: Path) -> None:
+    """A sync that finds the dirty range taken by a sync still writing it back returns
+    only when that one is done (the bits it must cover are durable)."""
+    path = copy(tmp_path, "empty-64m.cbtlog")
+    GatedLog.entered.clear()
+    GatedLog.release.clear()
+    log = GatedLog.open(path, 64 * MiB)
+    log.mark(3 * 65536, 1)
+    first = threading.Thread(target=log.sync_now)
+    first.start()
+    assert GatedLog.entered.wait(10)
+    second = threading.Thread(target=log.sync_now)
+    second.start()
+    second.join(0.05)
+    assert second.is_alive()  # waits for the first msync, which holds bit 3
+    GatedLog.release.set()
+    first.join(10)
+    second.join(10)
+    assert not log.pending
+    log.close_now()
+    assert file_bits(path) == [3]
+
+
+def test_marks_from_many_threads_lose_no_bit(tmp_path: Path) -> None:
+    """Threads marking bits of the same bytes at once (the NBD lanes and the event loop):
+    every bit is set, and one sync after they are done makes them all durable."""
+    path = copy(tmp_path, "empty-64m.cbtlog")
+    log = CbtLogFile.open(path, 64 * MiB)
+    threads = 4
+    blocks = 1024  # 64 MiB of 64 KiB blocks: byte k holds blocks 8k..8k+7
+
+    def marker(first: int) -> None:
+        for block in range(first, blocks, threads):  # neighbours: the same bytes
+            log.mark(block * 65536, 512)
+
+    workers = [threading.Thread(target=marker, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert log.bits_set() == list(range(blocks))
+    assert log.pending
+    log.sync_now()
+    assert not log.pending
+    log.close_now()
+    assert file_bits(path) == list(range(blocks))
 
 
 def test_failed_sync_is_retried_by_the_next(tmp_path: Path) -> None:

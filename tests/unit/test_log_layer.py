@@ -17,7 +17,7 @@ from blktap.block.capabilities import NO_ROUTES
 from blktap.block.cbtlog import CbtLogFile
 from blktap.block.chain import Chain
 from blktap.block.driver import OpenOptions
-from blktap.block.layers.log import LogLayer
+from blktap.block.layers.log import LogLayer, LogSlot
 from blktap.proto import cbt
 from blktap.vhd.create import create_dynamic
 from tests.reference_data import reference_dir
@@ -110,7 +110,7 @@ def test_zeroes_and_discards_mark_too(tmp_path: Path, kind: str) -> None:
     assert [b for b in run(trim()) if b >= 640] == [640, 641]
 
 
-def test_reads_pass_and_write_routes_close(tmp_path: Path) -> None:
+def test_reads_pass_and_write_routes_stay_with_the_log_as_observer(tmp_path: Path) -> None:
     type_name, path = image(tmp_path, "aio")
     log_path = fresh_log(tmp_path)
 
@@ -118,7 +118,7 @@ def test_reads_pass_and_write_routes_close(tmp_path: Path) -> None:
         chain = await Chain.open(type_name, path, OPTIONS)
         top = await LogLayer.opener(log_path)(chain, OPTIONS)
         caps = top.capabilities()
-        assert caps.writes == NO_ROUTES
+        assert caps.writes == chain.capabilities().writes != NO_ROUTES
         assert caps.reads == chain.capabilities().reads
         assert caps.flush == chain.capabilities().flush
         buf = bytearray(MiB)
@@ -126,10 +126,40 @@ def test_reads_pass_and_write_routes_close(tmp_path: Path) -> None:
         assert not any(buf)
         assert isinstance(top, LogLayer)
         assert top.log.bits_set() == []
+        # The routes past the layer mark through its observer (the log's own mark).
+        (observer,) = caps.observers
+        observer.mark(3 * 65536 + 512, 65536)
+        assert top.log.bits_set() == [3, 4]
+        assert top.log.pending
+        observer.sync_now()
+        assert not top.log.pending
         await top.close()
 
     run(go())
-    assert Path(log_path).read_bytes() == (REF / "empty-64m.cbtlog").read_bytes()
+    assert cbt.parse_header(Path(log_path).read_bytes()[:cbt.HEADER_SIZE]) == cbt.parse_header(
+        (REF / "empty-64m.cbtlog").read_bytes()[:cbt.HEADER_SIZE])
+
+
+def test_two_logs_are_two_observers_and_a_pass_through_log_slot_none(tmp_path: Path) -> None:
+    type_name, path = image(tmp_path, "aio")
+    first, second = fresh_log(tmp_path), str(tmp_path / "second.cbtlog")
+    shutil.copyfile(REF / "empty-64m.cbtlog", second)
+
+    async def go() -> None:
+        chain = await Chain.open(type_name, path, OPTIONS)
+        bottom = await LogLayer.opener(first)(chain, OPTIONS)
+        top = await LogSlot(second).opener()(bottom, OPTIONS)
+        assert isinstance(bottom, LogLayer) and isinstance(top, LogLayer)
+        observers = top.capabilities().observers
+        assert len(observers) == 2
+        for observer in observers:
+            observer.mark(0, 512)
+        assert bottom.log.bits_set() == top.log.bits_set() == [0]
+        none = await LogSlot(None).opener()(top, OPTIONS)
+        assert none.capabilities() == top.capabilities()  # adds nothing
+        await none.close()
+
+    run(go())
 
 
 def test_flush_and_fua_sync_the_log(tmp_path: Path) -> None:

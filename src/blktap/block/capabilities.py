@@ -13,14 +13,23 @@ Two kinds of fields:
   of a frontend (``thread``: :class:`blktap.vbd.ThreadIO`, the NBD lanes), or the image's
   descriptor lent to a frontend that serves requests itself (``lent_fd``:
   :meth:`blktap.vbd.VBD.sync_file`, the NBD connection's inline path). A layer that must
-  see every write (a changed-block log, a mirror, fault injection) turns every write
-  route off; one that only watches writes keeps the read routes.
+  see every write (a mirror, fault injection) turns every write route off; one that only
+  watches writes keeps the read routes.
+* **Who must hear of every write before it starts** (``observers``, each a
+  :class:`WriteObserver`): a layer that only has to *know* which bytes are written (a
+  changed-block log marks a bitmap) declares itself an observer with
+  :meth:`Capabilities.observe_writes` instead of turning the write routes off. Every fast
+  route then calls each observer's ``mark`` before it issues a write (and makes the marks
+  durable first for a FUA write); the general path reaches the layer itself. Write-zeroes
+  and discard take no fast route: the layer sees them.
 
-A layer may only narrow: :meth:`Capabilities.narrow` refuses to turn anything on.
+A layer may only narrow: :meth:`Capabilities.narrow` refuses to turn anything on (or to
+drop an observer).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -55,6 +64,24 @@ NO_ROUTES = Routes()
 ALL_ROUTES = Routes(direct=True, sync=True, thread=True, lent_fd=True)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class WriteObserver:
+    """What a layer that watches writes (a changed-block log) gives the fast routes, so
+    that writes need not pass through it (see the module docstring). Compared by
+    identity."""
+
+    mark: Callable[[int, int], object]
+    """``mark(offset, length)``: ``length`` (> 0) bytes at ``offset`` (inside the device)
+    are about to be written (what it returns is ignored). Called before the write is
+    issued, from the event loop or from another thread (an NBD lane): thread-safe,
+    cheap, never blocks for long."""
+    sync_now: Callable[[], None]
+    """Make every mark made before the call durable, blocking the caller (before a FUA
+    write on a synchronous or thread route). Thread-safe. Raises OSError on failure."""
+    sync: Callable[[], Awaitable[None]]
+    """:attr:`sync_now` for the event loop (before a FUA write on the direct route)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What an image stack can do (see the module docstring). Frozen: build a narrower
@@ -79,17 +106,23 @@ class Capabilities:
     """Fast routes READs may take past the layers."""
     writes: Routes = NO_ROUTES
     """Fast routes WRITEs may take past the layers."""
+    observers: tuple[WriteObserver, ...] = ()
+    """Called by every fast route before it issues a write (see :class:`WriteObserver`),
+    bottom layer's first."""
 
     def narrow(self, **changes: Any) -> Capabilities:
         """A copy with ``changes`` (field=value), each no wider than now: a bool may only
-        become False, routes only lose members. Raises ValueError for a widening and
-        TypeError for an unknown field."""
+        become False, routes only lose members, observers only be added (after those
+        there). Raises ValueError for a widening and TypeError for an unknown field."""
         names = {f.name for f in fields(self)}
         for name, value in changes.items():
             if name not in names:
                 raise TypeError(f"Capabilities has no field {name!r}")
             old = getattr(self, name)
-            if isinstance(old, Routes):
+            if name == "observers":
+                if not isinstance(value, tuple) or value[:len(old)] != old:
+                    raise ValueError(f"a layer may only add observers: {old} -> {value}")
+            elif isinstance(old, Routes):
                 if not isinstance(value, Routes) or (old & value) != value:
                     raise ValueError(f"a layer may only narrow {name}: {old} -> {value}")
             elif not isinstance(value, bool) or (value and not old):
@@ -100,6 +133,11 @@ class Capabilities:
         """Narrowed for a layer that must see every write (and zero and trim): no write
         takes a fast route past it. Reads keep theirs."""
         return self.narrow(writes=NO_ROUTES)
+
+    def observe_writes(self, observer: WriteObserver) -> Capabilities:
+        """With ``observer`` called by the fast routes before every write they issue (a
+        layer that only watches writes, e.g. a changed-block log): the routes stay."""
+        return self.narrow(observers=(*self.observers, observer))
 
     def must_see_everything(self) -> Capabilities:
         """Narrowed for a layer that must see every request: no fast route at all."""

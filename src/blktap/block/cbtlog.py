@@ -35,6 +35,14 @@ carry no promise, as for the image's data: after a host crash the storage manage
 ``consistent`` flag (0 while attached; this class never changes it) says "assume every
 block changed".
 
+*Threads.* Marks may come from several threads at once (the NBD lanes' threads mark
+the writes they issue, the event loop the rest): setting bits and recording the dirty
+range happen under a lock, the range first, so that a thread that finds a bit already
+set (and writes without marking) knows its sync will cover it. A mark that finds its
+bits set takes no lock. Syncs are serialized by a second lock, held across the
+``msync``: a sync that finds nothing left to write back returns only once the syncs
+before it, which took the range, are done.
+
 *Failure.* A sync that fails (EIO from the file system) raises and leaves the range
 dirty, so that the next flush tries again. The mapped file must not be truncated while
 it is open (the kernel would kill the process with SIGBUS on the next mark, as it would
@@ -47,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
+import threading
 
 from blktap.proto import cbt
 
@@ -57,8 +66,8 @@ class CbtLogFile:
     """An open log for a disk of ``disk_size`` bytes. Use :meth:`open`; call
     :meth:`close` (or :meth:`close_now`) when done.
 
-    Not thread-safe: mark and sync from one thread (the event loop); the sync's
-    ``msync`` itself runs in a worker thread.
+    :meth:`mark`, :meth:`sync_now` and :meth:`sync` may be called from any thread (see
+    "Threads" above); open and close from one, while no other uses the log.
     """
 
     def __init__(self, path: str, fd: int, map_: mmap.mmap, header: cbt.CbtHeader,
@@ -74,7 +83,9 @@ class CbtLogFile:
         self._dirty_hi = -1
         self._generation = 0  # marks that dirtied a page, counted
         self._synced = 0  # the generation the last completed sync covered
-        self._sync_lock = asyncio.Lock()
+        self._sync_lock = asyncio.Lock()  # the event loop's syncs share one msync
+        self._mark_lock = threading.Lock()  # bits, dirty range and generation
+        self._msync_lock = threading.Lock()  # one msync at a time, any thread
         self._closed = False
 
     @classmethod
@@ -110,7 +121,7 @@ class CbtLogFile:
         """Set the bits of every block that ``length`` (> 0) bytes at ``offset`` touch
         (inside the disk). True when a bit was newly set (the map was written), False
         when all were set already. Synchronous and cheap: call it before starting the
-        write."""
+        write. Thread-safe."""
         assert not self._closed
         assert offset >= 0 and length > 0 and offset + length <= self.disk_size
         first = offset // cbt.BLOCK_SIZE
@@ -119,15 +130,18 @@ class CbtLogFile:
         bits = self._bits
         if lo == hi:  # the common case: one or a few blocks in one byte
             mask = ((2 << (last - first)) - 1) << (first & 7)
-            byte = bits[lo]
-            if byte & mask == mask:
+            if bits[lo] & mask == mask:  # set bits stay set: no lock needed to see it
                 return False
-            bits[lo] = byte | mask
-        else:
-            if self._all_set(first, last):
-                return False
+            with self._mark_lock:
+                # The range before the bits: whoever sees them set sees them pending.
+                self._dirtied(cbt.HEADER_SIZE + lo, cbt.HEADER_SIZE + hi + 1)
+                bits[lo] |= mask
+            return True
+        if self._all_set(first, last):
+            return False
+        with self._mark_lock:
+            self._dirtied(cbt.HEADER_SIZE + lo, cbt.HEADER_SIZE + hi + 1)
             cbt.set_range(bits, first, last - first + 1)
-        self._dirtied(cbt.HEADER_SIZE + lo, cbt.HEADER_SIZE + hi + 1)
         return True
 
     def _all_set(self, first: int, last: int) -> bool:
@@ -141,6 +155,7 @@ class CbtLogFile:
         return inner.tobytes().count(0xFF) == len(inner) if len(inner) else True
 
     def _dirtied(self, start: int, end: int) -> None:
+        # Under _mark_lock.
         if self._dirty_lo < 0:
             self._dirty_lo, self._dirty_hi = start, end
         else:
@@ -208,37 +223,38 @@ class CbtLogFile:
         """Return when every bit marked before this call is durable. Does nothing when
         nothing was marked since the last sync; a sync already running for the same
         marks is awaited rather than repeated. Raises OSError from ``msync`` (the range
-        stays dirty for the next sync)."""
+        stays dirty for the next sync). The ``msync`` runs in a worker thread."""
         target = self._generation
         if self._synced >= target:
             return
         async with self._sync_lock:
             if self._synced >= target:
                 return
-            covered, lo, hi = self._take_dirty()
-            try:
-                await asyncio.to_thread(self._msync, lo, hi)
-            except BaseException:
-                self._dirtied(lo, hi)
-                raise
-            self._synced = max(self._synced, covered)
+            await asyncio.to_thread(self._sync_to, target)
 
     def sync_now(self) -> None:
-        """:meth:`sync`, blocking the caller (for close and threads without a loop)."""
-        if self._synced >= self._generation:
-            return
-        covered, lo, hi = self._take_dirty()
-        try:
-            self._msync(lo, hi)
-        except BaseException:
-            self._dirtied(lo, hi)
-            raise
-        self._synced = max(self._synced, covered)
+        """:meth:`sync`, blocking the caller (close, a FUA write on a fast route, a
+        thread). Thread-safe."""
+        target = self._generation
+        if self._synced < target:
+            self._sync_to(target)
 
-    def _take_dirty(self) -> tuple[int, int, int]:
-        covered, lo, hi = self._generation, self._dirty_lo, self._dirty_hi
-        self._dirty_lo = self._dirty_hi = -1
-        return covered, lo, hi
+    def _sync_to(self, target: int) -> None:
+        """Make the marks up to generation ``target`` durable (blocking)."""
+        with self._msync_lock:
+            if self._synced >= target:
+                return  # a sync that ended while this one waited covered them
+            with self._mark_lock:
+                covered, lo, hi = self._generation, self._dirty_lo, self._dirty_hi
+                self._dirty_lo = self._dirty_hi = -1
+            try:
+                self._msync(lo, hi)
+            except BaseException:
+                if lo >= 0:
+                    with self._mark_lock:
+                        self._dirtied(lo, hi)
+                raise
+            self._synced = max(self._synced, covered)
 
     def _msync(self, lo: int, hi: int) -> None:
         if lo < 0:

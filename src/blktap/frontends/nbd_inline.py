@@ -6,7 +6,9 @@ connection serves READs and WRITEs under SYNC_WRITE_MAX itself, one ``preadv`` o
 ``pwritev`` each, straight from the receive buffer, without a call per request through
 the codec, dispatch, the VBD and the driver: with 4 KiB requests, many per read, those
 calls cost more than the system call (docs/performance.md). Everything else goes to the
-codec. The descriptor is the image's, not the socket's: this route needs no raw socket
+codec. Before each write it calls the SyncFile's ``observe`` when there is one (the
+stack's write observers: a changed-block log marks its bitmap), which declines FUA
+writes. The descriptor is the image's, not the socket's: this route needs no raw socket
 and stays on under TLS.
 """
 
@@ -53,6 +55,7 @@ class InlineServing(ConnectionBase):
         the system call's share (tests/unit/test_fast_route_rules.py pins the copies).
         """
         fd = sync.fd
+        observe = sync.observe  # the stack's write observers (a changed-block log), if any
         read_limit = adm.read_limit
         write_limit = adm.write_limit if sync.writable else -1
         check = codec.header_check
@@ -108,6 +111,8 @@ class InlineServing(ConnectionBase):
                         if _REQ_SIZE + length > CARRY_MAX:
                             return pos  # the codec takes it, its payload to come
                         break
+                    if observe is not None and not observe(offset, length, flags):
+                        return pos  # (FUA: the VBD syncs the observers off the loop)
                     try:
                         done = _pwritev(fd, (data[start : start + length],), offset,
                                         _RWF_DSYNC if flags else 0) == length

@@ -3,8 +3,12 @@ LOGFILE``), into a ``.cbtlog`` (:class:`blktap.block.cbtlog.CbtLogFile`).
 
 Every write, write-zeroes and discard sets the bits of the 64 KiB blocks it touches
 before it is passed down (the C filter marks writes; NBD's zeroes and trims are writes
-there too). Reads and block status pass through. The layer must see every write, so it
-turns the write fast routes off; reads keep theirs.
+there too). Reads and block status pass through. The layer only has to *know* of each
+write before it starts, so it keeps every fast route and declares itself a write
+observer (:class:`blktap.block.capabilities.WriteObserver`): a write that takes a fast
+route past the layer is marked by the route (the log's ``mark`` is thread-safe: the NBD
+lanes' threads call it), and for FUA the route syncs the log before the write; a write
+on the general path is marked here. Zeroes and discards take no fast route.
 
 Durability, better than the C filter (see :mod:`blktap.block.cbtlog`): a flush returns
 only when both the image's flush and the log's sync are done, and a FUA write only when
@@ -22,7 +26,7 @@ import asyncio
 import os
 from collections.abc import Awaitable
 
-from blktap.block.capabilities import Capabilities
+from blktap.block.capabilities import Capabilities, WriteObserver
 from blktap.block.cbtlog import CbtLogFile
 from blktap.block.driver import OpenOptions
 from blktap.block.layer import DirtyBitmap, Layer, LayerOpener, Stack
@@ -34,8 +38,8 @@ class LogLayer(Layer):
     name = "log"
 
     def __init__(self, next: Stack, options: OpenOptions, log: CbtLogFile) -> None:
+        self.log = log  # before Layer.__init__: narrow reads it
         super().__init__(next, options)
-        self.log = log
 
     @classmethod
     def opener(cls, path: str) -> LayerOpener:
@@ -49,7 +53,8 @@ class LogLayer(Layer):
         return open_
 
     def narrow(self, caps: Capabilities) -> Capabilities:
-        return caps.must_see_writes()
+        log = self.log
+        return caps.observe_writes(WriteObserver(log.mark, log.sync_now, log.sync))
 
     # The layer is its own DirtyBitmap (blktap.block.layer): the NBD export serves it.
     def dirty_bitmap(self) -> DirtyBitmap | None:
