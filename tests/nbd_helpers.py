@@ -14,12 +14,13 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 
 from blktap.block.driver import OpenOptions
+from blktap.block.layer import LayerOpener
 from blktap.frontends.nbd_server import NbdServer
 from blktap.vbd import VBD, ImageSpec
 from tests.helpers import short_tempdir
@@ -34,7 +35,8 @@ SIMPLE_MAGIC = 0x67446698
 
 
 class ServedImage:
-    """An NbdServer on a VBD, running in a thread with its own (uvloop) event loop.
+    """An NbdServer on a VBD, running in a thread with its own (uvloop) event loop;
+    ``layers`` go on top of the VBD's stack (VBD.open's).
 
     If the constructor raises, whatever it started (loop thread, VBD) is stopped first;
     :meth:`close` stops the server, closes the VBD and stops the loop, each even when the
@@ -42,7 +44,8 @@ class ServedImage:
     """
 
     def __init__(self, directory: str, image: str, *, read_only: bool = False,
-                 direct: bool = True, **server_args: Any) -> None:
+                 direct: bool = True, layers: Sequence[LayerOpener] = (),
+                 **server_args: Any) -> None:
         import uvloop
 
         self.image = image
@@ -58,7 +61,7 @@ class ServedImage:
         opened = False
         try:
             self.call(self.vbd.open(ImageSpec("aio", image),
-                                    OpenOptions(read_only=read_only, direct=direct)))
+                                    OpenOptions(read_only=read_only, direct=direct), layers))
             opened = True
             self.server = NbdServer(self.vbd, self.socket, **server_args)
             self.call(self.server.start())
