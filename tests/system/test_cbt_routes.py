@@ -1,0 +1,272 @@
+"""The changed-block log keeps the VBD's fast write routes, and every write on each of
+them sets its blocks' bits (blktap.block.capabilities.WriteObserver).
+
+A VBD with a log (the tapdisk's LogSlot on top of its stack, as ``tap-ctl create -C``
+opens it) on a raw image, served over NBD in the test process (tests/nbd_helpers.py),
+written by a raw-socket client: small WRITEs served inline on the lent descriptor,
+large ones by the connection's write lane (threads), writes to an O_DIRECT image by the
+direct route (the image's coroutine called by the VBD), FUA writes; each test counts
+which route served the writes (the layer counts those that reach it, the general path)
+and reads the log with ``cbt-util get -b``. Writes through the block device (FUSE, which
+calls the VBD's methods) are in tests/system/test_cbt.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blktap.block.capabilities import NO_ROUTES
+from blktap.block.cbtlog import CbtLogFile
+from blktap.block.driver import OpenOptions
+from blktap.block.layer import Layer, LayerOpener, Stack
+from blktap.block.layers.log import LogLayer, LogSlot
+from blktap.vbd import VBD, ImageSpec
+from tests.helpers import BIN
+from tests.nbd_helpers import MIB, SIZE, RawClient, ServedImage, make_image, request
+from tests.system.test_nbd_server import big_writes, lane_threads, write_reply
+
+CBT_UTIL = str(BIN / "cbt-util")
+BLOCK = 64 << 10
+SYNC = 512 << 10  # a write for the thread route (lanes take SYNC_WRITE_MAX and more)
+
+
+class CountingLogLayer(LogLayer):
+    """A log layer that counts the writes reaching it: those of the general path."""
+
+    def __init__(self, next: Stack, options: OpenOptions, log: CbtLogFile) -> None:
+        super().__init__(next, options, log)
+        self.general = 0
+
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        self.general += 1
+        await super().write(offset, data, fua)
+
+
+def counting_log(path: str, opened: list[CountingLogLayer]) -> LayerOpener:
+    async def open_(next: Stack, options: OpenOptions) -> Layer:
+        layer = CountingLogLayer(next, options, CbtLogFile.open(path, next.size))
+        opened.append(layer)
+        return layer
+
+    return open_
+
+
+def new_log(path: Path, size: int = SIZE) -> str:
+    subprocess.run([CBT_UTIL, "create", "-n", str(path), "-s", str(size)], check=True,
+                   timeout=60)
+    return str(path)
+
+
+def logged(log: str) -> set[int]:
+    """The blocks ``cbt-util get -b`` names."""
+    bitmap = subprocess.run([CBT_UTIL, "get", "-n", log, "-b"], check=True,
+                            capture_output=True, timeout=60).stdout
+    return {i * 8 + b for i, byte in enumerate(bitmap) if byte for b in range(8)
+            if byte >> b & 1}
+
+
+def blocks(requests: Iterable[tuple[int, int]]) -> set[int]:
+    """The 64 KiB blocks that ``(offset, length)`` requests touch."""
+    out: set[int] = set()
+    for offset, length in requests:
+        out.update(range(offset // BLOCK, (offset + length - 1) // BLOCK + 1))
+    return out
+
+
+class Routes:
+    """Counts, in the server's loop, which route served the VBD's writes: ``now``
+    (VBD.write_now served it), ``coroutine`` (VBD.write: its direct branch, or the
+    general path, which ``layer.general`` counts); inline and lane writes are the rest
+    of the connection's (the lane's are in its statistics)."""
+
+    def __init__(self, vbd: VBD) -> None:
+        self.now = 0
+        self.coroutine = 0
+        write_now = vbd.write_now
+        write = vbd.write
+
+        def counting_now(offset: int, data: memoryview, fua: bool = False) -> bool:
+            done = write_now(offset, data, fua)
+            self.now += done
+            return done
+
+        def counting_write(offset: int, data: memoryview, fua: bool = False
+                           ) -> Coroutine[Any, Any, None]:
+            self.coroutine += 1
+            return write(offset, data, fua)
+
+        # Instance attributes: the connection calls vbd.write_now / vbd.write.
+        vbd.write_now = counting_now  # type: ignore[method-assign]
+        vbd.write = counting_write  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def served_with_log(workdir: str, serve: Callable[..., ServedImage], direct: bool
+                    ) -> Iterator[tuple[ServedImage, CountingLogLayer, str, RawClient, Routes]]:
+    """A 64 MiB raw image served with a fresh log on top of its stack, a client that
+    has negotiated, and the route counters."""
+    log = new_log(Path(workdir) / "disk.cbtlog")
+    opened: list[CountingLogLayer] = []
+    s = serve(make_image(workdir), direct=direct, layers=[counting_log(log, opened)])
+    (layer,) = opened
+    routes = Routes(s.vbd)
+    c = RawClient(s.socket)
+    try:
+        c.handshake()
+        yield s, layer, log, c, routes
+    finally:
+        c.close()
+
+
+def send_writes(c: RawClient, writes: list[tuple[int, int]], flags: int = 0,
+                first: int = 0) -> None:
+    """The WRITEs, all in one send; every reply must be a success."""
+    c.sock.sendall(b"".join(request(1, n, offset, length, flags) + os.urandom(length)
+                            for n, (offset, length) in enumerate(writes, first)))
+    replies = sorted(write_reply(c) for _ in writes)
+    assert replies == [(0, n) for n in range(first, first + len(writes))]
+
+
+# Small aligned writes in many blocks, two in one block, one across a block boundary.
+SMALL = [(i * 3 * BLOCK + (i % 5) * 4096, 4096) for i in range(40)] + [
+    (BLOCK + 8192, 4096), (7 * BLOCK - 2048, 4096), (SIZE - 4096, 4096)]
+
+
+def test_small_writes_served_inline_mark_their_blocks(
+        workdir: str, serve: Callable[..., ServedImage]) -> None:
+    with served_with_log(workdir, serve, direct=False) as (s, layer, log, c, routes):
+        adm = s.vbd.admission
+        assert adm is not None and adm.sync is not None and adm.sync.observe is not None
+        send_writes(c, SMALL)
+        stats = s.run(s.server.statistics)
+        assert stats.writes == len(SMALL) and stats.lane_writes == 0
+        # Inline, every one: neither VBD.write_now nor the coroutine saw them.
+        assert (routes.now, routes.coroutine, layer.general) == (0, 0, 0)
+        assert logged(log) == blocks(SMALL)
+
+
+def test_fua_writes_leave_the_loop_routes_and_their_bits_are_durable(
+        workdir: str, serve: Callable[..., ServedImage]) -> None:
+    """A FUA WRITE is not served inline nor by write_now (the log's sync must not block
+    the loop): the VBD's direct route marks it, syncs the log, then writes; once it is
+    answered its bits are durable."""
+    with served_with_log(workdir, serve, direct=False) as (s, layer, log, c, routes):
+        writes = [(20 * MIB, 4096), (40 * MIB + 100, 1000)]
+        send_writes(c, writes, flags=1)
+        assert routes.coroutine == 2 and routes.now == 0
+        assert layer.general == 1  # the unaligned one: only the stack takes it
+        assert not s.run(lambda: layer.log.pending)
+        assert logged(log) == blocks(writes)
+
+
+@pytest.mark.parametrize("fua", [0, 1], ids=["plain", "fua"])
+def test_large_writes_on_the_write_lane_mark_their_blocks(
+        workdir: str, serve: Callable[..., ServedImage], fua: int) -> None:
+    with served_with_log(workdir, serve, direct=False) as (s, layer, log, c, routes):
+        image = bytearray(SIZE)  # (big_writes keeps it; the data is not checked here)
+        offsets = [(i * 7 % 48) * MIB for i in range(24)]  # none overlapping
+        big_writes(c, image, offsets, flags=fua)
+        assert len(lane_threads()) == 2
+        stats = s.run(s.server.statistics)
+        assert stats.writes == 24 and stats.lane_writes >= 12
+        # The rest went through the coroutine's direct branch (1 MiB: no write_now).
+        assert routes.coroutine == 24 - stats.lane_writes and layer.general == 0
+        if fua:
+            assert not s.run(lambda: layer.log.pending)
+        assert logged(log) == blocks((offset, MIB) for offset in offsets)
+
+
+def test_writes_on_the_direct_route_mark_their_blocks(
+        workdir: str, serve: Callable[..., ServedImage]) -> None:
+    """O_DIRECT: no write_now, no lent descriptor; the VBD calls the image's coroutine
+    itself, marking first."""
+    with served_with_log(workdir, serve, direct=True) as (s, layer, log, c, routes):
+        adm = s.vbd.admission
+        assert adm is not None and adm.write_now is None and adm.write_direct is not None
+        send_writes(c, SMALL)
+        assert routes.coroutine == len(SMALL) and routes.now == 0 and layer.general == 0
+        fua = [(50 * MIB, 8192)]
+        send_writes(c, fua, flags=1, first=1000)
+        assert layer.general == 0 and not s.run(lambda: layer.log.pending)
+        assert logged(log) == blocks(SMALL + fua)
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    async def main() -> Any:
+        return await coro
+
+    return asyncio.run(main())
+
+
+def test_routes_and_observers_follow_the_log_slot_at_each_resume(tmp_path: Path) -> None:
+    """With a log: every write route of the Admission calls the log, while frontends see
+    no write route of their own (FUSE passthrough would skip the log). No log (a slot
+    with path None): the driver's own functions, nothing added. A resume onto a new log
+    marks that one only. Marks from another thread (ThreadIO, as a lane) count."""
+    img = make_image(str(tmp_path), size=SIZE)
+    first = new_log(tmp_path / "first.cbtlog")
+    second = new_log(tmp_path / "second.cbtlog")
+    slot = LogSlot(first)
+
+    async def body() -> None:
+        vbd = VBD(0)
+        await vbd.open(ImageSpec("aio", img), OpenOptions(direct=False), [slot.opener()])
+        try:
+            chain = vbd.chain
+            assert chain is not None
+            adm = vbd.admission
+            assert adm is not None and adm.sync is not None
+            assert adm.write_now is not None and adm.write_now is not chain.fast.write_now
+            assert adm.write_blocking is not None and adm.sync.observe is not None
+            assert adm.write_direct is not None
+            assert vbd.capabilities.writes == NO_ROUTES
+            assert vbd.thread_io_possible(write=True)
+
+            assert vbd.write_now(0, memoryview(bytes(4096)))
+            assert not vbd.write_now(BLOCK, memoryview(bytes(4096)), fua=True)  # declined
+            await vbd.write(BLOCK, memoryview(bytes(4096)), fua=True)  # direct: synced
+            io = vbd.thread_io(write=True)
+            assert io is not None
+            done: list[bool] = []
+            worker = threading.Thread(target=lambda: done.append(
+                io.write(2 * BLOCK, memoryview(bytes(SYNC)))))
+            worker.start()
+            await asyncio.to_thread(worker.join, 20)
+            assert done == [True]
+            vbd.release_thread_io(io)
+            await vbd.write(5 * BLOCK, memoryview(bytes(512)))  # the direct branch
+            assert logged(first) == {0, 1} | blocks([(2 * BLOCK, SYNC)]) | {5}
+
+            # No log: the routes are the driver's own.
+            await vbd.pause()
+            slot.path = None
+            await vbd.resume()
+            chain = vbd.chain
+            assert chain is not None
+            adm = vbd.admission
+            assert adm is not None and adm.sync is not None and adm.sync.observe is None
+            assert adm.write_now is chain.fast.write_now
+            assert adm.write_blocking is chain.fast.write_blocking
+            assert vbd.capabilities.writes.direct and vbd.capabilities.observers == ()
+            assert vbd.write_now(30 * BLOCK, memoryview(bytes(4096)))
+
+            # A new log at resume: marks go to it, not to the first.
+            await vbd.pause()
+            slot.path = second
+            await vbd.resume()
+            assert vbd.write_now(40 * BLOCK, memoryview(bytes(4096)))
+            assert logged(second) == {40}
+            assert logged(first) == {0, 1} | blocks([(2 * BLOCK, SYNC)]) | {5}
+        finally:
+            await vbd.close()
+
+    run(body())
