@@ -47,10 +47,12 @@ def losetup(stack: ExitStack, path: str) -> str:
     raise RuntimeError(f"losetup {path}: {proc.stderr.strip()}")
 
 
-def tapdev(stack: ExitStack, image: str, run_dir: str) -> str:
-    """Our tapdisk's block device on ``aio:image``; the VBD is destroyed on exit."""
+def tapdev(stack: ExitStack, image: str, run_dir: str, driver: str = "aio",
+           extra_env: dict[str, str] | None = None) -> str:
+    """Our tapdisk's block device on ``driver:image``; the VBD is destroyed on exit.
+    ``extra_env``: variables for tap-ctl and the tapdisk it spawns (BLKTAP_FUSE_URING...)."""
     env = dict(os.environ, BLKTAP_RUN_DIR=run_dir, BLKTAP_DEV_DIR=os.path.join(run_dir, "dev"),
-               BLKTAP_BLOCKDEV="on")
+               BLKTAP_BLOCKDEV="on", **(extra_env or {}))
     tap_ctl = str(BIN / "tap-ctl")
 
     def destroy_all() -> None:
@@ -63,7 +65,7 @@ def tapdev(stack: ExitStack, image: str, run_dir: str) -> str:
                                capture_output=True, env=env, check=False)
 
     stack.callback(destroy_all)
-    proc = subprocess.run([tap_ctl, "create", "-a", f"aio:{image}"], capture_output=True,
+    proc = subprocess.run([tap_ctl, "create", "-a", f"{driver}:{image}"], capture_output=True,
                           text=True, env=env, check=False)
     if proc.returncode:
         raise RuntimeError(f"tap-ctl create: {proc.returncode}: {proc.stderr.strip()}")
