@@ -31,6 +31,7 @@ from blktap.block.driver import OpenOptions
 from blktap.errors import Busy
 from blktap.frontends.blockdev import BlockDevice, loop_backing_file
 from blktap.vbd import VBD, ImageSpec, VBDState
+from tests.fuse_uring_helpers import uring_parameter
 from tests.helpers import host_block_device_support, short_tempdir
 
 T = TypeVar("T")
@@ -117,11 +118,21 @@ def _sweep(base: str) -> None:
         sh("umount", "-l", point, check=False)
 
 
-@pytest.fixture(autouse=True)
-def _served_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, params=["dev-fuse", "io_uring"])
+def _served_path(request: pytest.FixtureRequest,
+                 monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     # These tests are about the path tapdisk serves (FUSE requests); passthrough, where
     # the kernel does the I/O itself, is tests/system/test_blockdev_passthrough.py's.
+    # Each runs with the requests read from /dev/fuse and with them in io_uring ring
+    # entries (BLKTAP_FUSE_URING=on: a device that cannot have the ring fails).
     monkeypatch.setenv("BLKTAP_FUSE_PASSTHROUGH", "off")
+    if request.param == "dev-fuse":
+        monkeypatch.setenv("BLKTAP_FUSE_URING", "off")
+        yield "fuse"
+        return
+    monkeypatch.setenv("BLKTAP_FUSE_URING", "on")
+    with uring_parameter("Y"):
+        yield "fuse-uring"
 
 
 @pytest.fixture
@@ -237,10 +248,16 @@ def test_publishes_a_loop_device_over_the_fuse_file(make_device: MakeDevice, bas
     assert sh("touch", os.path.join(mountpoint, "new"), check=False).returncode != 0
 
 
-def test_dd_patterns_reach_the_image_and_come_back(make_device: MakeDevice) -> None:
+def test_dd_patterns_reach_the_image_and_come_back(make_device: MakeDevice,
+                                                   _served_path: str) -> None:
     before = pattern(1, 3 * MiB)
     dev = make_device(fill=before)
     assert dd_read(dev.path, 0, 3 * MiB) == before
+    stats = dev.bd.statistics()
+    assert stats.io_path == _served_path, stats
+    # Through the ring, every request but FORGET comes in ring entries.
+    assert (stats.ring_requests >= stats.reads) if _served_path == "fuse-uring" \
+        else stats.ring_requests == 0, stats
     flushes = []
     real_flush = dev.vbd.flush
 
