@@ -418,16 +418,20 @@ class Chain:
 
 def _capabilities(leaf: Image, fast: FastIO, alone: bool) -> Capabilities:
     """A chain's capabilities: every command (writes only to a writable leaf: the VBD
-    refuses the rest with EPERM); the fast routes only
+    refuses the rest with EPERM); the fast routes
     when the leaf is alone and holds every byte (a request then needs no allocation
-    lookup, so the VBD may send it to the leaf itself), each where the leaf offers it.
+    lookup, so the VBD may send it to the leaf itself), each where the leaf offers it;
+    and, in any chain, the synchronous and blocking reads of a leaf whose ones serve
+    only what it holds (``FastIO.reads_held_only``, vhd): they decline the rest, which
+    then takes the chain. (The owner cache stays right: those reads change nothing.)
     A single VBD serves all its connections, so a flush covers every connection's writes
     (multi-conn)."""
     writable = not leaf.read_only
     one = alone and leaf.fully_allocated
     lend = one and fast.sync_fd is not None
-    reads = Routes(direct=one, sync=one and fast.read_now is not None,
-                   thread=one and fast.read_blocking is not None, lent_fd=lend)
+    held = one or fast.reads_held_only
+    reads = Routes(direct=one, sync=held and fast.read_now is not None,
+                   thread=held and fast.read_blocking is not None, lent_fd=lend)
     w = one and writable
     writes = Routes(direct=w, sync=w and fast.write_now is not None,
                     thread=w and fast.write_blocking is not None, lent_fd=w and lend)

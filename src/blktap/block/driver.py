@@ -96,6 +96,11 @@ class FastIO:
     (a raw file opened buffered), or None. Through it an NBD connection serves its small
     requests inline (VBD.sync_file). Writes through it count as the image's own (close
     flushes them)."""
+    reads_held_only: bool = False
+    """``read_now`` and ``read_blocking`` serve only ranges this image holds as DATA
+    (:meth:`Image.allocation`) and decline every other: what they serve is then the
+    chain's answer even when the image has parents or holes, so the chain allows them
+    (Routes.sync/thread) for a leaf that does not hold every byte (vhd)."""
     zero_is_fast: bool = False
     """:meth:`Image.write_zeroes` is much cheaper than writing zeros (NBD FAST_ZERO)."""
 
