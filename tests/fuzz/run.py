@@ -3,7 +3,8 @@
     python -m tests.fuzz.run TARGET [SECONDS] [--work DIR] [--merge] [--runs N]
     scripts/fuzz.sh TARGET SECONDS          (the same, from the repository root)
 
-TARGET is nbd, control or vhd (tests/fuzz/targets.py). The committed corpus
+TARGET is nbd, control or vhd (end to end), or nbd-proto, control-proto or vhd-parse
+(in-process, fast): tests/fuzz/targets.py. The committed corpus
 tests/fuzz/corpus/TARGET/ seeds the run and is only read; inputs that reach new
 coverage are written to WORK/corpus/ (WORK: --work, default /tmp/blktap-fuzz/TARGET),
 crashes and hangs to WORK/crashes/ (``crash-<sha1>``, ``timeout-<sha1>``). ``--merge``
@@ -39,7 +40,20 @@ _INSTRUMENTED = {
     "vhd": ("blktap.proto.vhd.footer", "blktap.proto.vhd.header", "blktap.proto.vhd.bat",
             "blktap.proto.vhd.batmap", "blktap.proto.vhd.bitmap", "blktap.proto.vhd.check",
             "blktap.block.drivers.vhd", "blktap.block.chain"),
+    "nbd-proto": ("blktap.proto.nbd",),
+    "control-proto": ("blktap.proto.control", "blktap.vbd", "blktap.block.layer",
+                      "blktap.block.layers.fault", "blktap.block.layers.mirror",
+                      "blktap.control.options"),
+    "vhd-parse": ("blktap.proto.vhd.footer", "blktap.proto.vhd.header",
+                  "blktap.proto.vhd.bat", "blktap.proto.vhd.batmap",
+                  "blktap.proto.vhd.bitmap", "blktap.proto.vhd.check"),
 }
+
+# The in-process targets' inputs stay short (libFuzzer's -max_len; the others take
+# libFuzzer's default, the longest seed), and vhd-parse reads the vhd corpus too
+# (the same input: one file's bytes).
+_MAX_LEN = {"nbd-proto": 8192, "control-proto": 2048, "vhd-parse": 16384}
+_ALSO_SEEDED_BY = {"vhd-parse": ("vhd",)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         flags = ["-merge=1", corpus, found]
     else:
         flags = [f"-max_total_time={args.seconds}", f"-runs={args.runs}", "-timeout=30",
-                 "-rss_limit_mb=4096", f"-artifact_prefix={crashes}/", "-print_final_stats=1",
-                 found, corpus]
+                 "-rss_limit_mb=4096", f"-artifact_prefix={crashes}/", "-print_final_stats=1"]
+        if args.target in _MAX_LEN:
+            flags.append(f"-max_len={_MAX_LEN[args.target]}")
+        flags += [found, corpus]
+        flags += [corpus_dir(other) for other in _ALSO_SEEDED_BY.get(args.target, ())]
     atheris.Setup([argv0, *flags], one)
     try:
         atheris.Fuzz()  # exits the process when done (libFuzzer's exit status)
