@@ -33,7 +33,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-TARGETS = ("nbd", "control", "vhd")
+TARGETS = ("nbd-proto", "control-proto", "vhd-parse", "nbd", "control", "vhd")
+"""In-process codec targets first (fast), then the end-to-end ones (tests/fuzz/targets.py)."""
 
 
 def host() -> dict[str, Any]:
@@ -105,21 +106,31 @@ def parse_fuzz_log(text: str) -> dict[str, Any]:
 
 
 def step_fuzz(args: argparse.Namespace, out: Path) -> None:
-    targets: dict[str, Any] = {}
-    for target in TARGETS:
+    """Each of ``--targets`` in turn; its entry replaces the one fuzz.json held, so
+    several invocations (say one per target, with their own budgets) fill one file."""
+    path = out / "fuzz.json"
+    doc = load(path) or {"targets": {}}
+    names = args.targets.split(",") if args.targets else list(TARGETS)
+    for target in names:
+        if target not in TARGETS:
+            raise SystemExit(f"unknown fuzz target {target!r} (one of {', '.join(TARGETS)})")
         work = Path(f"/tmp/blktap-fuzz-reliability/{target}")
         cmd = ["scripts/fuzz.sh", target, str(args.fuzz_seconds), "--work", str(work)]
         if args.fuzz_runs:
             cmd += ["--runs", str(args.fuzz_runs)]
+        before = host()
         started = time.monotonic()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                               env=env_without_run_dir())
+        (work / "fuzz.log").write_text(proc.stdout + proc.stderr)
         entry = parse_fuzz_log(proc.stdout + proc.stderr)
         entry.update(seconds=round(time.monotonic() - started, 1), exit=proc.returncode,
-                     command=" ".join(cmd))
-        targets[target] = entry
-        print(target, entry)
-    save(out / "fuzz.json", {"host": host(), "targets": targets})
+                     command=" ".join(cmd), host=before,
+                     loadavg_end=os.getloadavg())
+        doc["targets"][target] = entry
+        doc.setdefault("host", before)
+        print(target, entry, flush=True)
+        save(path, doc)  # after each target: a long run keeps what it has
 
 
 def step_soak(args: argparse.Namespace, out: Path) -> None:
@@ -371,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=18)
     p.add_argument("--fuzz-seconds", type=int, default=60)
     p.add_argument("--fuzz-runs", type=int, default=0, help="stop each target after N")
+    p.add_argument("--targets", default="",
+                   help=f"fuzz only these (comma-separated; default all: {','.join(TARGETS)})")
     p.add_argument("--vbds", type=int, default=32)
     p.add_argument("--soak-seconds", type=int, default=300)
     p.add_argument("--soak-interval", type=float, default=1.0,
