@@ -18,12 +18,16 @@ How to write a layer
    arguments a layer receives are already validated by the VBD (inside the device,
    writable when writing); ``read``/``write`` may be unaligned (the chain aligns).
 3. Override :meth:`Layer.narrow` when the layer must see requests the fast routes would
-   take past it: a layer that must see every write, zero and trim (a changed-block log, a
-   mirror, fault injection on writes) returns ``caps.must_see_writes()``; one that must
-   see every request (a cache, a rate limit) ``caps.must_see_everything()``; one that
-   cannot promise multi-connection consistency narrows ``multi_conn``. A layer may only
-   narrow (:meth:`Capabilities.narrow`). A pass-through layer narrows nothing, so the
-   fast routes stay and most requests never reach it.
+   take past it: a layer that must see every write, zero and trim (a mirror, fault
+   injection on writes) returns ``caps.must_see_writes()``; one that must see every
+   request (a cache, a rate limit) ``caps.must_see_everything()``; one that cannot
+   promise multi-connection consistency narrows ``multi_conn``. A layer that only has to
+   *know* of each write before it starts (a changed-block log) keeps the routes and
+   returns ``caps.observe_writes(WriteObserver(mark, sync_now, sync))``: every fast
+   route calls ``mark`` (from any thread) before it issues a write, and syncs first for
+   a FUA write; the writes of the general path, zeroes and trims still reach the layer.
+   A layer may only narrow (:meth:`Capabilities.narrow`). A pass-through layer narrows
+   nothing, so the fast routes stay and most requests never reach it.
 4. Open and close: ``open(next, options)`` builds it (the default constructor; a
    classmethod to override for a layer that opens files, reading its settings from
    ``options``); override :meth:`Layer.close` to release what the layer holds (write
