@@ -20,6 +20,7 @@ it) and draws the soak's RSS and descriptor curves and the crash rounds with mat
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import os
 import platform
@@ -33,6 +34,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+AIM_ROUNDS, AIM_EXECUTIONS, AIM_SOAK_S = 1000, 10_000_000, 3600
+"""The long run's aim (issue 18): kill rounds, fuzz executions per target, soak seconds."""
 TARGETS = ("nbd-proto", "control-proto", "vhd-parse", "nbd", "control", "vhd")
 """In-process codec targets first (fast), then the end-to-end ones (tests/fuzz/targets.py)."""
 
@@ -42,6 +45,7 @@ def host() -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip()
     return {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "epoch": round(time.time()),
             "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
             "kernel": platform.release(), "python": platform.python_version()}
 
@@ -148,6 +152,21 @@ def step_soak(args: argparse.Namespace, out: Path) -> None:
     save(out / "soak.json", doc)
 
 
+def step_loadlog(args: argparse.Namespace, out: Path) -> None:
+    """Sample the 1-minute load average every --load-interval seconds for
+    --load-seconds into DIR/load.json (rewritten after each sample): the report gives
+    each run's load from it, for runs that share the machine with others."""
+    path = out / "load.json"
+    doc = load(path) or {"interval": args.load_interval, "samples": []}
+    end = time.time() + args.load_seconds
+    while True:
+        doc["samples"].append([round(time.time()), os.getloadavg()[0]])
+        path.write_text(json.dumps(doc) + "\n")
+        if time.time() + args.load_interval > end:
+            return
+        time.sleep(args.load_interval)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -212,6 +231,19 @@ def plot_crash(crash: dict[str, Any], out: Path) -> str:
     return "crash-rounds.png"
 
 
+def rss_trend(samples: list[dict[str, Any]]) -> str:
+    """The median RSS per quarter of the run, and the descriptors' range: whether
+    memory levels off and descriptors stay flat, in numbers."""
+    quarters = []
+    for q in range(1, 5):
+        sample = samples[min(len(samples) - 1, q * len(samples) // 4)]
+        rss = [v / 1024 for v in sample["rss_kib"].values() if v > 0]
+        quarters.append(f"{stats(rss)[1]:.1f}")
+    fds = [v for sm in samples[len(samples) // 2:] for v in sm["fds"].values() if v >= 0]
+    return (f"median RSS at the end of each quarter: {' / '.join(quarters)} MiB. "
+            f"Descriptors over the second half: {min(fds)} to {max(fds)} per tapdisk.")
+
+
 def stats(values: list[float]) -> tuple[float, float, float]:
     return min(values), sorted(values)[len(values) // 2], max(values)
 
@@ -229,22 +261,82 @@ def host_line(h: dict[str, Any] | None) -> str:
             f"{h['kernel']}, Python {h['python']}.")
 
 
+def started_at(h: dict[str, Any] | None) -> float | None:
+    """When the run whose host() this is started (epoch seconds)."""
+    if not h:
+        return None
+    if "epoch" in h:
+        return float(h["epoch"])
+    return calendar.timegm(time.strptime(h["date"], "%Y-%m-%d %H:%M UTC"))
+
+
+def load_during(loadlog: dict[str, Any] | None, h: dict[str, Any] | None,
+                seconds: float) -> str:
+    """The 1-minute load average sampled while a run went (min / median / max), from
+    DIR/load.json; "" when it holds no sample of that window."""
+    start = started_at(h)
+    if loadlog is None or start is None:
+        return ""
+    values = [v for t, v in loadlog["samples"] if start <= t <= start + seconds + 60]
+    if not values:
+        return ""
+    lo, mid, hi = stats(values)
+    return f"{lo:.1f} / {mid:.1f} / {hi:.1f}"
+
+
+def load_sentence(loadlog: dict[str, Any] | None, h: dict[str, Any] | None,
+                  seconds: float) -> list[str]:
+    during = load_during(loadlog, h, seconds)
+    if not during:
+        return []
+    return [f"Load average (1 min) sampled every {loadlog['interval'] if loadlog else 0} s "
+            f"during the run, min / median / max: {during} (2 CPUs).", ""]
+
+
+def aim_table(crash: dict[str, Any] | None, fuzz: dict[str, Any] | None,
+              soak: dict[str, Any] | None) -> list[str]:
+    """What the long run reached against its aim, one row per figure."""
+    rows = ["| figure | aim | reached | clean |", "|---|---|---|---|"]
+    if crash is not None:
+        s = crash["summary"]
+        clean = "yes" if not s["violations"] and not s["invalid_images"] else "**no**"
+        reached = "reached" if s["kill_rounds"] >= AIM_ROUNDS else "not reached"
+        rows.append(f"| kill -9 rounds | {AIM_ROUNDS} | {s['kill_rounds']} ({reached}) "
+                    f"| {clean} |")
+    if fuzz is not None:
+        for name, t in fuzz["targets"].items():
+            reached = ("reached" if t["executions"] >= AIM_EXECUTIONS
+                       else f"not reached: {t['seconds']:.0f} s at {t['exec_per_sec']}/s")
+            clean = "yes" if not t["found"] and t["exit"] == 0 else "**no**"
+            rows.append(f"| fuzz executions, {name} | 10 M | {t['executions']:,} "
+                        f"({reached}) | {clean} |")
+    if soak is not None:
+        bad = (soak["io_errors"] or soak["mismatches"] or soak["dead_tapdisks"]
+               or soak["pause_errors"])
+        reached = "reached" if soak["seconds"] >= AIM_SOAK_S - 1 else "not reached"
+        rows.append(f"| soak, {soak['settings']['vbds']} VBDs | {AIM_SOAK_S} s | "
+                    f"{soak['seconds']:.0f} s ({reached}) | {'**no**' if bad else 'yes'} |")
+    return [*rows, ""]
+
+
 def report(out: Path, doc_path: Path) -> None:
     rel = os.path.relpath(out, doc_path.parent)
     crash, faults = load(out / "crash.json"), load(out / "faults.json")
     fuzz, soak = load(out / "fuzz.json"), load(out / "soak.json")
+    loadlog = load(out / "load.json")
     lines = ["# Reliability", "",
              "Generated by `bench/reliability.py report` from the JSON files in "
              f"`{os.path.relpath(out, REPO)}/`; do not edit by hand. Each section says "
              "the command that made its data; `bench/reliability.py all` runs them all.",
-             "", "The numbers below come from a **modest run on a shared, loaded 2-core "
-             "machine** (several other jobs ran at the same time): they show that the "
-             "checks pass, not how fast the stack is. The aim for the long run is 1000 kill "
-             "rounds, 10 million fuzz executions per target and a one-hour soak:", "",
+             "", "The runs below shared a **2-core machine with other jobs** (the load "
+             "average during each is given): they show that the checks pass, not how fast "
+             "the stack is. The aim for the long run is 1000 kill rounds, 10 million fuzz "
+             "executions per target and a one-hour soak, all clean:", "",
              "```",
              "bench/reliability.py all --rounds 1000 --fuzz-seconds 100000 "
-             "--fuzz-runs 10000000 --soak-seconds 3600",
-             "```", ""]
+             "--fuzz-runs 10000000 --soak-seconds 3600 --soak-interval 10",
+             "```", "", "What this run reached:", ""]
+    lines += aim_table(crash, fuzz, soak)
 
     lines += ["## kill -9 rounds", ""]
     if crash is None:
@@ -255,8 +347,9 @@ def report(out: Path, doc_path: Path) -> None:
         killed = [r for r in tools if not r["killed_during"].startswith("after")]
         reverted = [r for r in tools if "journal left" in r["killed_during"]]
         valid_before = [r for r in reverted if "before revert: exit 0" in r["killed_during"]]
-        lines += [host_line(crash.get("host")), "",
-                  f"Command: `{crash.get('command', 'bench/crash.py')}`{at(crash)} "
+        lines += [host_line(crash.get("host")), ""]
+        lines += load_sentence(loadlog, crash.get("host"), s["seconds"])
+        lines += [f"Command: `{crash.get('command', 'bench/crash.py')}`{at(crash)} "
                   f"({s['seconds']:.0f} s). How a round works: `bench/crash.py --help`.", "",
                   "| | |", "|---|---|",
                   f"| tapdisk kill -9 rounds | {s['kill_rounds']} |",
@@ -306,20 +399,33 @@ def report(out: Path, doc_path: Path) -> None:
         lines += ["No data: run `bench/reliability.py fuzz`.", ""]
     else:
         lines += [host_line(fuzz.get("host")), "",
-                  "Coverage-guided (atheris/libFuzzer) through `scripts/fuzz.sh`, seeded "
-                  "from the committed corpora in tests/fuzz/corpus/.", "",
-                  "| target | executions | exec/s | new inputs | seconds | found | command |",
-                  "|---|---|---|---|---|---|---|"]
+                  "Coverage-guided (atheris/libFuzzer) through `scripts/fuzz.sh`, one "
+                  "target at a time, seeded from the committed corpora in "
+                  "tests/fuzz/corpus/. `nbd-proto`, `control-proto` and `vhd-parse` run "
+                  "the NBD codec, the control protocol codec and the VHD parsers "
+                  "in-process (tests/fuzz/codec_targets.py says what each asserts); "
+                  "`nbd`, `control` and `vhd` go end to end (a real server on a Unix "
+                  "socket, the vhd driver's open of a file: tests/fuzz/targets.py), "
+                  "hundreds of times slower.", "",
+                  "| target | executions | exec/s | new inputs | seconds | started (UTC) "
+                  "| load during (min/med/max) | found | command |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, t in fuzz["targets"].items():
             found = ", ".join(t["found"]) or "nothing"
-            lines.append(f"| {name} | {t['executions']} | {t['exec_per_sec']} | "
-                         f"{t['new_units']} | {t['seconds']:.0f} | {found} | "
-                         f"`{t['command']}` |")
-        rates = ", ".join(f"{name} {1e7 / max(t['exec_per_sec'], 1) / 3600:.0f} h"
+            if t.get("exit"):
+                found += f" (exit {t['exit']})"
+            h = t.get("host") or fuzz.get("host")
+            during = load_during(loadlog, h, t["seconds"]) or (
+                ", ".join(f"{x:.1f}" for x in h["loadavg"]) + " at the start" if h else "")
+            when = h["date"].split(" ", 1)[1].removesuffix(" UTC") if h else ""
+            lines.append(f"| {name} | {t['executions']:,} | {t['exec_per_sec']} | "
+                         f"{t['new_units']} | {t['seconds']:.0f} | {when} | {during} | "
+                         f"{found} | `{t['command']}` |")
+        rates = ", ".join(f"{name} {1e7 / max(t['exec_per_sec'], 1) / 3600:.1f} h"
                           for name, t in fuzz["targets"].items())
-        lines += ["", f"At these rates 10 million executions take: {rates} per target "
-                  "(one core each; libFuzzer's -fork/-jobs, passed through "
-                  "`--libfuzzer`, would spread them).",
+        lines += ["", f"At these rates (on this loaded machine) 10 million executions "
+                  f"take: {rates} per target (one core each; libFuzzer's -fork/-jobs, "
+                  "passed through `--libfuzzer`, would spread them).",
                   "", "A crash or hang found becomes a regression input in "
                   "tests/fuzz/corpus/TARGET/ (`regress-*`), replayed by tests/fuzz/test_fuzz.py.",
                   ""]
@@ -338,8 +444,10 @@ def report(out: Path, doc_path: Path) -> None:
         mid = samples[len(samples) // 2]
         rss_mid = [v / 1024 for v in mid["rss_kib"].values() if v > 0]
         growth = stats(rss1)[1] - stats(rss_mid)[1]
-        lines += [host_line(soak.get("host")), "",
-                  f"Command: `{soak.get('command', 'bench/soak.py')}`{at(soak)}. {st['vbds']} VBDs "
+        lines += [host_line(soak.get("host")), ""]
+        lines += load_sentence(loadlog, soak.get("host"), soak["seconds"])
+        lines += [f"Command: `{soak.get('command', 'bench/soak.py')}`{at(soak)}. "
+                  f"{st['vbds']} VBDs "
                   f"(one tapdisk each, half dynamic VHD, half raw, {st['size_mib']} MiB), "
                   f"{soak['seconds']:.0f} s of verified NBD I/O with a random VBD paused "
                   f"and unpaused every {st['pause_every']} s and each client reconnecting "
@@ -362,8 +470,8 @@ def report(out: Path, doc_path: Path) -> None:
                   "| open descriptors, last sample (min/median/max) | "
                   "{} / {} / {} |".format(*stats(fd1)), "",
                   f"The median RSS grew {growth:.1f} MiB over the second half of the run "
-                  f"(from {mid['t']:.0f} s); whether it levels off is for the long soak to "
-                  "show. Descriptors stay flat: each connection's socket is closed.", ""]
+                  f"(from {mid['t']:.0f} s to {last['t']:.0f} s); "
+                  f"{rss_trend(samples)}", ""]
         for fig in plot_soak(soak, out):
             lines += [f"![{fig}]({rel}/{fig})", ""]
         lines += [f"Figures: `bench/reliability.py soak --vbds {st['vbds']} --soak-seconds "
@@ -375,7 +483,8 @@ def report(out: Path, doc_path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/reliability.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["crash", "faults", "fuzz", "soak", "report", "all"])
+    p.add_argument("step", choices=["crash", "faults", "fuzz", "soak", "loadlog", "report",
+                                    "all"])
     p.add_argument("--dir", default=str(REPO / "docs/reliability"))
     p.add_argument("--doc", default=str(REPO / "docs/reliability.md"))
     p.add_argument("--rounds", type=int, default=200)
@@ -388,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak-seconds", type=int, default=300)
     p.add_argument("--soak-interval", type=float, default=1.0,
                    help="seconds between RSS/descriptor samples (10 keeps an hour's JSON small)")
+    p.add_argument("--load-seconds", type=int, default=3600, help="loadlog: for how long")
+    p.add_argument("--load-interval", type=int, default=30, help="loadlog: sampling period")
     args = p.parse_args(argv)
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -396,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, step in steps.items():
         if args.step in (name, "all"):
             step(args, out)
+    if args.step == "loadlog":
+        step_loadlog(args, out)
     if args.step in ("report", "all"):
         report(out, Path(args.doc))
     return 0
