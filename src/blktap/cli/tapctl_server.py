@@ -9,6 +9,10 @@ client exits with. SIGINT, SIGTERM and SIGHUP sent to the client are passed on t
 worker (tap-ctl undoes a half-done create on them). Output, exit status and side effects
 are those of the same command run in-process.
 
+The client is this module's :func:`main` (the ``tap-ctl`` executable): until it knows
+that no server answers, it imports nothing but built-in modules (:mod:`blktap.prefork`,
+``_signal``), so that its interpreter start-up is most of its cost.
+
 When no server answers, the client binds the server's address (the bind is the lock),
 forks the server off (a daemon named :data:`COMM`, detached, whose command line is the
 first client's) and runs its own command in-process. The server exits after
@@ -22,30 +26,27 @@ Messages (SOCK_SEQPACKET, abstract address per uid and installation): request =
 
 from __future__ import annotations
 
-import array
-import contextlib
-import io
 import os
-import signal
-import socket
 import sys
-import time
 
-from blktap.tapdisk import forkserver as fs
+from blktap import prefork
+
+TYPE_CHECKING = False  # typing's costs an import; mypy goes by the name
+if TYPE_CHECKING:
+    import _socket
+    import socket
 
 __all__ = ["COMM", "forward", "main"]
 
 COMM = "tap-ctl-forksrv"
 _MAGIC = b"blktap-tapctl-1"
-_MAX_REQUEST = 1 << 20
 
 
 def _address() -> bytes:
     import zlib
 
-    key = os.fsencode(sys.modules["blktap"].__file__ or "") + b"\0" + os.fsencode(
-        sys.executable)
-    return f"\0blktap-tapctl-{os.geteuid()}-{zlib.crc32(key):08x}".encode()
+    key = zlib.crc32(b"\0".join(prefork.installation()))
+    return f"\0blktap-tapctl-{os.geteuid()}-{key:08x}".encode()
 
 
 def main() -> int:
@@ -65,31 +66,30 @@ def main() -> int:
 def forward(argv: list[str]) -> int | None:
     """Run ``tap-ctl argv`` in the server; its exit status, or None when the caller must
     run the command itself (no server, turned off, declined; a server is started)."""
-    idle = fs.idle_seconds(os.environ)
+    idle = prefork.idle_seconds(os.environ)
     if idle is None:
         return None
     addr = _address()
-    conn = fs.connect(addr)
+    conn = prefork.connect(addr)
     if conn is None:
-        _start_server(addr, idle)
+        prefork.start_server(addr, COMM, lambda listener: _Server(listener, idle).serve())
         return None
-    with conn:
+    try:
         return _request(conn, argv)
+    finally:
+        conn.close()
 
 
-def _request(conn: socket.socket, argv: list[str]) -> int | None:
-    mask = os.umask(0)
-    os.umask(mask)
+def _request(conn: _socket.socket, argv: list[str]) -> int | None:
     try:
         cwd = os.getcwd()
     except OSError:
         return None  # a removed working directory: let the command fail as it would
-    fields = [_MAGIC, b"%o" % mask, os.fsencode(cwd), b"%d" % len(argv)]
+    fields = [_MAGIC, b"%o" % prefork.current_umask(), os.fsencode(cwd), b"%d" % len(argv)]
     fields += [os.fsencode(a) for a in argv]
-    fields += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in os.environ.items()]
-    fds = array.array("i", [0, 1, 2])
+    fields += prefork.environment_fields(os.environ)
     try:
-        conn.sendmsg([b"\0".join(fields)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        prefork.send(conn, fields, [0, 1, 2])
         first = conn.recv(64)
     except OSError:
         return None
@@ -98,107 +98,46 @@ def _request(conn: socket.socket, argv: list[str]) -> int | None:
     worker = int(first[4:])
 
     def pass_on(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
+        try:  # noqa: SIM105 - contextlib is an import the client does without
             os.kill(worker, signum)
+        except ProcessLookupError:
+            pass
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, pass_on)
-    while True:
-        try:
-            reply = conn.recv(64)
-        except InterruptedError:
-            continue
-        except OSError:
-            reply = b""
-        break
+    signals = __import__("_signal")  # signal's own module costs enum
+    for sig in (signals.SIGINT, signals.SIGTERM, signals.SIGHUP):
+        signals.signal(sig, pass_on)
+    try:
+        reply = conn.recv(64)  # a signal handled meanwhile does not interrupt (PEP 475)
+    except OSError:
+        reply = b""
     if reply.startswith(b"exit:"):
         return int(reply[5:])
     sys.stderr.write("tap-ctl: the command's process ended without an exit status\n")
     return 1
 
 
-def _start_server(addr: bytes, idle: float) -> None:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        listener.bind(addr)
-    except OSError:
-        listener.close()
-        return  # another client is starting one
-    listener.listen(512)
-    try:
-        first = os.fork()
-    except OSError:
-        listener.close()
-        return
-    if first == 0:
-        status = 1
-        try:
-            os.setsid()
-            if os.fork():
-                os._exit(0)
-            os.chdir("/")
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.close(null)
-            fs.set_comm(COMM)
-            _Server(listener, idle).serve()
-            status = 0
-        finally:
-            os._exit(status)
-    os.waitpid(first, 0)
-    listener.close()
-
-
-class _Server:
+class _Server(prefork.Server):
     def __init__(self, listener: socket.socket, idle: float) -> None:
-        import gc
+        import signal
 
         from blktap.cli import tap_ctl  # and with it the control library
 
         self.main = tap_ctl.main
-        self.listener = listener
-        self.idle = idle
-        self.sources = fs.source_stamps()
+        super().__init__(listener, idle)
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped by the kernel
-        gc.collect()
-        gc.freeze()
+        self.freeze()
 
-    def serve(self) -> None:
-        self.listener.settimeout(1.0)
-        last = time.monotonic()
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                if time.monotonic() - last >= self.idle or fs.source_stamps() != self.sources:
-                    return
-                continue
-            with conn:
-                conn.settimeout(None)
-                if not self._handle(conn):
-                    return
-            last = time.monotonic()
-
-    def _handle(self, conn: socket.socket) -> bool:
+    def handle(self, conn: socket.socket) -> bool:
         fds: list[int] = []
         try:
-            if fs.peer_uid(conn) != os.geteuid():
-                return True
-            data, ancdata, _, _ = conn.recvmsg(_MAX_REQUEST, socket.CMSG_SPACE(4 * 4))
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds += array.array("i", payload[: len(payload) - len(payload) % 4])
-            fields = data.split(b"\0")
+            fields, fds = prefork.receive(conn, 4)
             if len(fields) < 4 or fields[0] != _MAGIC or len(fds) != 3:
                 return True
-            if fs.source_stamps() != self.sources:
-                self.listener.close()  # free the address for a new server first
-                conn.send(b"no")
+            if self.decline_stale(conn):
                 return False
             argc = int(fields[3])
             argv = [os.fsdecode(a) for a in fields[4 : 4 + argc]]
-            env = dict(f.split(b"=", 1) for f in fields[4 + argc :] if b"=" in f)
+            env = prefork.parse_environment(fields[4 + argc :])
             if os.fork() == 0:
                 self._work(conn, fds, int(fields[1], 8), fields[2], argv, env)
             return True
@@ -211,6 +150,9 @@ class _Server:
     def _work(self, conn: socket.socket, fds: list[int], umask: int, cwd: bytes,
               argv: list[str], env: dict[bytes, bytes]) -> None:
         """In the worker: become the command's process, run it, report; never returns."""
+        import io
+        import signal
+
         status = 1
         try:
             conn.send(b"pid:%d" % os.getpid())  # first: the client passes signals on to it
@@ -222,7 +164,7 @@ class _Server:
             os.environb.update(env)
             os.umask(umask)
             os.chdir(cwd)
-            fs.set_comm("tap-ctl")
+            prefork.set_comm("tap-ctl")
             if isinstance(sys.stdout, io.TextIOWrapper):  # the server's was /dev/null
                 sys.stdout.reconfigure(line_buffering=sys.stdout.isatty())
             sys.argv = ["tap-ctl", *argv]

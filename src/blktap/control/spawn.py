@@ -9,10 +9,12 @@ The binary is ``$BLKTAP_TAPDISK`` if set, else the ``tapdisk`` next to the runni
 (the virtualenv's or the installation's ``bin``), else ``tapdisk`` on ``$PATH``.
 
 When that binary is the installation's own and its run directory's fork server
-(:mod:`blktap.tapdisk.forkserver`, light to import) is running, the tapdisk is asked of
-the server directly, with the same environment and the line on a pipe of ours: the
-same tapdisk as the ``tapdisk`` command would start, without a Python start-up for the
-launcher. Otherwise (no server yet: the launcher starts one) the binary is run.
+(:mod:`blktap.tapdisk.forkserver`) is running, the tapdisk is asked of the server
+directly (:func:`blktap.prefork.tapdisk_request`), with the same environment and the
+line on a pipe of ours: the same tapdisk as the ``tapdisk`` command would start, without
+a Python start-up for the launcher. Otherwise (no server yet: the launcher starts one)
+the binary is run. Every wait here is for an event (the line, the child's exit), not a
+poll.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from blktap import prefork
 from blktap.control.errors import SpawnError, TimedOut
 from blktap.control.rundir import RunDir
 from blktap.errors import NotFound
@@ -105,11 +108,7 @@ def spawn(rundir: RunDir, *, binary: str | None = None, timeout: float | None = 
             raise
         finally:
             proc.stdout.close()
-        try:
-            status = proc.wait(timeout=10.0)
-        except subprocess.TimeoutExpired:
-            _kill_child(proc)
-            status = proc.returncode
+        status = _wait_child(proc, 10.0)
         errfile.seek(0)
         stderr = errfile.read(_MAX_LINE).decode("utf-8", "replace").strip()
     match = _SOCKET_LINE.fullmatch(os.path.basename(line.strip()))
@@ -131,17 +130,25 @@ def _own_tapdisk() -> str:
 
 def _spawn_forked(rundir: RunDir, env: dict[str, str], timeout: float | None) -> int | None:
     """The tapdisk from the running fork server (module docstring); None: no server."""
-    from blktap.tapdisk import forkserver
-
     if env.get("BLKTAP_BLOCKDEV", "auto") not in ("auto", "on", "off"):
         return None  # the tapdisk command reports it
+    if prefork.idle_seconds(env) is None:
+        return None
+    try:
+        conn = prefork.connect(prefork.tapdisk_address(str(rundir.root)))
+    except OSError:
+        return None
+    if conn is None:
+        return None
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         try:
-            status = forkserver.request(str(rundir.root), write_end, env, timeout)
+            status = prefork.tapdisk_request(conn, str(rundir.root), write_end, env,
+                                             timeout)
         except TimeoutError as exc:
             raise TimedOut(str(exc)) from None
         finally:
+            conn.close()
             os.close(write_end)
         if status is None:
             return None
@@ -170,6 +177,28 @@ def _read_line(fd: int, timeout: float | None) -> str:
             break
         data += chunk
     return bytes(data).split(b"\n", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _wait_child(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    """The exit status of ``proc`` (killed after ``timeout`` s). Popen.wait(timeout)
+    polls with sleeps of up to 50 ms; a pidfd wakes us as the child exits."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except OSError:
+        pidfd = -1
+    if pidfd >= 0:
+        try:
+            ready, _, _ = select.select([pidfd], [], [], timeout)
+        finally:
+            os.close(pidfd)
+        if not ready:
+            _kill_child(proc)
+        return proc.wait()
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_child(proc)
+        return proc.returncode
 
 
 def _kill_child(proc: subprocess.Popen[bytes]) -> None:
