@@ -44,6 +44,10 @@ def host() -> dict[str, Any]:
     """Where and when: the figures depend on the machine and its load."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip()
+    if not commit and (REPO / ".commit").exists():
+        # A `git archive` export (a snapshot the long run uses while the tree changes)
+        # names its commit there.
+        commit = (REPO / ".commit").read_text().strip()
     return {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "epoch": round(time.time()),
             "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
