@@ -1078,6 +1078,8 @@ class BlockDeviceStatistics:
                 "fuse_ring_requests": self.ring_requests,
                 "held": self.held, "fuse_inflight": self.inflight,
                 "fuse_reads": self.reads, "fuse_writes": self.writes,
+                "fuse_largest_read": self.largest_read,
+                "fuse_largest_write": self.largest_write,
                 "loop_reads": self.loop_reads, "loop_read_sectors": self.loop_read_sectors,
                 "loop_writes": self.loop_writes,
                 "loop_write_sectors": self.loop_write_sectors}
