@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/cbt_log.py [--reps 5] [--runtime 5] [--size-mib 4096]
                                       [--kind aio|vhd] [--direct] [--flush-every 32]
+                                      [--before SRC]
 
 fio (``--ioengine=nbd``, one job, ``--iodepth=32``, ``--rw=randwrite --bs=4k``) writes
 through the VBD's NBD socket for ``--runtime`` seconds. Configurations, run in turn in
@@ -11,7 +12,11 @@ each repetition (so that noise from other load on the machine spreads over all o
 - ``plain``: ``tap-ctl create -a KIND:IMG`` (no log);
 - ``log``: ``tap-ctl create -a KIND:IMG -C LOG`` with a fresh ``cbt-util create`` log;
 - the same two with a flush after every ``--flush-every`` writes (fio ``--fsync``), where
-  the log's durability (its pages written back before the flush is answered) costs.
+  the log's durability (its pages written back before the flush is answered) costs;
+- with ``--before SRC`` (the ``src/`` of an older checkout, e.g. from ``git worktree add
+  /tmp/before COMMIT``), ``log (before)`` and ``log+flush (before)``: the log
+  configurations run by that tree's tap-ctl and tapdisk (PYTHONPATH=SRC, their own run
+  directory, no fork server), to compare two versions of the layer in one run.
 
 Each run gets a fresh sparse image and log and its own tapdisk. Prints every run, then the
 median IOPS, mean completion latency and tapdisk CPU time per write (user + system of
@@ -55,9 +60,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def before_env(work: Path, env: dict[str, str], src: str) -> tuple[str, dict[str, str]]:
+    """The tap-ctl program and environment that run the tree at ``src``: the console
+    script's plain form (an older tree may lack the tap-ctl server), its own run
+    directory, no fork server, PYTHONPATH first (the tapdisks it spawns inherit it)."""
+    run_dir = work / "run-before"
+    run_dir.mkdir()
+    script = work / "tap-ctl-before"
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom blktap.cli.tap_ctl import main\n"
+                      "sys.exit(main())\n")
+    script.chmod(0o755)
+    return str(script), dict(env, BLKTAP_RUN_DIR=str(run_dir),
+                             BLKTAP_DEV_DIR=str(run_dir / "dev"), BLKTAP_FORKSERVER="off",
+                             PYTHONPATH=os.path.abspath(src))
+
+
 def one_run(work: Path, env: dict[str, str], kind: str, size_mib: int, log: bool,
-            flush_every: int, runtime: int, direct: bool) -> dict[str, float]:
-    """Create a VBD (with a log if ``log``), run fio against it, destroy it."""
+            flush_every: int, runtime: int, direct: bool,
+            tap_ctl: str = TAP_CTL) -> dict[str, float]:
+    """Create a VBD (with a log if ``log``) with ``tap_ctl``, run fio against it,
+    destroy it."""
     img = work / f"disk.{kind}"
     for stale in (img, work / "disk.cbtlog"):
         stale.unlink(missing_ok=True)
@@ -73,8 +95,8 @@ def one_run(work: Path, env: dict[str, str], kind: str, size_mib: int, log: bool
         logpath = work / "disk.cbtlog"
         sh(CBT_UTIL, "create", "-n", str(logpath), "-s", str(size_mib << 20))
         args += ["-C", str(logpath)]
-    sh(TAP_CTL, *args, env=env)
-    (line,) = sh(TAP_CTL, "list", env=env).splitlines()
+    sh(tap_ctl, *args, env=env)
+    (line,) = sh(tap_ctl, "list", env=env).splitlines()
     fields = dict(f.split("=", 1) for f in line.split())
     pid, minor = fields["pid"], fields["minor"]
     try:
@@ -94,7 +116,7 @@ def one_run(work: Path, env: dict[str, str], kind: str, size_mib: int, log: bool
         return {"iops": float(write["iops"]), "clat_us": float(write["clat_ns"]["mean"]) / 1000,
                 "cpu_us": cpu * 1e6 / max(1, int(write["total_ios"]))}
     finally:
-        sh(TAP_CTL, "destroy", "-p", pid, "-m", minor, env=env)
+        sh(tap_ctl, "destroy", "-p", pid, "-m", minor, env=env)
 
 
 def main() -> int:
@@ -107,15 +129,21 @@ def main() -> int:
     p.add_argument("--flush-every", type=int, default=32,
                    help="writes between flushes in the flushing configurations (0: none)")
     p.add_argument("--dir", default=None, help="where images go (default: a temp dir)")
+    p.add_argument("--before", metavar="SRC", default=None,
+                   help="also run the log configurations with the tree at SRC (its src/)")
     ns = p.parse_args()
     if shutil.which("fio") is None:
         print("fio is not installed", file=sys.stderr)
         return 1
 
     configs = [("plain", False, 0), ("log", True, 0)]
+    if ns.before:
+        configs.append(("log (before)", True, 0))
     if ns.flush_every:
         configs += [(f"plain+flush/{ns.flush_every}", False, ns.flush_every),
                     (f"log+flush/{ns.flush_every}", True, ns.flush_every)]
+        if ns.before:
+            configs.append((f"log+flush/{ns.flush_every} (before)", True, ns.flush_every))
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in configs}
     with tempfile.TemporaryDirectory(prefix="cbt-bench-", dir=ns.dir) as tmp:
         work = Path(tmp)
@@ -123,30 +151,35 @@ def main() -> int:
         run_dir.mkdir()
         env = dict(os.environ, BLKTAP_RUN_DIR=str(run_dir),
                    BLKTAP_DEV_DIR=str(run_dir / "dev"), BLKTAP_BLOCKDEV="off")
+        env.pop("PYTHONPATH", None)
+        before = before_env(work, env, ns.before) if ns.before else None
         print(f"# {ns.kind}, {ns.size_mib} MiB, {'O_DIRECT' if ns.direct else 'no O_DIRECT'}, "
               f"4 KiB random writes, QD32, {ns.runtime} s x {ns.reps} reps; cpus "
               f"{os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
         for rep in range(ns.reps):
             for name, log, flush_every in configs:
-                r = one_run(work, env, ns.kind, ns.size_mib, log, flush_every, ns.runtime,
-                            ns.direct)
+                tap_ctl, run_env = (before if before is not None and name.endswith("(before)")
+                                    else (TAP_CTL, env))
+                r = one_run(work, run_env, ns.kind, ns.size_mib, log, flush_every,
+                            ns.runtime, ns.direct, tap_ctl)
                 results[name].append(r)
-                print(f"rep {rep + 1} {name:>16}: {r['iops']:9.0f} IOPS  "
+                print(f"rep {rep + 1} {name:>25}: {r['iops']:9.0f} IOPS  "
                       f"clat {r['clat_us']:8.1f} us  tapdisk CPU {r['cpu_us']:6.1f} us/write",
                       flush=True)
     print()
-    print(f"{'config':>16} {'median IOPS':>12} {'median clat us':>15} {'vs plain':>9} "
+    print(f"{'config':>25} {'median IOPS':>12} {'median clat us':>15} {'vs plain':>9} "
           f"{'CPU us/write':>13} {'vs plain':>9}")
     medians = {name: statistics.median(r["iops"] for r in runs)
                for name, runs in results.items()}
     cpus = {name: statistics.median(r["cpu_us"] for r in runs) for name, runs in results.items()}
     for name, runs in results.items():
-        base = "plain" if not name.startswith("log+") else name.replace("log+", "plain+")
+        base = ("plain" if not name.startswith("log+")
+                else name.replace("log+", "plain+").removesuffix(" (before)"))
         plain = name.startswith("plain")
         delta = "" if plain else f"{(medians[name] / medians[base] - 1) * 100:+.1f} %"
         cdelta = "" if plain else f"{(cpus[name] / cpus[base] - 1) * 100:+.1f} %"
         clat = statistics.median(r["clat_us"] for r in runs)
-        print(f"{name:>16} {medians[name]:12.0f} {clat:15.1f} {delta:>9} "
+        print(f"{name:>25} {medians[name]:12.0f} {clat:15.1f} {delta:>9} "
               f"{cpus[name]:13.1f} {cdelta:>9}")
     print(f"# load average at the end: {os.getloadavg()[0]:.1f} (the numbers are noisy)")
     return 0
