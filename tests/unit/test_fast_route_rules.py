@@ -22,6 +22,9 @@ from typing import Any
 import pytest
 
 from blktap.block.driver import SYNC_WRITE_MAX, OpenOptions
+from blktap.block.layer import LayerOpener
+from blktap.block.layers.log import LogSlot
+from blktap.cbtutil.create import create as create_log
 from blktap.errors import ProtocolError
 from blktap.frontends.nbd_connection import NbdConnection
 from blktap.frontends.nbd_server import NbdServer
@@ -32,6 +35,7 @@ SIZE = 1 << 20
 OFFSETS = [0, 512, 1000, SIZE - 4096, SIZE - 512, SIZE, -512]
 LENGTHS = [0, 512, 700, 4096, SYNC_WRITE_MAX - 512, SYNC_WRITE_MAX, SIZE, SIZE + 512]
 HEADER = struct.Struct(">IHHQQI")
+BLOCK = 64 << 10  # a changed-block log's block
 
 
 @pytest.fixture
@@ -41,11 +45,35 @@ def image(tmp_path: Path) -> str:
     return str(path)
 
 
+def log_layers(tmp_path: Path, logged: bool) -> tuple[list[LayerOpener], LogSlot]:
+    """With ``logged``, a changed-block log on top of the stack (write observers: the
+    routes stay, each marks before it writes)."""
+    slot = LogSlot(None)
+    if logged:
+        slot.path = str(tmp_path / "disk.cbtlog")
+        create_log(slot.path, SIZE)
+    return ([slot.opener()] if logged else []), slot
+
+
+def blocks_of(requests: list[tuple[int, int]]) -> list[int]:
+    return sorted({b for offset, length in requests if length
+                   for b in range(offset // BLOCK, (offset + length - 1) // BLOCK + 1)})
+
+
+@pytest.mark.parametrize("logged", [False, True], ids=["plain", "log"])
 @pytest.mark.parametrize("read_only", [False, True])
-def test_fast_routes_admit_as_the_rule(image: str, read_only: bool) -> None:
+def test_fast_routes_admit_as_the_rule(image: str, read_only: bool, logged: bool,
+                                       tmp_path: Path) -> None:
+    """...with a log too, which also sees every write they take: its bits are exactly
+    those of the admitted writes; FUA writes are declined by write_now (the log's sync
+    must not block the loop)."""
+    layers, slot = log_layers(tmp_path, logged and not read_only)
+    admitted: list[tuple[int, int]] = []
+
     async def body() -> None:
         vbd = VBD(0)
-        await vbd.open(ImageSpec("aio", image), OpenOptions(read_only=read_only, direct=False))
+        await vbd.open(ImageSpec("aio", image), OpenOptions(read_only=read_only, direct=False),
+                       layers)
         try:
             ready = vbd.admission
             assert ready is not None
@@ -61,6 +89,8 @@ def test_fast_routes_admit_as_the_rule(image: str, read_only: bool) -> None:
                 assert reader.read(offset, buf) is read_ok, where
                 small = length < SYNC_WRITE_MAX
                 assert vbd.write_now(offset, buf, False) is (write_ok and small), where
+                fua_now = write_ok and small and slot.path is None
+                assert vbd.write_now(offset, buf, True) is fua_now, where
                 if writer is not None:
                     assert writer.write(offset, buf) is write_ok, where
                 # The coroutines' direct branch: served by it, or checked at the entry.
@@ -68,6 +98,10 @@ def test_fast_routes_admit_as_the_rule(image: str, read_only: bool) -> None:
                     await vbd.read(offset, buf)
                 if write_ok:
                     await vbd.write(offset, buf)
+                    admitted.append((offset, length))
+            layer = slot.open_layer
+            if layer is not None:
+                assert layer.log.bits_set() == blocks_of(admitted)
             vbd.state = VBDState.RUNNING
             vbd.release_thread_io(reader)
             if writer is not None:
@@ -164,11 +198,19 @@ class _Transport:
         pass
 
 
+@pytest.mark.parametrize("logged", [False, True], ids=["plain", "log"])
 @pytest.mark.parametrize("read_only", [False, True])
-def test_inline_takes_only_what_the_rules_admit(image: str, read_only: bool) -> None:
+def test_inline_takes_only_what_the_rules_admit(image: str, read_only: bool, logged: bool,
+                                                tmp_path: Path) -> None:
+    """...with a log too: FUA writes are left to the VBD (the log's sync must not block
+    the loop) and the log's bits are exactly those of the writes taken."""
+    layers, slot = log_layers(tmp_path, logged and not read_only)
+    taken_writes: list[tuple[int, int]] = []
+
     async def body() -> None:
         vbd = VBD(0)
-        await vbd.open(ImageSpec("aio", image), OpenOptions(read_only=read_only, direct=False))
+        await vbd.open(ImageSpec("aio", image), OpenOptions(read_only=read_only, direct=False),
+                       layers)
         conn = NbdConnection(NbdServer(vbd, "/nonexistent"))
         conn.connection_made(_Transport())  # type: ignore[arg-type]
         try:
@@ -201,8 +243,14 @@ def test_inline_takes_only_what_the_rules_admit(image: str, read_only: bool) -> 
                 rule = (command in (Command.READ, Command.WRITE) and length > 0
                         and check.accepts(REQUEST_MAGIC, flags, command, length)
                         and adm.admits(offset, length, write)
-                        and (not write or (length < SYNC_WRITE_MAX and adm.sync.writable)))
+                        and (not write or (length < SYNC_WRITE_MAX and adm.sync.writable
+                                           and not (flags and slot.path is not None))))
                 assert taken is rule, (command, flags, offset, length)
+                if taken and write:
+                    taken_writes.append((offset, length))
+            layer = slot.open_layer
+            if layer is not None:
+                assert taken_writes and layer.log.bits_set() == blocks_of(taken_writes)
         finally:
             conn.connection_lost(None)
             await vbd.close()
