@@ -33,8 +33,13 @@ coalesce``, killed at a random instant; then ``vhd-util check`` must accept the 
 (after ``vhd-util revert`` when a resize journal is left, as with the C tool) and the
 data must read back unchanged.
 
-Prints one line per round and a summary; ``--json`` writes the summary and every round.
-Exit status 0 when no violation and no invalid image was found, 1 otherwise.
+Prints one line per round (with -q, a progress line every 25 images) and a summary;
+``--json`` writes the summary and every round. A failure of the harness's own steps
+(``HarnessError``: tap-ctl failing or timing out, including a create that cannot reopen
+a killed image) is noted in the summary's ``harness_errors`` with its message, the
+group's VBDs are released and the run goes on with a new image, up to
+--max-harness-errors. Exit status 0 when no violation, no invalid image and no harness
+error was found, 1 otherwise.
 Environment: BLKTAP_RUN_DIR / BLKTAP_DEV_DIR as for tap-ctl (a private run directory is
 made when unset).
 """
@@ -201,6 +206,7 @@ class Harness:
         self.extra: list[dict[str, Any]] = []
         self.alloc_seconds: list[float] = []  # how long allocating writes took
         self.tool_seconds: dict[str, float] = {"resize": 1.0, "coalesce": 1.0}
+        self.harness_errors: list[dict[str, str]] = []
 
     # ------------------------------------------------------------------ tap-ctl steps
 
@@ -552,9 +558,25 @@ class Harness:
         while done < self.args.rounds:
             kind, frontend = combos[gi % len(combos)]
             n = min(per, self.args.rounds - done)
-            self.group(kind, frontend, n, gi)
-            done += n
+            try:
+                self.group(kind, frontend, n, gi)
+            except HarnessError as exc:
+                # A step of the harness failed (a tap-ctl timeout on a loaded host, say):
+                # noted, the group's VBDs released, and the run goes on with a new
+                # image; only too many of them end it.
+                self.harness_errors.append({"group": f"{kind}-{frontend}-{gi}",
+                                            "error": str(exc)[-2000:]})
+                print(f"harness error in group {kind}-{frontend}-{gi}: {exc}", flush=True)
+                release_all()
+                if len(self.harness_errors) > self.args.max_harness_errors:
+                    raise
+            done = sum(r.frontend in ("nbd", "blockdev") for r in self.rounds)
             gi += 1
+            if self.args.quiet and gi % 25 == 0:
+                print(f"{time.strftime('%H:%M:%S')} {done} kill rounds, "
+                      f"{sum(len(r.violations) for r in self.rounds)} violations, "
+                      f"{sum(len(r.invalid) for r in self.rounds)} invalid images",
+                      flush=True)
         tapdisk_rounds = [r for r in self.rounds if r.frontend in ("nbd", "blockdev")]
         tool_rounds = [r for r in self.rounds if r.frontend == "vhd-util"]
         summary: dict[str, Any] = {
@@ -573,6 +595,7 @@ class Harness:
             "violations": sum(len(r.violations) for r in self.rounds)
             + sum(len(e["violations"]) for e in self.extra),
             "invalid_images": sum(len(r.invalid) for r in self.rounds),
+            "harness_errors": self.harness_errors,
         }
         for r in self.rounds:
             key = f"{r.kind}/{r.frontend}"
@@ -596,7 +619,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-writes", type=int, default=100000)
     p.add_argument("--json", help="write the summary and rounds here")
     p.add_argument("--dir", help="where images go (default: a temporary directory)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--max-harness-errors", type=int, default=10,
+                   help="end the run after more harness failures than this (each is "
+                        "noted and its group skipped; default 10)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="a progress line every 25 images instead of one per round")
     args = p.parse_args(argv)
     if args.seed is None:
         args.seed = random.randrange(1 << 31)
@@ -640,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    return 0 if s["violations"] == 0 and s["invalid_images"] == 0 else 1
+    clean = s["violations"] == 0 and s["invalid_images"] == 0 and not s["harness_errors"]
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":

@@ -303,7 +303,10 @@ def aim_table(crash: dict[str, Any] | None, fuzz: dict[str, Any] | None,
     rows = ["| figure | aim | reached | clean |", "|---|---|---|---|"]
     if crash is not None:
         s = crash["summary"]
+        harness = len(s.get("harness_errors", []))
         clean = "yes" if not s["violations"] and not s["invalid_images"] else "**no**"
+        if harness:
+            clean += f" ({harness} harness errors, listed below)"
         reached = "reached" if s["kill_rounds"] >= AIM_ROUNDS else "not reached"
         rows.append(f"| kill -9 rounds | {AIM_ROUNDS} | {s['kill_rounds']} ({reached}) "
                     f"| {clean} |")
@@ -374,9 +377,16 @@ def report(out: Path, doc_path: Path) -> None:
                   f"| of those, accepted by `vhd-util check` before the revert | "
                   f"{len(valid_before)} |",
                   f"| **lost or foreign sectors** | **{s['violations']}** |",
-                  f"| **images `vhd-util check` refused** | **{s['invalid_images']}** |", "",
+                  f"| **images `vhd-util check` refused** | **{s['invalid_images']}** |",
+                  f"| harness errors (a tap-ctl step failed; group skipped) | "
+                  f"{len(s.get('harness_errors', []))} |", "",
                   "Rounds per image kind and frontend: " + ", ".join(
                       f"{k} {v}" for k, v in sorted(s["by_group"].items())) + ".", ""]
+        for e in s.get("harness_errors", []):
+            last = e["error"].strip().splitlines()[-1] if e["error"].strip() else ""
+            lines += [f"- harness error in group `{e['group']}`: `{last[:300]}`"]
+        if s.get("harness_errors"):
+            lines += [""]
         fig = plot_crash(crash, out)
         lines += [f"![crash rounds]({rel}/{fig})", "",
                   f"Figure: `bench/reliability.py crash --rounds {s['kill_rounds']} "
