@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import importlib
+import itertools
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -107,11 +109,15 @@ def test_read_write_open_of_a_read_only_export_is_erofs(sockdir: str) -> None:
 
 def test_alloc_map_against_a_model() -> None:
     """AllocMap (the driver's extent map) against one kind per sector, with random sets."""
-    import random
-
     rng = random.Random(5)
-    sectors = 256
-    amap = nbd_driver.AllocMap(sectors * 512)
+    sectors = 250
+    # One piece, then pieces of 24 sectors (the last one shorter): runs cross pieces.
+    for amap in (nbd_driver.AllocMap(sectors * 512),
+                 nbd_driver.AllocMap(sectors * 512, chunk=24 * 512)):
+        _check_alloc_map(rng, amap, sectors)
+
+
+def _check_alloc_map(rng: random.Random, amap: nbd_driver.AllocMap, sectors: int) -> None:
     model = [Alloc.DATA] * sectors
     for _ in range(2000):
         first = rng.randrange(sectors)
@@ -119,8 +125,11 @@ def test_alloc_map_against_a_model() -> None:
         kind = rng.choice([Alloc.DATA, Alloc.ZERO])
         amap.set(first * 512, count * 512, kind)
         model[first : first + count] = [kind] * count
-        assert all(a != b for a, b in zip(amap.kinds, amap.kinds[1:], strict=False))
-        assert amap.starts == sorted(set(amap.starts)) and amap.starts[0] == 0
+        whole = amap.extents(0, sectors * 512)
+        assert all(a.alloc != b.alloc and a.offset + a.length == b.offset
+                   for a, b in itertools.pairwise(whole))
+        assert whole[0].offset == 0 and sum(e.length for e in whole) == sectors * 512
+        assert amap.all_data() == (set(model) == {Alloc.DATA})
         q = rng.randrange(sectors)
         n = rng.randrange(1, sectors - q + 1)
         got = [e.alloc for e in amap.extents(q * 512, n * 512)

@@ -233,21 +233,24 @@ def parse_target(text: str) -> Target:
 
 
 # --------------------------------------------------------- allocation map
-class AllocMap:
-    """Piecewise-constant allocation of ``[0, size)``: ``starts[i]`` begins a run of kind
-    ``kinds[i]`` (Alloc.DATA or Alloc.ZERO) that lasts until ``starts[i + 1]`` (or size).
+MAP_CHUNK = 64 << 20
+"""Span of one piece of :class:`AllocMap`: a change moves at most one piece's runs."""
+
+
+class _Runs:
+    """Piecewise-constant allocation of ``[base, end)``: ``starts[i]`` begins a run of kind
+    ``kinds[i]`` (Alloc.DATA or Alloc.ZERO) that lasts until ``starts[i + 1]`` (or end).
     Adjacent runs always differ."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.starts: list[int] = [0]
-        self.kinds: list[Alloc] = [Alloc.DATA]
+    __slots__ = ("end", "kinds", "starts")
 
-    def set(self, offset: int, length: int, kind: Alloc) -> None:
-        """Make ``[offset, offset + length)`` of ``kind``."""
-        if length <= 0:
-            return
-        end = min(self.size, offset + length)
+    def __init__(self, base: int, end: int, kind: Alloc) -> None:
+        self.end = end
+        self.starts: list[int] = [base]
+        self.kinds: list[Alloc] = [kind]
+
+    def set(self, offset: int, end: int, kind: Alloc) -> None:
+        """Make ``[offset, end)`` (inside the piece, not empty) of ``kind``."""
         starts, kinds = self.starts, self.kinds
         i = bisect.bisect_right(starts, offset) - 1
         j = bisect.bisect_right(starts, end - 1) - 1
@@ -256,7 +259,7 @@ class AllocMap:
         after = kinds[j]  # the kind that resumes at ``end``
         new_starts = [offset]
         new_kinds = [kind]
-        if end < self.size and (j + 1 >= len(starts) or starts[j + 1] != end):
+        if end < self.end and (j + 1 >= len(starts) or starts[j + 1] != end):
             new_starts.append(end)
             new_kinds.append(after)
         lo = i + 1 if starts[i] < offset else i
@@ -273,29 +276,99 @@ class AllocMap:
             else:
                 k += 1
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
-        """Extents covering exactly the range, in order."""
+    def extents(self, offset: int, end: int, out: list[Extent]) -> None:
+        """Append the extents covering ``[offset, end)``, merging with ``out``'s last."""
         starts, kinds = self.starts, self.kinds
         i = bisect.bisect_right(starts, offset) - 1
-        end = offset + length
-        out: list[Extent] = []
         pos = offset
         while pos < end:
-            stop = starts[i + 1] if i + 1 < len(starts) else self.size
-            stop = min(stop, end)
-            out.append(Extent(pos, stop - pos, kinds[i]))
+            stop = min(starts[i + 1] if i + 1 < len(starts) else self.end, end)
+            _append(out, pos, stop - pos, kinds[i])
             pos = stop
             i += 1
+
+    def all_data(self, offset: int, end: int) -> bool:
+        starts = self.starts
+        i = bisect.bisect_right(starts, offset) - 1
+        return self.kinds[i] == Alloc.DATA and (i + 1 >= len(starts) or starts[i + 1] >= end)
+
+
+def _append(out: list[Extent], offset: int, length: int, kind: Alloc) -> None:
+    if out and out[-1].alloc == kind:
+        last = out[-1]
+        out[-1] = Extent(last.offset, last.length + length, kind)
+    else:
+        out.append(Extent(offset, length, kind))
+
+
+class AllocMap:
+    """The allocation of ``[0, size)``, DATA or ZERO at byte granularity, kept as one
+    piece per :data:`MAP_CHUNK` bytes: a piece of one kind is that kind, a mixed one is
+    a :class:`_Runs`. Random small writes over holes fragment the map; pieces keep
+    the cost of a change to the runs of one piece (one sorted list over the whole export
+    made each write move every run after it)."""
+
+    def __init__(self, size: int, chunk: int = MAP_CHUNK) -> None:
+        self.size = size
+        self.chunk = chunk
+        self.pieces: list[Alloc | _Runs] = [Alloc.DATA] * max(1, -(-size // chunk))
+
+    def set(self, offset: int, length: int, kind: Alloc) -> None:
+        """Make ``[offset, offset + length)`` of ``kind``."""
+        end = min(self.size, offset + length)
+        chunk, pieces = self.chunk, self.pieces
+        while offset < end:
+            n = offset // chunk
+            base = n * chunk
+            stop = min(base + chunk, end)
+            piece = pieces[n]
+            whole = min(base + chunk, self.size)
+            if offset == base and stop == whole:
+                pieces[n] = kind
+            elif isinstance(piece, _Runs):
+                piece.set(offset, stop, kind)
+                if len(piece.kinds) == 1:
+                    pieces[n] = piece.kinds[0]
+            elif piece != kind:
+                runs = _Runs(base, whole, piece)
+                runs.set(offset, stop, kind)
+                pieces[n] = runs
+            offset = stop
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Extents covering exactly the range, in order, adjacent ones of different kinds."""
+        end = offset + length
+        chunk, pieces = self.chunk, self.pieces
+        out: list[Extent] = []
+        while offset < end:
+            n = offset // chunk
+            stop = min((n + 1) * chunk, end)
+            piece = pieces[n]
+            if isinstance(piece, _Runs):
+                piece.extents(offset, stop, out)
+            else:
+                _append(out, offset, stop - offset, piece)
+            offset = stop
         return out
 
     def holds(self, offset: int, length: int) -> int:
         """1 when the range is all DATA, else -1 (never 0: nothing here is UNALLOCATED)."""
-        starts = self.starts
-        i = bisect.bisect_right(starts, offset) - 1
-        if self.kinds[i] == Alloc.DATA and (
-                i + 1 >= len(starts) or starts[i + 1] >= offset + length):
-            return 1
-        return -1
+        end = offset + length
+        chunk, pieces = self.chunk, self.pieces
+        while offset < end:
+            n = offset // chunk
+            stop = min((n + 1) * chunk, end)
+            piece = pieces[n]
+            if isinstance(piece, _Runs):
+                if not piece.all_data(offset, stop):
+                    return -1
+            elif piece != Alloc.DATA:
+                return -1
+            offset = stop
+        return 1
+
+    def all_data(self) -> bool:
+        return all(piece == Alloc.DATA for piece in self.pieces)
 
 
 # ------------------------------------------------------------ connections
@@ -530,6 +603,8 @@ class NbdImage:
         self.reconnects = 0
         self.requests_sent = 0
         """Requests sent to the server (each send of a retried one counts)."""
+        self._loop = asyncio.get_running_loop()
+        """Kept: asking for the running loop costs a getpid() system call each time."""
         self._conns: list[_Connection] = []
         self._next = 0
         self._want = target.connections
@@ -749,7 +824,7 @@ class NbdImage:
                    flags: int = 0) -> list[tuple[int, int]]:
         if self._closed:
             raise OSError(errno.EIO, f"nbd:{self.target.text}: {self._broken}")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = self._loop.create_future()
         op = _Op(kind, offset, length, buf, flags, fut)
         self._send(op)
         await fut
@@ -813,9 +888,13 @@ class NbdImage:
         flags = 1 if fua and self.can_fua else 0  # NBD_CMD_FLAG_FUA
         step = self.max_request
         try:
-            await asyncio.gather(*(self._run(_WRITE, offset + i, min(step, len(data) - i),
-                                             data[i : i + step], flags)
-                                   for i in range(0, len(data), step)))
+            if len(data) <= step:  # one request: no task per piece
+                await self._run(_WRITE, offset, len(data), data, flags)
+            else:
+                await asyncio.gather(*(self._run(_WRITE, offset + i,
+                                                 min(step, len(data) - i),
+                                                 data[i : i + step], flags)
+                                       for i in range(0, len(data), step)))
         finally:
             if self.map is not None:
                 self.map.set(offset, len(data), Alloc.DATA)
@@ -908,7 +987,7 @@ async def open_nbd(path: str, options: OpenOptions) -> NbdImage:
     except BaseException:
         await image.close()
         raise
-    if image.map is not None and image.map.kinds == [Alloc.DATA]:
+    if image.map is not None and image.map.all_data():
         # No holes: the chain may skip allocation lookups (fast routes); the map still
         # answers block status and follows write-zeroes.
         image.fully_allocated = True

@@ -310,6 +310,32 @@ class MirrorState:
         return doc
 
 
+class _Call:
+    """One request to the secondary: the task running it, and the future its end
+    resolves (for :meth:`MirrorLayer._settle`); its error, if it failed."""
+
+    __slots__ = ("ended", "error", "task", "waiter")
+
+    def __init__(self, waiter: asyncio.Future[None]) -> None:
+        self.waiter = waiter
+        self.task: asyncio.Task[None] | None = None
+        self.ended = False
+        self.error: BaseException | None = None
+
+    async def run(self, request: Awaitable[None]) -> None:
+        try:
+            await request
+        except asyncio.CancelledError as exc:
+            self.error = exc
+            raise
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.ended = True
+            if not self.waiter.done():
+                self.waiter.set_result(None)
+
+
 class _Run:
     """A run of blocks the copier is copying; ``touched`` when a guest write overlapped."""
 
@@ -329,6 +355,8 @@ class MirrorLayer(Layer):
         self.state = state  # narrow() reads it
         self.secondary = secondary
         super().__init__(next, options)
+        self._loop = asyncio.get_running_loop()
+        """Kept: asking for the running loop costs a getpid() system call each time."""
         self._orphans: set[asyncio.Task[None]] = set()
         self._writes: dict[int, tuple[int, int]] = {}
         """Guest writes in flight here: token -> (first block, count)."""
@@ -504,49 +532,42 @@ class MirrorLayer(Layer):
         finally:
             self._end(token)
 
-    def _send(self, op: SecondaryOp) -> asyncio.Task[None] | None:
+    def _send(self, op: SecondaryOp) -> _Call | None:
         """Start ``op`` on the secondary as a task of its own (None without one)."""
         if self.secondary is None:
             return None
-        return asyncio.ensure_future(op(self.secondary))
+        call = _Call(self._loop.create_future())
+        call.task = self._loop.create_task(call.run(op(self.secondary)))
+        return call
 
-    async def _settle(self, task: asyncio.Task[None] | None, start: float) -> bool:
-        """Wait for ``task`` until ``start`` plus the timeout; True when it succeeded in
+    async def _settle(self, call: _Call | None, start: float) -> bool:
+        """Wait for ``call`` until ``start`` plus the timeout; True when it succeeded in
         time. A request still running then is kept as an orphan: it is never cancelled
         (the driver may still retry it), and the recovery waits for it to end."""
-        if task is None:
+        if call is None:
             return False
-        if task.done():
-            exc = task.exception()
-            if exc is None:
+        if not call.ended:
+            # The call's own coroutine wakes this one when it ends (no done-callback
+            # round through the loop); one shared watchdog timer releases it at the
+            # deadline (not a timer per request, as asyncio.wait's timeout would cost).
+            waiter = call.waiter
+            self._waiting[waiter] = start + self.state.spec.timeout_s
+            if self._watchdog is None:
+                self._arm_watchdog()
+            try:
+                await waiter
+            finally:
+                self._waiting.pop(waiter, None)
+        if call.ended:
+            if call.error is None:
                 return True
-            self.state.last_error = f"{type(exc).__name__}: {exc}"
+            self.state.last_error = f"{type(call.error).__name__}: {call.error}"
             return False
-        # One future per request and one shared watchdog timer (not a timer per request,
-        # as asyncio.wait's timeout would cost).
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def wake(_: object) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
-        task.add_done_callback(wake)
-        self._waiting[waiter] = start + self.state.spec.timeout_s
-        self._arm_watchdog()
-        try:
-            await waiter
-        finally:
-            self._waiting.pop(waiter, None)
-        if task.done():
-            exc = task.exception()
-            if exc is None:
-                return True
-            self.state.last_error = f"{type(exc).__name__}: {exc}"
-            return False
-        task.remove_done_callback(wake)
         self.state.last_error = f"no answer within {self.state.spec.timeout_s:g} s"
+        task = call.task
+        assert task is not None
         self._orphans.add(task)
-        task.add_done_callback(self._orphan_done)
+        task.add_done_callback(lambda t: self._orphan_done(t, call))
         return False
 
     def _arm_watchdog(self) -> None:
@@ -568,10 +589,10 @@ class MirrorLayer(Layer):
         """:meth:`_send` then :meth:`_settle`."""
         return await self._settle(self._send(op), start)
 
-    def _orphan_done(self, task: asyncio.Task[None]) -> None:
+    def _orphan_done(self, task: asyncio.Task[None], call: _Call) -> None:
         self._orphans.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("a timed-out secondary request failed: %s", task.exception())
+        if call.error is not None:
+            log.debug("a timed-out secondary request failed: %s", call.error)
 
     def _degrade(self, reason: str, mark_unflushed: bool = True, recover: bool = True) -> None:
         state = self.state
