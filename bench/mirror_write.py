@@ -4,6 +4,7 @@ secondary image.
 
     .venv/bin/python bench/mirror_write.py [--reps 5] [--runtime 5] [--size-mib 1024]
                                            [--secondary qemu-nbd|tapdisk] [--direct]
+                                           [--before SRC]
 
 fio (``--ioengine=nbd``, one job, ``--iodepth=32``, ``--rw=randwrite --bs=4k``) writes
 through the VBD's NBD socket for ``--runtime`` seconds. Configurations, run in turn in
@@ -15,7 +16,11 @@ each repetition (so that noise from other load on the machine spreads over all o
   writes pays (the mirror's baseline);
 - ``mirror``: ``tap-ctl create -a aio:IMG -2 nbd:SOCKET``, the secondary a sparse raw
   file served on a Unix socket by ``qemu-nbd`` (``--secondary qemu-nbd``, the default)
-  or by a second tapdisk's NBD export (``--secondary tapdisk``).
+  or by a second tapdisk's NBD export (``--secondary tapdisk``);
+- ``before`` (with ``--before SRC``): ``mirror`` again, with tap-ctl and the tapdisks
+  importing the ``blktap`` package from ``SRC`` (``PYTHONPATH``; e.g. ``git archive
+  COMMIT src | tar -x -C /tmp/old``, then ``--before /tmp/old/src``), in a run
+  directory of its own (its own fork server): an older version measured in the same run.
 
 Each run gets fresh sparse images and its own tapdisks. Prints every run, then the
 median IOPS, mean completion latency, and CPU time per write of the VBD's tapdisk (user +
@@ -151,6 +156,8 @@ def main() -> int:
     p.add_argument("--secondary", choices=("qemu-nbd", "tapdisk"), default="qemu-nbd")
     p.add_argument("--direct", action="store_true", help="open the images with O_DIRECT")
     p.add_argument("--dir", default=None, help="where images go (default: a temp dir)")
+    p.add_argument("--before", metavar="SRC", help="also mirror with blktap from SRC "
+                   "(a directory holding the blktap package)")
     ns = p.parse_args()
     for tool in ("fio", "qemu-nbd"):
         if shutil.which(tool) is None:
@@ -158,19 +165,28 @@ def main() -> int:
             return 1
     configs: list[tuple[str, str | None]] = [("plain", None), ("slow", "slow"),
                                              ("mirror", ns.secondary)]
+    if ns.before:
+        configs.append(("before", ns.secondary))
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in configs}
     with tempfile.TemporaryDirectory(prefix="mirror-bench-", dir=ns.dir) as tmp:
         work = Path(tmp)
         run_dir = Path(tempfile.mkdtemp(prefix="mb-", dir="/tmp"))  # short socket paths
         env = dict(os.environ, BLKTAP_RUN_DIR=str(run_dir),
                    BLKTAP_DEV_DIR=str(run_dir / "dev"), BLKTAP_BLOCKDEV="off")
+        old_dir = run_dir / "before"
+        old_dir.mkdir()
+        old_env = dict(env, BLKTAP_RUN_DIR=str(old_dir), BLKTAP_DEV_DIR=str(old_dir / "dev"),
+                       PYTHONPATH=os.path.abspath(ns.before or "."))
         try:
             print(f"# aio, {ns.size_mib} MiB, {'O_DIRECT' if ns.direct else 'no O_DIRECT'}, "
                   f"4 KiB random writes, QD32, {ns.runtime} s x {ns.reps} reps, secondary "
-                  f"{ns.secondary}; cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
+                  f"{ns.secondary}{', before: ' + ns.before if ns.before else ''}; cpus "
+                  f"{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; "
+                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
             for rep in range(ns.reps):
                 for name, secondary in configs:
-                    r = one_run(work, env, ns.size_mib, secondary, ns.runtime, ns.direct)
+                    r = one_run(work, old_env if name == "before" else env, ns.size_mib,
+                                secondary, ns.runtime, ns.direct)
                     results[name].append(r)
                     print(f"rep {rep + 1} {name:>7}: {r['iops']:9.0f} IOPS  clat "
                           f"{r['clat_us']:8.1f} us  tapdisk CPU {r['cpu_us']:6.1f} us/write"
