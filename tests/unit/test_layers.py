@@ -9,7 +9,13 @@ from typing import ClassVar
 
 import pytest
 
-from blktap.block.capabilities import ALL_ROUTES, NO_ROUTES, Capabilities, Routes
+from blktap.block.capabilities import (
+    ALL_ROUTES,
+    NO_ROUTES,
+    Capabilities,
+    Routes,
+    WriteObserver,
+)
 from blktap.block.chain import Chain, StatusExtent
 from blktap.block.driver import OpenOptions, opener_for
 from blktap.block.layer import Layer, Stack, open_stack, register, split_layers
@@ -140,6 +146,27 @@ def test_capabilities_only_narrow() -> None:
         caps.narrow(fast_zero=True)
     with pytest.raises(TypeError):
         caps.narrow(nosuch=False)
+
+
+def test_write_observers_keep_the_routes_compose_and_stay() -> None:
+    def observer(marks: list[tuple[int, int]]) -> WriteObserver:
+        async def sync() -> None:
+            pass
+
+        return WriteObserver(lambda offset, length: marks.append((offset, length)),
+                             lambda: None, sync)
+
+    caps = Capabilities(reads=ALL_ROUTES, writes=ALL_ROUTES)
+    first, second = observer([]), observer([])
+    watched = caps.observe_writes(first).observe_writes(second)
+    assert watched.writes == ALL_ROUTES and watched.reads == ALL_ROUTES
+    assert watched.observers == (first, second)  # bottom layer's first
+    # An observer, once there, stays: a layer above may add, never drop nor replace.
+    with pytest.raises(ValueError):
+        watched.narrow(observers=())
+    with pytest.raises(ValueError):
+        watched.narrow(observers=(second, first))
+    assert watched.must_see_writes().observers == (first, second)
 
 
 def test_pass_through_keeps_the_fast_routes_and_a_watcher_narrows_writes(raw: str) -> None:
