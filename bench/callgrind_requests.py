@@ -7,10 +7,17 @@ batches of 32 requests of 4 KiB at random aligned offsets fed to ``buffer_update
 at once, each batch answered before the next (the event loop runs for O_DIRECT's AIO
 completions). The image is a raw file of 64 MiB on the disk the repository is on.
 
-    bench/callgrind_requests.py [--direct] [--prefix null:] read|write
+    bench/callgrind_requests.py [--direct] [--prefix null:] [--vhd] [--batch N] read|write
 
 runs the workload twice under ``valgrind --tool=callgrind`` (few and many batches) and
 prints the difference of the two totals per request: start-up and teardown cancel out.
+``--vhd`` serves the same bytes as a fully allocated dynamic VHD (bench/vhd_make.py)
+instead of the raw file; ``--batch 1`` sends one request at a time (queue depth 1,
+through the event loop: this harness has no socket, so no read lane).
+``--socket`` serves a real NBD socket instead, to a client in another process (not
+counted) that sends each batch and waits for its replies: with ``--batch 1`` that is
+queue depth 1 as fio's, served by the connection's read lane (nbd_lane) where the VBD
+allows it, so the count covers the lane's thread too.
 ``--run N`` runs N batches without valgrind (what the two measured runs do).
 """
 
@@ -76,7 +83,7 @@ def _handshake() -> bytes:
     return struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 1, 0)
 
 
-async def _run(spec: str, direct: bool, write: bool, batches: int) -> None:
+async def _run(spec: str, direct: bool, write: bool, batches: int, batch: int) -> None:
     from blktap.block.driver import OpenOptions
     from blktap.frontends.nbd_server import NbdServer, _Connection
     from blktap.vbd import VBD, ImageSpec
@@ -100,9 +107,9 @@ async def _run(spec: str, direct: bool, write: bool, batches: int) -> None:
     command = 1 if write else 0
     for n in range(batches):
         parts = []
-        for i in range(BATCH):
+        for i in range(batch):
             offset = rng.randrange(IMAGE_SIZE // LENGTH) * LENGTH
-            parts.append(header.pack(0x25609513, 0, command, n * BATCH + i, offset, LENGTH))
+            parts.append(header.pack(0x25609513, 0, command, n * batch + i, offset, LENGTH))
             if write:
                 parts.append(payload)
         feed(b"".join(parts))
@@ -110,9 +117,72 @@ async def _run(spec: str, direct: bool, write: bool, batches: int) -> None:
             # Long enough for a batch's AIO completions (the loop serves them meanwhile):
             # one look per batch, so that the disk's pace does not change the count.
             await asyncio.sleep(0.005)
-    assert conn.requests == batches * BATCH and not conn.errors, (conn.requests, conn.errors)
+    assert conn.requests == batches * batch and not conn.errors, (conn.requests, conn.errors)
     conn.connection_lost(None)
     await vbd.close()
+
+
+async def _run_socket(spec: str, direct: bool, write: bool, batches: int, batch: int) -> None:
+    from blktap.block.driver import OpenOptions
+    from blktap.frontends.nbd_server import NbdServer
+    from blktap.vbd import VBD, ImageSpec
+
+    vbd = VBD(0)
+    await vbd.open(ImageSpec.parse(spec), OpenOptions(direct=direct))
+    with tempfile.TemporaryDirectory(prefix="cgr-", dir="/tmp") as tmp:
+        sock = os.path.join(tmp, "nbd.sock")
+        server = NbdServer(vbd, sock)
+        await server.start()
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.abspath(__file__), "--client", sock, "--run", str(batches),
+            "--batch", str(batch), "write" if write else "read")
+        status = await client.wait()
+        # Which route served them: lane_reads are the read lane's (stderr, for a look).
+        print(server.statistics(), file=sys.stderr)
+        await server.stop(timeout=5.0)
+    await vbd.close()
+    assert status == 0, f"the client exited {status}"
+
+
+def _client(sock_path: str, write: bool, batches: int, batch: int) -> None:
+    """The NBD client of ``--socket``: handshake, then each batch sent at once and all its
+    replies read before the next."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(sock_path)
+
+    def recv(n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            chunk = sock.recv(n - len(out))
+            if not chunk:
+                raise EOFError("the server closed the connection")
+            out += chunk
+        return bytes(out)
+
+    recv(18)  # NBDMAGIC, IHAVEOPT, handshake flags
+    sock.sendall(_handshake())
+    recv(10)  # size and transmission flags (NO_ZEROES: nothing after them)
+    rng = random.Random(1)
+    header = struct.Struct(">IHHQQI")
+    payload = bytes(range(256)) * (LENGTH // 256)
+    command = 1 if write else 0
+    for n in range(batches):
+        parts = []
+        for i in range(batch):
+            offset = rng.randrange(IMAGE_SIZE // LENGTH) * LENGTH
+            parts.append(header.pack(0x25609513, 0, command, n * batch + i, offset, LENGTH))
+            if write:
+                parts.append(payload)
+        sock.sendall(b"".join(parts))
+        for _ in range(batch):
+            magic, error, _cookie = struct.unpack(">IIQ", recv(16))
+            assert magic == 0x67446698 and not error, (magic, error)
+            if not write:
+                recv(LENGTH)
+    sock.sendall(header.pack(0x25609513, 0, 2, 0, 0, 0))  # NBD_CMD_DISC
+    sock.close()
 
 
 def _measure(args: argparse.Namespace) -> None:
@@ -121,11 +191,20 @@ def _measure(args: argparse.Namespace) -> None:
         image = os.path.join(tmp, "image.raw")
         with open(image, "wb") as f:
             f.write(os.urandom(IMAGE_SIZE))  # written, not sparse: reads hit the page cache
-        for batches in (FEW, MANY):
+        spec = f"{args.prefix}aio:{image}"
+        if args.vhd:
+            vhd = os.path.join(tmp, "image.vhd")
+            subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "vhd_make.py"),
+                            image, vhd], check=True, stdout=subprocess.DEVNULL)
+            spec = f"{args.prefix}vhd:{vhd}"
+        # The same number of requests whatever the batch size.
+        for batches in (FEW * BATCH // args.batch, MANY * BATCH // args.batch):
             out = os.path.join(tmp, "callgrind.out")
             cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                    sys.executable, os.path.abspath(__file__), "--run", str(batches),
-                   "--image", f"{args.prefix}aio:{image}", args.op]
+                   "--image", spec, "--batch", str(args.batch), args.op]
+            if args.socket:
+                cmd.append("--socket")
             if args.direct:
                 cmd.append("--direct")
             # A fixed hash seed: the same dict layouts, hence the same counts, every run.
@@ -135,9 +214,12 @@ def _measure(args: argparse.Namespace) -> None:
                 match = re.search(r"^(?:summary|totals): (\d+)", f.read(), re.M)
             assert match, "no totals in callgrind's output"
             totals.append(int(match.group(1)))
-    per = (totals[1] - totals[0]) / ((MANY - FEW) * BATCH)
+    per = (totals[1] - totals[0]) / ((MANY - FEW) * BATCH // args.batch * args.batch)
     mode = "O_DIRECT" if args.direct else "buffered"
-    print(f"{args.prefix}aio {mode} 4 KiB {args.op}: {per:.0f} instructions per request")
+    kind = "vhd" if args.vhd else "aio"
+    via = "socket" if args.socket else "no socket"
+    print(f"{args.prefix}{kind} {mode} 4 KiB {args.op}, {args.batch} per batch, {via}: "
+          f"{per:.0f} instructions per request")
 
 
 def main() -> int:
@@ -146,14 +228,24 @@ def main() -> int:
     ap.add_argument("op", choices=("read", "write"))
     ap.add_argument("--direct", action="store_true", help="open the image with O_DIRECT")
     ap.add_argument("--prefix", default="", help="layers before aio:, e.g. null:")
+    ap.add_argument("--vhd", action="store_true",
+                    help="serve a fully allocated dynamic VHD of the same bytes")
+    ap.add_argument("--batch", type=int, default=BATCH, metavar="N",
+                    help=f"requests per batch (default {BATCH}; 1: queue depth 1)")
+    ap.add_argument("--socket", action="store_true",
+                    help="serve a Unix socket to a client process (read lanes included)")
+    ap.add_argument("--client", metavar="SOCKET", help=argparse.SUPPRESS)
     ap.add_argument("--run", type=int, metavar="N", help="run N batches (no valgrind)")
     ap.add_argument("--image", help="with --run: the TYPE:PATH to open")
     args = ap.parse_args()
-    if args.run is not None:
+    if args.client is not None:
+        _client(args.client, args.op == "write", args.run, args.batch)
+    elif args.run is not None:
         import uvloop  # the daemon's loop
 
         uvloop.install()
-        asyncio.run(_run(args.image, args.direct, args.op == "write", args.run))
+        run = _run_socket if args.socket else _run
+        asyncio.run(run(args.image, args.direct, args.op == "write", args.run, args.batch))
     else:
         _measure(args)
     return 0

@@ -9,6 +9,8 @@
 # Columns: vhd  = our tapdisk, vhd:$VHD (a fully allocated dynamic VHD, see bench/vhd_make.py)
 #          raw  = our tapdisk, aio:$RAW (the same bytes as a raw file)
 #          qemu-vpc = qemu-nbd -t -f vpc $VHD
+#          vhd-before = (with BEFORE=DIR, e.g. a git worktree of an older commit) our
+#                 tapdisk from DIR's sources, vhd:$VHD, to compare a change in one run
 # Ratios are against the vhd column. Extra arguments go to nbd-compare
 # (e.g. --repeat 3 --runtime 5 --workloads randread-4k-qd32).
 # Images: $BENCH_RAW (default /var/tmp/blktap-vhd-bench.raw) and $BENCH_VHD (default
@@ -32,6 +34,11 @@ if [ ! -f "$vhd" ]; then
     "$py" "$root/bench/vhd_make.py" "$raw" "$vhd"
 fi
 q=$(printf %q "$vhd")
+before=()
+if [ -n "${BEFORE:-}" ]; then
+    b=$(printf %q "$BEFORE")
+    before=("vhd-before::env PYTHONPATH=$b/src $py $b/bench/serve_tapdisk.py")
+fi
 
 # Put both files in the page cache in the same state: dropped, then read back 4 KiB at a
 # time with readahead off. (Read with readahead, e.g. by cat, the page cache holds large
@@ -58,6 +65,7 @@ buffered)
     warm "$raw" "$vhd"
     exec "$compare" "$@" "$raw" \
         "vhd::$py $root/bench/serve_tapdisk.py --no-direct --socket {socket} vhd:$q" \
+        ${before:+"${before[0]} --no-direct --socket {socket} vhd:$q"} \
         "raw::$py $root/bench/serve_tapdisk.py --no-direct --socket {socket} aio:{image}" \
         "qemu-vpc::qemu-nbd -t -f vpc -k {socket} $q"
     ;;
@@ -65,6 +73,7 @@ direct)
     warm "$raw" "$vhd"  # the same state as buffered (O_DIRECT I/O bypasses it anyway)
     exec "$compare" "$@" "$raw" \
         "vhd::$py $root/bench/serve_tapdisk.py --socket {socket} vhd:$q" \
+        ${before:+"${before[0]} --socket {socket} vhd:$q"} \
         "raw::$py $root/bench/serve_tapdisk.py --socket {socket} aio:{image}" \
         "qemu-vpc::qemu-nbd -t -f vpc --cache=none --aio=native -k {socket} $q"
     ;;
