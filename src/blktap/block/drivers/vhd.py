@@ -33,6 +33,12 @@ Data I/O honours :attr:`OpenOptions.direct` (the C tapdisk's default, O_DIRECT):
 
 Every data transfer goes through :meth:`VhdImage._preadv`/``_pwritev`` except the hot
 paths (a request inside one block that holds all of it), which inline the same choice.
+
+Fast reads (``read_now``/``read_blocking``, see :meth:`VhdImage.fast_io`): a read inside
+one block whose sectors this file all holds is translated to its file offset in memory
+and read there at once, by the event loop (``VBD.read_now``) or by an NBD connection's
+read lane (``ThreadIO``); anything else is declined and takes the chain. The queue
+depth 1 reads of a fully allocated VHD then cost what a raw image's do.
 """
 
 from __future__ import annotations
