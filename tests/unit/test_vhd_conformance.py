@@ -3,7 +3,8 @@
 tests/conformance.py already lists a dynamic and a fixed VHD; this module runs the whole
 shared suite (tests/unit/test_driver_conformance.py) on more kinds of VHD: dynamic disks
 with 2 MiB and 64 KiB blocks filled piecemeal out of order (partial bitmaps), and a
-dynamic disk written by qemu-img. Differencing chains, which a single-image suite cannot
+dynamic disk written by qemu-img, and a dynamic and a fixed one opened O_DIRECT (the
+aio engine). Differencing chains, which a single-image suite cannot
 express, are checked through :class:`Chain` at the end.
 """
 
@@ -35,6 +36,7 @@ from tests.unit.test_driver_conformance import (  # the shared suite, run on mor
     test_open_reports_size_and_reads_initial_contents,
     test_read_after_write_at_many_offsets,
     test_read_only_open_refuses_writes_and_changes_nothing,
+    test_synchronous_forms_match_the_model,
     test_unaligned_and_read_only_buffers,
     test_write_zeroes,
 )
@@ -51,6 +53,7 @@ __all__ = [
     "test_open_reports_size_and_reads_initial_contents",
     "test_read_after_write_at_many_offsets",
     "test_read_only_open_refuses_writes_and_changes_nothing",
+    "test_synchronous_forms_match_the_model",
     "test_unaligned_and_read_only_buffers",
     "test_write_zeroes",
 ]
@@ -121,6 +124,9 @@ CASES = [
     DriverCase("vhd-dynamic-2m", "vhd", dynamic_vhd(2 << 20), direct=False),
     DriverCase("vhd-dynamic-64k", "vhd", dynamic_vhd(64 << 10), direct=False),
     DriverCase("vhd-dynamic-qemu", "vhd", qemu_dynamic_vhd, direct=False),
+    # O_DIRECT: data through the aio engine, fast reads through its read_now.
+    DriverCase("vhd-dynamic-64k-direct", "vhd", dynamic_vhd(64 << 10)),
+    DriverCase("vhd-fixed-direct", "vhd", fixed_vhd),
 ]
 
 
