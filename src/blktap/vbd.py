@@ -18,6 +18,7 @@ import asyncio
 import enum
 import errno
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,18 +85,18 @@ class SyncFile:
     """A VBD's one image as a descriptor on which its caller serves requests itself, at
     once: any request with ``offset`` and ``length`` multiples of 512 and
     ``offset + length <= size`` is one ``os.preadv`` (``os.pwritev``, with RWF_DSYNC
-    for FUA, when ``writable``) of ``fd`` at ``offset``. See :meth:`VBD.sync_file`.
-
-    ``observe``, when not None, must be called before each write is issued:
-    ``observe(offset, length, fua)`` tells the stack's write observers (a changed-block
-    log) of it and returns True, or returns False having done nothing when the write
-    must go through the VBD's methods instead (a FUA write: the observers' sync must
-    not block the event loop)."""
+    for FUA, when ``writable`` and ``fua``) of ``fd`` at ``offset``, where a write calls
+    ``pwritev`` instead of ``os.pwritev``. See :meth:`VBD.sync_file`."""
 
     fd: int
     size: int
     writable: bool
-    observe: Callable[[int, int, bool], bool] | None = None
+    pwritev: Callable[[int, Sequence[memoryview], int, int], int] = os.pwritev
+    """``os.pwritev``, or when the stack has write observers (a changed-block log) a
+    function with its arguments and result that calls them before it writes."""
+    fua: bool = True
+    """FUA writes may be served here; False with write observers (their sync would block
+    the event loop): the caller sends FUA writes through :meth:`VBD.write`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,10 +559,8 @@ class VBD:
             image.write if writes.direct else None)
         write_now = fast.write_now if writes.sync else None
         write_blocking = fast.write_blocking if writes.thread else None
-        observe = None
-        if caps.observers and writes.any:
-            observed = _Observed(caps.observers)
-            observe = observed.in_loop
+        observed = _Observed(caps.observers) if caps.observers and writes.any else None
+        if observed is not None:
             if write_direct is not None:
                 write_direct = observed.direct(write_direct)
             if write_now is not None:
@@ -572,8 +571,9 @@ class VBD:
         if reads.lent_fd and fast.sync_fd is not None:
             fd = fast.sync_fd()
             if fd is not None:
-                sync = SyncFile(fd, self._size, writes.lent_fd,
-                                observe if writes.lent_fd else None)
+                sync = SyncFile(fd, self._size, writes.lent_fd)
+                if observed is not None and writes.lent_fd:
+                    sync = SyncFile(fd, self._size, True, observed.pwritev(), fua=False)
         self._ready = Admission(
             read_limit=self._size if reads.any else -1,
             write_limit=self._size if writes.any else -1,
@@ -877,32 +877,41 @@ class _Observed:
     """The fast write routes of a stack with write observers (a changed-block log):
     each calls every observer's ``mark`` before it issues a write, and makes the marks
     durable before a FUA write (its bits durable no later than its data). The event
-    loop's synchronous routes (``write_now``, the lent descriptor) decline FUA writes,
-    so that no sync blocks the loop: the direct route or the stack serves them."""
+    loop's synchronous routes (``write_now``, the lent descriptor: SyncFile.fua False)
+    decline FUA writes, so that no sync blocks the loop: the direct route or the stack
+    serves them."""
 
     __slots__ = ("_observers",)
 
     def __init__(self, observers: tuple[WriteObserver, ...]) -> None:
         self._observers = observers
 
-    def in_loop(self, offset: int, length: int, fua: bool) -> bool:
-        """Before a write on a synchronous route of the event loop: mark, or False for
-        FUA (nothing done: the caller sends the write through :meth:`VBD.write`)."""
-        if fua:
-            return False
-        if length:
-            for observer in self._observers:
-                observer.mark(offset, length)
-        return True
-
     def sync(self, now: Callable[[int, memoryview, bool], bool]
              ) -> Callable[[int, memoryview, bool], bool]:
-        in_loop = self.in_loop
+        observers = self._observers
 
         def write_now(offset: int, data: memoryview, fua: bool) -> bool:
-            return in_loop(offset, len(data), fua) and now(offset, data, fua)
+            if fua:
+                return False  # (nothing done: VBD.write serves it)
+            if len(data):
+                for observer in observers:
+                    observer.mark(offset, len(data))
+            return now(offset, data, fua)
 
         return write_now
+
+    def pwritev(self) -> Callable[[int, Sequence[memoryview], int, int], int]:
+        observers = self._observers
+
+        def pwritev(fd: int, buffers: Sequence[memoryview], offset: int, flags: int = 0
+                    ) -> int:
+            length = sum(map(len, buffers))  # (byte buffers)
+            if length:
+                for observer in observers:
+                    observer.mark(offset, length)
+            return os.pwritev(fd, buffers, offset, flags)
+
+        return pwritev
 
     def thread(self, blocking: Callable[[int, memoryview, bool], bool]
                ) -> Callable[[int, memoryview, bool], bool]:

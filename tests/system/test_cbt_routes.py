@@ -145,7 +145,8 @@ def test_small_writes_served_inline_mark_their_blocks(
         workdir: str, serve: Callable[..., ServedImage]) -> None:
     with served_with_log(workdir, serve, direct=False) as (s, layer, log, c, routes):
         adm = s.vbd.admission
-        assert adm is not None and adm.sync is not None and adm.sync.observe is not None
+        assert adm is not None and adm.sync is not None
+        assert adm.sync.pwritev is not os.pwritev and not adm.sync.fua
         send_writes(c, SMALL)
         stats = s.run(s.server.statistics)
         assert stats.writes == len(SMALL) and stats.lane_writes == 0
@@ -226,7 +227,7 @@ def test_routes_and_observers_follow_the_log_slot_at_each_resume(tmp_path: Path)
             adm = vbd.admission
             assert adm is not None and adm.sync is not None
             assert adm.write_now is not None and adm.write_now is not chain.fast.write_now
-            assert adm.write_blocking is not None and adm.sync.observe is not None
+            assert adm.write_blocking is not None and adm.sync.pwritev is not os.pwritev
             assert adm.write_direct is not None
             assert vbd.capabilities.writes == NO_ROUTES
             assert vbd.thread_io_possible(write=True)
@@ -253,7 +254,8 @@ def test_routes_and_observers_follow_the_log_slot_at_each_resume(tmp_path: Path)
             chain = vbd.chain
             assert chain is not None
             adm = vbd.admission
-            assert adm is not None and adm.sync is not None and adm.sync.observe is None
+            assert adm is not None and adm.sync is not None
+            assert adm.sync.pwritev is os.pwritev and adm.sync.fua
             assert adm.write_now is chain.fast.write_now
             assert adm.write_blocking is chain.fast.write_blocking
             assert vbd.capabilities.writes.direct and vbd.capabilities.observers == ()

@@ -6,10 +6,10 @@ connection serves READs and WRITEs under SYNC_WRITE_MAX itself, one ``preadv`` o
 ``pwritev`` each, straight from the receive buffer, without a call per request through
 the codec, dispatch, the VBD and the driver: with 4 KiB requests, many per read, those
 calls cost more than the system call (docs/performance.md). Everything else goes to the
-codec. Before each write it calls the SyncFile's ``observe`` when there is one (the
-stack's write observers: a changed-block log marks its bitmap), which declines FUA
-writes. The descriptor is the image's, not the socket's: this route needs no raw socket
-and stays on under TLS.
+codec. Writes go through the SyncFile's ``pwritev``: with write observers (a
+changed-block log) one that tells them first, and FUA writes are left to the VBD. The
+descriptor is the image's, not the socket's: this route needs no raw socket and stays on
+under TLS.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ _REQ_SIZE = REQUEST.size
 _SECTOR_MASK = SECTOR_SIZE - 1
 _RWF_DSYNC = os.RWF_DSYNC
 _preadv = os.preadv
-_pwritev = os.pwritev
 _unpack_request = REQUEST.unpack_from
 _READ = int(Command.READ)  # the command as unpacked
 _WRITE = int(Command.WRITE)
@@ -55,13 +54,13 @@ class InlineServing(ConnectionBase):
         the system call's share (tests/unit/test_fast_route_rules.py pins the copies).
         """
         fd = sync.fd
-        observe = sync.observe  # the stack's write observers (a changed-block log), if any
+        pwritev = sync.pwritev  # os.pwritev, or one telling write observers first
         read_limit = adm.read_limit
         write_limit = adm.write_limit if sync.writable else -1
         check = codec.header_check
         allowed = check.allowed  # (HeaderCheck.flags without a call per batch)
         read_flags = allowed.get(_READ, 0)
-        write_flags = allowed.get(_WRITE, 0)
+        write_flags = allowed.get(_WRITE, 0) if sync.fua else 0  # else FUA to the VBD
         free = self._free
         out = self._out  # both replaced by each flush
         sending = self._sending
@@ -111,11 +110,9 @@ class InlineServing(ConnectionBase):
                         if _REQ_SIZE + length > CARRY_MAX:
                             return pos  # the codec takes it, its payload to come
                         break
-                    if observe is not None and not observe(offset, length, flags):
-                        return pos  # (FUA: the VBD syncs the observers off the loop)
                     try:
-                        done = _pwritev(fd, (data[start : start + length],), offset,
-                                        _RWF_DSYNC if flags else 0) == length
+                        done = pwritev(fd, (data[start : start + length],), offset,
+                                       _RWF_DSYNC if flags else 0) == length
                     except OSError:
                         done = False
                     if not done:
