@@ -423,14 +423,19 @@ def _capabilities(leaf: Image, fast: FastIO, alone: bool) -> Capabilities:
     lookup, so the VBD may send it to the leaf itself), each where the leaf offers it;
     and, in any chain, the synchronous and blocking reads of a leaf whose ones serve
     only what it holds (``FastIO.reads_held_only``, vhd): they decline the rest, which
-    then takes the chain. (The owner cache stays right: those reads change nothing.)
+    then takes the chain; and the leaf's read coroutine for a lone leaf whose read serves
+    any range (``FastIO.reads_any_range``, a dynamic vhd). (The owner cache stays right:
+    reads change nothing.)
     A single VBD serves all its connections, so a flush covers every connection's writes
     (multi-conn)."""
     writable = not leaf.read_only
     one = alone and leaf.fully_allocated
     lend = one and fast.sync_fd is not None
     held = one or fast.reads_held_only
-    reads = Routes(direct=one, sync=held and fast.read_now is not None,
+    # A lone leaf that reads its holes as zeros: its read is the chain's (reads change
+    # nothing the chain caches; writes keep the chain, which drops the owner cache).
+    whole = one or (alone and fast.reads_any_range)
+    reads = Routes(direct=whole, sync=held and fast.read_now is not None,
                    thread=held and fast.read_blocking is not None, lent_fd=lend)
     w = one and writable
     writes = Routes(direct=w, sync=w and fast.write_now is not None,

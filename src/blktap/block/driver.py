@@ -101,6 +101,11 @@ class FastIO:
     (:meth:`Image.allocation`) and decline every other: what they serve is then the
     chain's answer even when the image has parents or holes, so the chain allows them
     (Routes.sync/thread) for a leaf that does not hold every byte (vhd)."""
+    reads_any_range: bool = False
+    """:meth:`Image.read` serves any range, reading what this image does not hold as
+    zeros: at the root of a chain (no parent) that is the chain's answer, so the chain
+    lets the VBD call it directly (Routes.direct for reads) for a lone leaf that does not
+    hold every byte (a dynamic vhd)."""
     zero_is_fast: bool = False
     """:meth:`Image.write_zeroes` is much cheaper than writing zeros (NBD FAST_ZERO)."""
 

@@ -174,13 +174,14 @@ class VhdImage:
             now, blocking = engine.read_now, engine.read_blocking
             if not self._sparse:  # a fixed disk's data lies at the same offsets
                 return FastIO(holds=self.holds, read_now=now, read_blocking=blocking,
-                              reads_held_only=True)
+                              reads_held_only=True, reads_any_range=True)
             self._engine_now = now
             self._engine_blocking = blocking
             return FastIO(holds=self.holds, read_now=self._read_now_direct,
-                          read_blocking=self._read_blocking_direct, reads_held_only=True)
+                          read_blocking=self._read_blocking_direct, reads_held_only=True,
+                          reads_any_range=True)
         return FastIO(holds=self.holds, read_now=self._read_held, read_blocking=self._read_held,
-                      reads_held_only=True)
+                      reads_held_only=True, reads_any_range=True)
 
     def _held_offset(self, offset: int, length: int) -> int:
         """The file offset of the virtual range ``[offset, offset + length)`` when it lies
