@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/cbt_log.py [--reps 5] [--runtime 5] [--size-mib 4096]
                                       [--kind aio|vhd] [--direct] [--flush-every 32]
-                                      [--before SRC]
+                                      [--before SRC] [--after SRC]
 
 fio (``--ioengine=nbd``, one job, ``--iodepth=32``, ``--rw=randwrite --bs=4k``) writes
 through the VBD's NBD socket for ``--runtime`` seconds. Configurations, run in turn in
@@ -16,7 +16,10 @@ each repetition (so that noise from other load on the machine spreads over all o
 - with ``--before SRC`` (the ``src/`` of an older checkout, e.g. from ``git worktree add
   /tmp/before COMMIT``), ``log (before)`` and ``log+flush (before)``: the log
   configurations run by that tree's tap-ctl and tapdisk (PYTHONPATH=SRC, their own run
-  directory, no fork server), to compare two versions of the layer in one run.
+  directory, no fork server), to compare two versions of the layer in one run;
+  ``--after SRC`` runs the other configurations with the tree at SRC in the same way
+  (default: the installed tree), so that both sides stay fixed while the work tree
+  changes.
 
 Each run gets a fresh sparse image and log and its own tapdisk. Prints every run, then the
 median IOPS, mean completion latency and tapdisk CPU time per write (user + system of
@@ -60,13 +63,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def before_env(work: Path, env: dict[str, str], src: str) -> tuple[str, dict[str, str]]:
+def tree_env(work: Path, env: dict[str, str], name: str, src: str
+             ) -> tuple[str, dict[str, str]]:
     """The tap-ctl program and environment that run the tree at ``src``: the console
     script's plain form (an older tree may lack the tap-ctl server), its own run
     directory, no fork server, PYTHONPATH first (the tapdisks it spawns inherit it)."""
-    run_dir = work / "run-before"
+    run_dir = work / f"run-{name}"
     run_dir.mkdir()
-    script = work / "tap-ctl-before"
+    script = work / f"tap-ctl-{name}"
     script.write_text(f"#!{sys.executable}\nimport sys\nfrom blktap.cli.tap_ctl import main\n"
                       "sys.exit(main())\n")
     script.chmod(0o755)
@@ -131,6 +135,8 @@ def main() -> int:
     p.add_argument("--dir", default=None, help="where images go (default: a temp dir)")
     p.add_argument("--before", metavar="SRC", default=None,
                    help="also run the log configurations with the tree at SRC (its src/)")
+    p.add_argument("--after", metavar="SRC", default=None,
+                   help="run the other configurations with the tree at SRC (its src/)")
     ns = p.parse_args()
     if shutil.which("fio") is None:
         print("fio is not installed", file=sys.stderr)
@@ -152,14 +158,17 @@ def main() -> int:
         env = dict(os.environ, BLKTAP_RUN_DIR=str(run_dir),
                    BLKTAP_DEV_DIR=str(run_dir / "dev"), BLKTAP_BLOCKDEV="off")
         env.pop("PYTHONPATH", None)
-        before = before_env(work, env, ns.before) if ns.before else None
+        before = tree_env(work, env, "before", ns.before) if ns.before else None
+        after = tree_env(work, env, "after", ns.after) if ns.after else (TAP_CTL, env)
         print(f"# {ns.kind}, {ns.size_mib} MiB, {'O_DIRECT' if ns.direct else 'no O_DIRECT'}, "
               f"4 KiB random writes, QD32, {ns.runtime} s x {ns.reps} reps; cpus "
               f"{os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
+        print(f"# trees: after {ns.after or 'installed'}"
+              + (f", before {ns.before}" if ns.before else ""))
         for rep in range(ns.reps):
             for name, log, flush_every in configs:
                 tap_ctl, run_env = (before if before is not None and name.endswith("(before)")
-                                    else (TAP_CTL, env))
+                                    else after)
                 r = one_run(work, run_env, ns.kind, ns.size_mib, log, flush_every,
                             ns.runtime, ns.direct, tap_ctl)
                 results[name].append(r)
