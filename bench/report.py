@@ -619,6 +619,49 @@ def history_table(directory: str, md: str) -> list[str]:
     return _table(["date", "file", "what", "columns"], rows)
 
 
+def studies_section(directory: str, md: str) -> list[str]:
+    """A subsection per nbd-compare JSON of ``directory`` that carries a ``study`` (a
+    side-by-side run of one change or one case, newest first): its title and date, its
+    ``text`` (what was compared, the load), the median of each workload per column with
+    the ratio to nbd-compare's reference column, and its ``measures`` ([label, value]
+    pairs, e.g. instruction counts) as a table."""
+    found = []
+    for path in sorted(Path(directory).glob("*.json")):
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and isinstance(d.get("study"), dict) and "summary" in d:
+            found.append((str(d.get("date", "?")), path, d))
+    out: list[str] = []
+    for date, path, d in sorted(found, key=lambda f: f[0], reverse=True):
+        study = d["study"]
+        names = [s["name"] for s in d.get("servers", [])]
+        ref = d.get("reference") or (names[0] if names else "")
+        out += [f"### {study.get('title', path.stem)} ({date})", ""]
+        out += [*[str(line) for line in study.get("text", [])], ""]
+        out += [f"From [{path.name}]({_rel(str(path), md)}): median of "
+                f"{d.get('repeat', '?')} run(s) of {d.get('runtime_s', '?')} s; in "
+                f"parentheses the ratio to `{ref}`.", ""]
+        rows = []
+        for wl in d.get("workloads", []):
+            unit = workload_unit(wl)
+            key = "iops_median" if unit == "IOPS" else "mibps_median"
+            row = [f"{wl} [{unit}]"]
+            for name in names:
+                cell = d["summary"].get(wl, {}).get(name)
+                value = cell.get(key) if cell else None
+                ratio = cell.get("ratio_to_ref") if cell else None
+                text = "-" if value is None else fmt(value)
+                row.append(text if ratio is None else f"{text} ({ratio:.2f}x)")
+            rows.append(row)
+        out += [*_table(["workload", *names], rows), ""]
+        measures = study.get("measures", [])
+        if measures:
+            out += [*_table(["measure", "value"], [[str(k), str(v)] for k, v in measures]), ""]
+    return out
+
+
 def render(doc: dict[str, Any], json_path: str, md: str, plots: str,
            history: str | None = None) -> None:
     """Write the Markdown report ``md`` and its PNGs in ``plots`` from ``doc``."""
@@ -739,6 +782,12 @@ def render(doc: dict[str, Any], json_path: str, md: str, plots: str,
     if GUIDE.exists():
         out += [GUIDE.read_text().rstrip(), ""]
     if history:
+        studies = studies_section(history, md)
+        if studies:
+            out += ["## Focused comparisons", "",
+                    "Side-by-side runs of one change or one case, made apart from `bench/run` "
+                    "(bench/nbd-compare JSONs in the history directory that carry a "
+                    "`study`), newest first.", "", *studies]
         out += ["## History", "",
                 "Earlier runs, as their JSON files (the numbers of each run, with its "
                 "machine and commands where recorded):", ""]

@@ -130,3 +130,33 @@ def test_compare_flags_what_changed(tmp_path: Path) -> None:
     assert lines["control/create/median"].endswith("better")
     assert lines["raw-buffered/write-1m-qd8/tapdisk"].endswith("+0.0%")
     assert "2 better, 1 worse" in out
+
+
+def test_history_studies_render_as_focused_comparisons(tmp_path: Path) -> None:
+    """An nbd-compare JSON in the history directory that carries a ``study`` gets its own
+    table (medians, ratios to its reference column) and measures; one without stays a
+    history row only."""
+    history = tmp_path / "history"
+    history.mkdir()
+    study = {"date": "2026-12-03T18:00:00+0000", "reference": "new", "repeat": 3,
+             "runtime_s": 10.0, "workloads": ["randread-4k-qd1", "read-1m-qd8"],
+             "servers": [{"name": "new"}, {"name": "old"}],
+             "summary": {"randread-4k-qd1": {"new": {"iops_median": 8000.0, "ratio_to_ref": 1.0},
+                                             "old": {"iops_median": 5000.0,
+                                                     "ratio_to_ref": 0.625}},
+                         "read-1m-qd8": {"new": {"mibps_median": 600.0, "ratio_to_ref": 1.0}}},
+             "study": {"title": "A change", "text": ["Load average 3."],
+                       "measures": [["instructions per request, new", "21,000"]]}}
+    (history / "study.json").write_text(json.dumps(study))
+    plain = dict(study, date="2026-12-02T00:00:00+0000")
+    del plain["study"]
+    (history / "plain.json").write_text(json.dumps(plain))
+    render(tmp_path, synthetic_run(), "--history", str(history))
+    md = (tmp_path / "report.md").read_text()
+    assert md.count("## Focused comparisons") == 1 and md.count("### A change") == 1
+    assert "### A change (2026-12-03T18:00:00+0000)" in md and "Load average 3." in md
+    assert "| randread-4k-qd1 [IOPS] | 8,000 (1.00x) | 5,000 (0.62x) |" in md
+    assert "| read-1m-qd8 [MiB/s] | 600 (1.00x) | - |" in md
+    assert "| instructions per request, new | 21,000 |" in md
+    assert md.index("## Focused comparisons") < md.index("## History")
+    assert "[plain.json]" in md and "[study.json]" in md  # both in the history table
