@@ -131,6 +131,9 @@ class Round:
     sectors_verified: int = 0
     kill_in_allocation: bool = False
     killed_during: str = ""
+    queue_depth: int = 1
+    inflight_at_kill: int = 0
+    """Writes sent and not yet acknowledged when the kill came (--queue-depth)."""
     violations: list[str] = field(default_factory=list)
     invalid: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -156,10 +159,16 @@ class Model:
     def value(self, lba: int) -> bytes:
         return self.known.get(lba, bytes(SECTOR))
 
-    def allowed(self, writes: list[Write], durable: int, run: int, rnd: int
+    def allowed(self, writes: list[Write], durable: int | set[int], run: int, rnd: int
                 ) -> dict[int, tuple[bytes | None, set[bytes]]]:
         """sector -> (the value that must be there if no later write replaced it, every
-        acceptable value), for the sectors this round's writes touched."""
+        acceptable value), for the sectors this round's writes touched. ``durable``: the
+        writes a completed flush covered, as a set of sequence numbers or (one write at
+        a time) the number of the first one not covered. Two writes to one sector are
+        never in flight together, so for a sector sequence order is the order the
+        writes reached the disk."""
+        if isinstance(durable, int):
+            durable = set(range(durable))
         out: dict[int, tuple[bytes | None, set[bytes]]] = {}
         touching: dict[int, list[tuple[int, bytes]]] = {}
         for w in writes:
@@ -170,7 +179,7 @@ class Model:
         for lba, seqs in touching.items():
             durable_idx = -1
             for k, (seq, _) in enumerate(seqs):
-                if seq < durable:
+                if seq in durable:
                     durable_idx = k
             if durable_idx >= 0:
                 must = seqs[durable_idx][1]
@@ -268,8 +277,11 @@ class Harness:
     # ------------------------------------------------------------------ one round
 
     def writer(self, r: Round, frontend: str, pid: int, minor: int, device: str,
-               model: Model, writes: list[Write]) -> int:
-        """Write until the tapdisk is killed; returns how many writes are durable."""
+               model: Model, writes: list[Write]) -> int | set[int]:
+        """Write until the tapdisk is killed; returns the durable writes (see
+        Model.allowed)."""
+        if self.args.queue_depth > 1 and frontend == "nbd":
+            return self.writer_queued(r, pid, minor, model, writes)
         durable = 0
         acked = 0
         delay = self.rng.uniform(0.0, self.args.max_kill_delay)
@@ -393,6 +405,98 @@ class Harness:
         r.writes_durable = durable
         return durable
 
+    def writer_queued(self, r: Round, pid: int, minor: int, model: Model,
+                      writes: list[Write]) -> set[int]:
+        """--queue-depth N through NBD (libnbd's asynchronous commands): up to N writes
+        in flight, never two overlapping; after about one acknowledged write in three a
+        flush is sent, covering the writes acknowledged by then (others stay in flight
+        beside it). Runs until the kill; returns the writes a completed flush covered."""
+        depth = self.args.queue_depth
+        r.queue_depth = depth
+        delay = self.rng.uniform(0.0, self.args.max_kill_delay)
+        r.kill_delay = round(delay, 4)
+        inflight: dict[int, tuple[Write, int, bool]] = {}  # cookie -> write, block, alloc
+        flushes: dict[int, set[int]] = {}  # cookie -> the writes it covers
+        acked: set[int] = set()
+        durable: set[int] = set()
+        snapshot: dict[str, Any] = {}
+
+        def kill() -> None:
+            writing = list(inflight.values())
+            snapshot.update(inflight=len(writing), flush=bool(flushes),
+                            alloc=any(alloc for _, _, alloc in writing))
+            os.kill(pid, signal.SIGKILL)
+
+        def overlaps(offset: int, length: int) -> bool:
+            return any(w.offset < offset + length and offset < w.offset + w.length
+                       for w, _, _ in inflight.values())
+
+        h = nbd.NBD()
+        h.connect_uri(self.uri(pid, minor))
+        timer = threading.Timer(delay, kill)
+        timer.start()
+        blocks = SIZE // BLOCK
+        try:
+            for seq in range(self.args.max_writes):
+                while len(inflight) >= depth:
+                    self._reap(h, r, inflight, flushes, acked, durable, model)
+                pages = self.rng.randint(1, 4)
+                length = pages * PAGE
+                for _ in range(20):
+                    fresh = [b for b in range(blocks) if b not in model.allocated]
+                    block = (self.rng.choice(fresh) if fresh and self.rng.random() < 0.05
+                             else self.rng.randrange(blocks))
+                    offset = block * BLOCK + self.rng.randrange(BLOCK // PAGE - pages + 1) \
+                        * PAGE
+                    if not overlaps(offset, length):
+                        break
+                else:
+                    self._reap(h, r, inflight, flushes, acked, durable, model)
+                    continue
+                w = Write(seq, offset, length)
+                writes.append(w)
+                r.writes_issued += 1
+                data = pattern(self.run, len(self.rounds), seq, offset, length)
+                cookie = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), offset)
+                inflight[cookie] = (w, block, block not in model.allocated)
+                if self.rng.random() < 0.33 and acked:
+                    flushes[h.aio_flush()] = set(acked)
+                # Send what is queued, take what completed, without waiting.
+                h.poll(0)
+                self._reap(h, r, inflight, flushes, acked, durable, model, wait=False)
+            raise HarnessError("the writer ran out of writes before the kill; "
+                               "raise --max-writes or lower --max-kill-delay")
+        except (nbd.Error, OSError):
+            pass  # the kill
+        finally:
+            timer.join()
+            h = None
+        r.inflight_at_kill = int(snapshot.get("inflight", 0))
+        r.killed_during = ("write" if r.inflight_at_kill else
+                           "flush" if snapshot.get("flush") else "idle")
+        r.kill_in_allocation = bool(snapshot.get("alloc"))
+        r.writes_durable = len(durable)
+        return durable
+
+    def _reap(self, h: Any, r: Round, inflight: dict[int, tuple[Write, int, bool]],
+              flushes: dict[int, set[int]], acked: set[int], durable: set[int],
+              model: Model, wait: bool = True) -> None:
+        """Take the completed commands (waiting for one first when ``wait``); raises
+        nbd.Error once the connection is gone."""
+        if wait:
+            h.poll(-1)
+        for cookie in list(inflight):
+            if h.aio_command_completed(cookie):
+                w, block, _ = inflight.pop(cookie)
+                w.acked = True
+                acked.add(w.seq)
+                r.writes_acked += 1
+                model.allocated.add(block)
+        for cookie in list(flushes):
+            if h.aio_command_completed(cookie):
+                durable |= flushes.pop(cookie)
+                r.flushes_completed += 1
+
     def group(self, kind: str, frontend: str, rounds: int, gi: int) -> None:
         name = f"{kind}-{frontend}-{gi}"
         base = os.path.join(self.work, name)
@@ -477,6 +581,11 @@ class Harness:
         # first half is mostly the interpreter starting); sometimes a little after.
         took = self.tool_seconds[tool]
         delay = self.rng.uniform(0.5 * took, 1.1 * took)
+        saved = ""
+        if self.args.keep_failures:
+            # The image as the tool found it: what reproduces a finding.
+            saved = os.path.join(self.work, f"{name}-{tool}-before.vhd")
+            shutil.copyfile(path, saved)
         r.kill_delay = round(delay, 4)
         t0 = time.monotonic()
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -531,6 +640,15 @@ class Harness:
         r.seconds = round(time.monotonic() - start, 3)
         self.rounds.append(r)
         self.report(r)
+        if saved:
+            if r.violations or r.invalid:
+                keep = os.path.join(self.args.keep_failures, f"{name}-{tool}-r{r.index}")
+                os.makedirs(keep, exist_ok=True)
+                for src in (saved, path, parent):
+                    if src:
+                        shutil.copyfile(src, os.path.join(keep, os.path.basename(src)))
+                print(f"     kept the images of round {r.index} in {keep}", flush=True)
+            os.unlink(saved)
 
     def report(self, r: Round) -> None:
         if self.args.quiet:
@@ -617,8 +735,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-kill-delay", type=float, default=0.25,
                    help="the kill comes 0..this many seconds into the writes")
     p.add_argument("--max-writes", type=int, default=100000)
+    p.add_argument("--queue-depth", type=int, default=1,
+                   help="writes in flight at once through NBD (libnbd aio; the blockdev "
+                        "frontend stays at one): the kill then lands with several sent "
+                        "and not acknowledged")
     p.add_argument("--json", help="write the summary and rounds here")
     p.add_argument("--dir", help="where images go (default: a temporary directory)")
+    p.add_argument("--keep-failures", metavar="DIR",
+                   help="copy the image (as the killed vhd-util found it, and after) of a "
+                        "resize/coalesce round with a finding into DIR")
     p.add_argument("--max-harness-errors", type=int, default=10,
                    help="end the run after more harness failures than this (each is "
                         "noted and its group skipped; default 10)")

@@ -71,16 +71,23 @@ def env_without_run_dir() -> dict[str, str]:
 
 
 def step_crash(args: argparse.Namespace, out: Path) -> None:
+    """bench/crash.py into DIR/crash.json; with --queue-depth N > 1, NBD rounds with N
+    writes in flight into DIR/crash-qdN.json (a section of its own)."""
     before = host()
+    depth = args.queue_depth
+    name = (f"crash-qd{depth}.json" if depth > 1 else
+            f"crash-part{args.part}.json" if args.part else "crash.json")
+    extra = ["--queue-depth", str(depth), "--frontends", "nbd"] if depth > 1 else []
     cmd = [PY, str(REPO / "bench/crash.py"), "--rounds", str(args.rounds), "--seed",
-           str(args.seed), "--json", str(out / "crash.json"), "-q"]
+           str(args.seed), "--json", str(out / name), "-q", *extra]
     subprocess.run(cmd, env=env_without_run_dir(), timeout=None)
-    doc = json.loads((out / "crash.json").read_text())
+    doc = json.loads((out / name).read_text())
     doc["host"] = before
     doc["commit"] = before["commit"]
     doc["command"] = (f"bench/crash.py --rounds {args.rounds} --seed {args.seed} "
-                      f"--json {os.path.relpath(out / 'crash.json', REPO)}")
-    save(out / "crash.json", doc)
+                      f"{' '.join(extra) + ' ' if extra else ''}"
+                      f"--json {os.path.relpath(out / name, REPO)}")
+    save(out / name, doc)
 
 
 def step_faults(args: argparse.Namespace, out: Path) -> None:
@@ -212,7 +219,7 @@ def plot_soak(soak: dict[str, Any], out: Path) -> list[str]:
     return names
 
 
-def plot_crash(crash: dict[str, Any], out: Path) -> str:
+def plot_crash(crash: dict[str, Any], out: Path, name: str = "crash-rounds.png") -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -230,9 +237,9 @@ def plot_crash(crash: dict[str, Any], out: Path) -> str:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "crash-rounds.png", dpi=90)
+    fig.savefig(out / name, dpi=90)
     plt.close(fig)
-    return "crash-rounds.png"
+    return name
 
 
 def rss_trend(samples: list[dict[str, Any]]) -> str:
@@ -326,9 +333,108 @@ def aim_table(crash: dict[str, Any] | None, fuzz: dict[str, Any] | None,
     return [*rows, ""]
 
 
+def merge_crash(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several bench/crash.py runs (parts run side by side) as one: counts added up,
+    rounds renumbered one after the other, the commands and seeds of each kept."""
+    if len(docs) == 1:
+        return docs[0]
+    summary: dict[str, Any] = {}
+    for doc in docs:
+        for key, value in doc["summary"].items():
+            if isinstance(value, dict):
+                into = summary.setdefault(key, {})
+                for k, v in value.items():
+                    into[k] = into.get(k, 0) + v
+            elif isinstance(value, list):
+                summary[key] = summary.get(key, []) + value
+            elif key == "seconds":
+                summary[key] = max(summary.get(key, 0), value)  # side by side
+            elif key == "seed":
+                summary["seed"] = "/".join(str(d["summary"]["seed"]) for d in docs)
+            else:
+                summary[key] = summary.get(key, 0) + value
+    rounds: list[dict[str, Any]] = []
+    for doc in docs:
+        base = len(rounds)
+        rounds += [dict(r, index=base + r["index"]) for r in doc["rounds"]]
+    first = docs[0]
+    return {"summary": summary, "rounds": rounds, "host": first.get("host"),
+            "commit": "/".join(sorted({d.get("commit", "") for d in docs})),
+            "command": "`, `".join(d.get("command", "") for d in docs)}
+
+
+def crash_section(crash: dict[str, Any], fig_name: str, out: Path, rel: str,
+                  loadlog: dict[str, Any] | None) -> list[str]:
+    """The report's lines for one bench/crash.py run."""
+    lines: list[str] = []
+    s = crash["summary"]
+    tools = [r for r in crash["rounds"] if r["frontend"] == "vhd-util"]
+    killed = [r for r in tools if not r["killed_during"].startswith("after")]
+    reverted = [r for r in tools if "journal left" in r["killed_during"]]
+    valid_before = [r for r in reverted if "before revert: exit 0" in r["killed_during"]]
+    lines += [host_line(crash.get("host")), ""]
+    lines += load_sentence(loadlog, crash.get("host"), s["seconds"])
+    lines += [f"Command: `{crash.get('command', 'bench/crash.py')}`{at(crash)} "
+              f"({s['seconds']:.0f} s). How a round works: `bench/crash.py --help`.", "",
+              "| | |", "|---|---|",
+              f"| tapdisk kill -9 rounds | {s['kill_rounds']} |",
+              f"| of which inside an allocating VHD write | {s['kills_in_allocation']} |",
+              f"| kills during a write / a flush / between | "
+              f"{s['kills_during'].get('write', 0)} / {s['kills_during'].get('flush', 0)}"
+              f" / {s['kills_during'].get('idle', 0)} |",
+              f"| writes issued / acknowledged | {s['writes_issued']} / "
+              f"{s['writes_acked']} |",
+              f"| flushes completed | {s['flushes_completed']} |",
+              f"| acknowledged-and-flushed writes verified | "
+              f"{s['writes_durable_verified']} |",
+              f"| sectors read back and checked | {s['sectors_verified']} |",
+              f"| `vhd-util resize`/`coalesce` runs killed (of run) | {len(killed)} "
+              f"(of {len(tools)}) |",
+              f"| of which left a resize journal (undone by `vhd-util revert`) | "
+              f"{len(reverted)} |",
+              f"| of those, accepted by `vhd-util check` before the revert | "
+              f"{len(valid_before)} |",
+              f"| **lost or foreign sectors** | **{s['violations']}** |",
+              f"| **images `vhd-util check` refused** | **{s['invalid_images']}** |",
+              f"| harness errors (a tap-ctl step failed; group skipped) | "
+              f"{len(s.get('harness_errors', []))} |", "",
+              "Rounds per image kind and frontend: " + ", ".join(
+                  f"{k} {v}" for k, v in sorted(s["by_group"].items())) + ".", ""]
+    for e in s.get("harness_errors", []):
+        last = e["error"].strip().splitlines()[-1] if e["error"].strip() else ""
+        lines += [f"- harness error in group `{e['group']}`: `{last[:300]}`"]
+    if s.get("harness_errors"):
+        lines += [""]
+    bad = [r for r in crash["rounds"] if r["violations"]]
+    for r in bad[:5]:
+        lines += [f"- round {r['index']} (`{r['group']}`, killed during "
+                  f"{r['killed_during']}): {len(r['violations'])} violations, first: "
+                  f"`{r['violations'][0]}`"]
+    if bad:
+        lines += [""]
+    depth = max(r.get("queue_depth", 1) for r in crash["rounds"])
+    option = f" --queue-depth {depth}" if depth > 1 else ""
+    fig = plot_crash(crash, out, fig_name)
+    lines += [f"![crash rounds]({rel}/{fig})", "",
+              f"Figure: `bench/reliability.py crash --rounds {s['kill_rounds']} "
+              f"--seed {s['seed']}{option} && bench/reliability.py report`"
+              + (" (each part: `bench/reliability.py crash --part N --seed S --rounds R`)."
+                 if "/" in str(s["seed"]) else "."), ""]
+    queued = [r for r in crash["rounds"] if r.get("queue_depth", 1) > 1]
+    if queued:
+        many = sum(r["inflight_at_kill"] >= 2 for r in queued)
+        lines.insert(lines.index("| | |") + 3,
+                     f"| kills with 2 or more writes in flight (of {len(queued)}) | {many} |")
+    return lines
+
+
 def report(out: Path, doc_path: Path) -> None:
     rel = os.path.relpath(out, doc_path.parent)
-    crash, faults = load(out / "crash.json"), load(out / "faults.json")
+    parts = [d for d in [load(out / "crash.json")] + [load(p) for p in
+                                                       sorted(out.glob("crash-part*.json"))]
+             if d is not None]
+    crash = merge_crash(parts) if parts else None
+    faults = load(out / "faults.json")
     fuzz, soak = load(out / "fuzz.json"), load(out / "soak.json")
     loadlog = load(out / "load.json")
     lines = ["# Reliability", "",
@@ -349,48 +455,17 @@ def report(out: Path, doc_path: Path) -> None:
     if crash is None:
         lines += ["No data: run `bench/reliability.py crash`.", ""]
     else:
-        s = crash["summary"]
-        tools = [r for r in crash["rounds"] if r["frontend"] == "vhd-util"]
-        killed = [r for r in tools if not r["killed_during"].startswith("after")]
-        reverted = [r for r in tools if "journal left" in r["killed_during"]]
-        valid_before = [r for r in reverted if "before revert: exit 0" in r["killed_during"]]
-        lines += [host_line(crash.get("host")), ""]
-        lines += load_sentence(loadlog, crash.get("host"), s["seconds"])
-        lines += [f"Command: `{crash.get('command', 'bench/crash.py')}`{at(crash)} "
-                  f"({s['seconds']:.0f} s). How a round works: `bench/crash.py --help`.", "",
-                  "| | |", "|---|---|",
-                  f"| tapdisk kill -9 rounds | {s['kill_rounds']} |",
-                  f"| of which inside an allocating VHD write | {s['kills_in_allocation']} |",
-                  f"| kills during a write / a flush / between | "
-                  f"{s['kills_during'].get('write', 0)} / {s['kills_during'].get('flush', 0)}"
-                  f" / {s['kills_during'].get('idle', 0)} |",
-                  f"| writes issued / acknowledged | {s['writes_issued']} / "
-                  f"{s['writes_acked']} |",
-                  f"| flushes completed | {s['flushes_completed']} |",
-                  f"| acknowledged-and-flushed writes verified | "
-                  f"{s['writes_durable_verified']} |",
-                  f"| sectors read back and checked | {s['sectors_verified']} |",
-                  f"| `vhd-util resize`/`coalesce` runs killed (of run) | {len(killed)} "
-                  f"(of {len(tools)}) |",
-                  f"| of which left a resize journal (undone by `vhd-util revert`) | "
-                  f"{len(reverted)} |",
-                  f"| of those, accepted by `vhd-util check` before the revert | "
-                  f"{len(valid_before)} |",
-                  f"| **lost or foreign sectors** | **{s['violations']}** |",
-                  f"| **images `vhd-util check` refused** | **{s['invalid_images']}** |",
-                  f"| harness errors (a tap-ctl step failed; group skipped) | "
-                  f"{len(s.get('harness_errors', []))} |", "",
-                  "Rounds per image kind and frontend: " + ", ".join(
-                      f"{k} {v}" for k, v in sorted(s["by_group"].items())) + ".", ""]
-        for e in s.get("harness_errors", []):
-            last = e["error"].strip().splitlines()[-1] if e["error"].strip() else ""
-            lines += [f"- harness error in group `{e['group']}`: `{last[:300]}`"]
-        if s.get("harness_errors"):
-            lines += [""]
-        fig = plot_crash(crash, out)
-        lines += [f"![crash rounds]({rel}/{fig})", "",
-                  f"Figure: `bench/reliability.py crash --rounds {s['kill_rounds']} "
-                  f"--seed {s['seed']} && bench/reliability.py report`.", ""]
+        lines += crash_section(crash, "crash-rounds.png", out, rel, loadlog)
+    for path in sorted(out.glob("crash-qd*.json")):
+        queued = load(path)
+        assert queued is not None
+        depth = max(r.get("queue_depth", 1) for r in queued["rounds"])
+        lines += [f"### With up to {depth} writes in flight", "",
+                  f"The same rounds through NBD with `--queue-depth {depth}`: libnbd's "
+                  "asynchronous writes, never two overlapping in flight, a flush covering "
+                  "the writes acknowledged when it was sent; the kill lands with several "
+                  "writes sent and not acknowledged.", ""]
+        lines += crash_section(queued, f"{path.stem}-rounds.png", out, rel, loadlog)
 
     lines += ["## Injected faults", ""]
     if faults is None:
@@ -503,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", default=str(REPO / "docs/reliability.md"))
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--seed", type=int, default=18)
+    p.add_argument("--part", type=int, default=0,
+                   help="crash: write DIR/crash-partN.json, one of several runs (say with "
+                        "other seeds, in parallel) the report adds up")
+    p.add_argument("--queue-depth", type=int, default=1,
+                   help="crash: writes in flight (NBD only when > 1; DIR/crash-qdN.json)")
     p.add_argument("--fuzz-seconds", type=int, default=60)
     p.add_argument("--fuzz-runs", type=int, default=0, help="stop each target after N")
     p.add_argument("--targets", default="",
