@@ -251,8 +251,8 @@ class Server:
 
 # ------------------------------------------------- the tapdisk server's client side
 
-TAPDISK_MAGIC = b"blktap-forkserver-1"
-"""Request: ``MAGIC NUL umask NUL blktap-file NUL executable NUL run-directory NUL
+TAPDISK_MAGIC = b"blktap-forkserver-2"
+"""Request: ``MAGIC NUL umask NUL blktap-file NUL bin-directory NUL run-directory NUL
 env...`` with the stdout for the socket line as SCM_RIGHTS. Replies: ``no`` (declined,
 nothing started), or ``forked`` from the server and then ``ok`` from the tapdisk once
 its socket line is written (a tapdisk that dies first leaves the connection closed)."""
@@ -269,8 +269,10 @@ def tapdisk_address(rundir: str) -> bytes:
 
 
 def installation() -> tuple[bytes, bytes]:
-    """This installation: the blktap package's file and the interpreter."""
-    return os.fsencode(sys.modules["blktap"].__file__ or ""), os.fsencode(sys.executable)
+    """This installation: the blktap package's file and the interpreter's directory,
+    resolved (``python`` and ``python3`` in one virtualenv are one installation)."""
+    where = os.path.realpath(os.path.dirname(sys.executable))
+    return os.fsencode(sys.modules["blktap"].__file__ or ""), os.fsencode(where)
 
 
 def tapdisk_request(conn: _socket.socket, rundir: str, stdout_fd: int,
