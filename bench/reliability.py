@@ -79,7 +79,8 @@ def step_crash(args: argparse.Namespace, out: Path) -> None:
             f"crash-part{args.part}.json" if args.part else "crash.json")
     extra = ["--queue-depth", str(depth), "--frontends", "nbd"] if depth > 1 else []
     cmd = [PY, str(REPO / "bench/crash.py"), "--rounds", str(args.rounds), "--seed",
-           str(args.seed), "--json", str(out / name), "-q", *extra]
+           str(args.seed), "--json", str(out / name), "-q", "--keep-failures",
+           f"/tmp/blktap-crash-kept/{Path(name).stem}", *extra]
     subprocess.run(cmd, env=env_without_run_dir(), timeout=None)
     doc = json.loads((out / name).read_text())
     doc["host"] = before
