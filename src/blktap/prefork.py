@@ -208,9 +208,13 @@ class Server:
 
     def freeze(self) -> None:
         """Keep the collector away from every object that exists now: it would write
-        to (and so unshare) each of their pages in every child."""
+        to (and so unshare) each of their pages in every child. Output the server made
+        so far goes to /dev/null now, not later from a child to its client's stdout."""
         import gc
 
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
         gc.collect()
         gc.freeze()
 

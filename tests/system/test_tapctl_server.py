@@ -4,8 +4,11 @@ caller's working directory, environment and standard input and output."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.helpers import TAP_CTL, process_socket_inodes
@@ -82,3 +85,101 @@ def test_standard_input_is_the_callers(run_dir: str) -> None:
     proc = subprocess.run([TAP_CTL, "list"], input="ignored\n", capture_output=True,
                           text=True, timeout=60, check=False)
     assert proc.returncode == 0 and proc.stdout == ""
+
+
+# The client's imports that a command handed to the server must not pay for (the pip
+# entry-point wrapper's re, socket's and signal's enum, typing, the control library).
+HEAVY = ("re", "enum", "socket", "signal", "typing", "blktap.cli.tap_ctl", "blktap.control")
+CLIENT = """
+import sys
+sys.argv = ["tap-ctl", *sys.argv[1:]]
+from blktap.cli import tapctl_server
+status = tapctl_server.main()
+sys.stdout.flush()
+sys.stderr.write(" ".join(m for m in {heavy!r} if m in sys.modules) + "\\n")
+sys.exit(status)
+"""
+
+
+def client(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """tap-ctl's client, run as the tap-ctl script runs it (-I only keeps the
+    environment's PYTHONPATH out: the blktap package comes first from ``env``'s
+    BLKTAP_SRC_LINK, else this checkout), reporting on its last stderr line which HEAVY
+    modules it imported."""
+    src = (env or {}).get("BLKTAP_SRC_LINK", str(SRC))
+    code = f"import sys; sys.path.insert(0, {src!r})\n" + CLIENT.format(heavy=HEAVY)
+    return subprocess.run([sys.executable, "-I", "-c", code, *args], capture_output=True,
+                          text=True, env=env, timeout=60, check=False)
+
+
+def test_the_client_imports_only_builtins_when_a_server_answers(run_dir: str) -> None:
+    key = private_installation_env()
+    try:
+        first = client("list", env=key)  # no server of this installation yet: in-process
+        assert first.returncode == 0, first.stderr
+        assert "blktap.cli.tap_ctl" in first.stderr.splitlines()[-1].split()
+        assert private_servers(key), "the client started no server"
+        through = client("list", env=key)
+        assert through.returncode == 0 and through.stdout == first.stdout
+        assert through.stderr.splitlines()[-1].split() == []
+        # Off: the command runs in-process, as it must when no server can be used.
+        off = client("list", env=dict(key, BLKTAP_FORKSERVER="off"))
+        assert off.returncode == 0 and off.stdout == first.stdout
+        assert "blktap.cli.tap_ctl" in off.stderr.splitlines()[-1].split()
+    finally:
+        stop_private_servers(key)
+
+
+def test_a_command_without_server_runs_in_process_and_starts_one(run_dir: str) -> None:
+    key = private_installation_env()
+    try:
+        assert private_servers(key) == []
+        proc = client("allocate", env=key)
+        assert (proc.returncode, proc.stdout) == (0, f"{run_dir}/tapdisk/tapdisk-0\n")
+        (server,) = private_servers(key)
+        with open(f"/proc/{server}/comm") as f:
+            assert f.read().strip() == "tap-ctl-forksrv"
+        proc = client("free", "-m", "0", env=key)
+        assert proc.returncode == 0 and not os.path.exists(f"{run_dir}/tapdisk/tapdisk-0")
+    finally:
+        stop_private_servers(key)
+
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def private_installation_env() -> dict[str, str]:
+    """An environment whose tap-ctl server is this test's alone: the server's address
+    is keyed on the blktap package's path, here this checkout's src/ through a link of
+    our own (another installation, the same code)."""
+    link = Path(os.environ["BLKTAP_RUN_DIR"]) / "src"
+    link.symlink_to(SRC)
+    return dict(os.environ, PYTHONPATH=str(link), BLKTAP_SRC_LINK=str(link))
+
+
+def private_address(env: dict[str, str]) -> str:
+    import zlib
+
+    blktap = os.path.join(env["BLKTAP_SRC_LINK"], "blktap", "__init__.py")
+    where = os.path.realpath(os.path.dirname(sys.executable))
+    key = zlib.crc32(blktap.encode() + b"\0" + where.encode())
+    return f"@blktap-tapctl-{os.geteuid()}-{key:08x}"
+
+
+def private_servers(env: dict[str, str]) -> list[int]:
+    name = private_address(env)
+    inodes = set()
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split(None, 7)
+            if len(fields) == 8 and fields[7].strip() == name:
+                inodes.add(int(fields[6]))
+    return [int(e) for e in os.listdir("/proc")
+            if e.isdigit() and inodes & process_socket_inodes(int(e))]
+
+
+def stop_private_servers(env: dict[str, str]) -> None:
+    for pid in private_servers(env):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
