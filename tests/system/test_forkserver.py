@@ -12,6 +12,9 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from blktap.control import client
+from blktap.control.rundir import RunDir
+from blktap.control.spawn import _spawn_forked as spawn_forked
 from tests.helpers import (
     TAP_CTL,
     Tapdisk,
@@ -147,3 +150,26 @@ def test_server_leaves_with_its_run_directory() -> None:
         td.kill()
         (server,) = servers(path)
     assert wait_gone(server, 10)
+
+
+def test_the_server_answers_once_the_tapdisk_listens(run_dir: str) -> None:
+    """tap-ctl's direct request (blktap.prefork.tapdisk_request): the server started by
+    the tapdisk command (run by python3) serves this process (python), and the tapdisk
+    it forks answers on its control socket as soon as the request returns: the "ok"
+    comes after the socket listens, so no caller polls for it."""
+    first = spawn_tapdisk()
+    pids = [first.pid]
+    try:
+        (server,) = servers(run_dir)
+        rundir = RunDir.from_env()
+        env = dict(os.environ, BLKTAP_RUN_DIR=run_dir, BLKTAP_DEV_DIR=f"{run_dir}/dev")
+        for _ in range(3):
+            pid = spawn_forked(rundir, env, 20.0)
+            assert pid is not None, "the server declined a spawner of its own installation"
+            pids.append(pid)
+            assert client.get_pid(rundir, pid) == pid  # at once: no retry, no sleep
+            assert comm(pid) == "tapdisk" and int(stat_fields(pid)[1]) != server
+        assert servers(run_dir) == [server]
+    finally:
+        for pid in pids:
+            Tapdisk(pid, f"{run_dir}/ctl{pid}").kill()
