@@ -449,7 +449,11 @@ def report(out: Path, doc_path: Path) -> None:
              "```",
              "bench/reliability.py all --rounds 1000 --fuzz-seconds 100000 "
              "--fuzz-runs 10000000 --soak-seconds 3600 --soak-interval 10",
-             "```", "", "What this run reached:", ""]
+             "```", "",
+             "A step that names a commit ran a `git archive` export of it (`PYTHONPATH` "
+             "pointing at its `src/`), so that the work tree changing meanwhile did not "
+             "change the code under test.",
+             "", "What this run reached:", ""]
     lines += aim_table(crash, fuzz, soak)
 
     lines += ["## kill -9 rounds", ""]
