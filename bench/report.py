@@ -533,7 +533,28 @@ def run_summary(doc: dict[str, Any]) -> list[str]:
         f"{mc['loadavg_start'][0]:.1f} at the start, "
         f"{mc.get('loadavg_end', [float('nan')])[0]:.1f} at the end",
         "- **Versions:** " + "; ".join(f"{k} {val}" for k, val in v.items()),
+    ] + [
+        f"- **Refreshed:** section(s) {', '.join(r['sections'])} run again on {r['date']} "
+        f"(`{r['command']}`, {r['runtime_s']:g} s per fio run, {r['repeat']} repetition(s), "
+        f"blktap {r['blktap']}; load average {r['loadavg_start']:.1f} at the start, "
+        f"{r['loadavg_end']:.1f} at the end) into the run of {r['from']}"
+        for r in doc.get("refreshed", [])
     ]
+
+
+def cpu_per_request(g: dict[str, Any], wl: str, col: str) -> float | None:
+    """Median over the runs of the column's CPU microseconds per request: its CPU
+    seconds over fio's whole wall time, divided by the requests of fio's runtime."""
+    bs = workload_bs(wl)
+    values = []
+    for r in g["result"]["runs"]:
+        if r["server"] != col or r["workload"] != wl or "error" in r:
+            continue
+        rate = r["iops"] if bs < (128 << 10) else r["bw_bytes"] / bs
+        if "server_cpu_pct" in r and r.get("wall_s") and rate > 0:
+            values.append(r["server_cpu_pct"] / 100 * r["wall_s"] / (rate * g["runtime_s"])
+                          * 1e6)
+    return _median(values)
 
 
 def _group_section(g: dict[str, Any], plot: str | None, md: str) -> list[str]:
@@ -541,6 +562,10 @@ def _group_section(g: dict[str, Any], plot: str | None, md: str) -> list[str]:
     cols = columns(g)
     ours = g["ours"]
     out = [f"### {g['title']} (`{g['id']}`)", ""]
+    if g.get("date"):
+        out += [f"Run {g['date']}, {g['runtime_s']:g} s per fio run x {g['repeat']}, medians; "
+                f"load average {g['loadavg'][0]:.1f} at the start, {g['loadavg'][1]:.1f} at "
+                "the end.", ""]
     if g.get("note"):
         out += [g["note"] + ".", ""]
     if plot:
@@ -570,11 +595,10 @@ def _group_section(g: dict[str, Any], plot: str | None, md: str) -> list[str]:
             limit = c in g.get("params", {}).get("limits", [])
             if cell.cpu_pct is not None and not limit:
                 text += f"; {cell.cpu_pct:.0f} % CPU, {fmt(cell.rss_mib)} MiB"
-                if g["section"] == "nbd-driver" and cell.value:
+                per_request = cpu_per_request(g, wl, c)
+                if g["section"] == "nbd-driver" and per_request is not None:
                     # CPU time per request: steadier than IOPS on a shared machine.
-                    rate = cell.value if cell.unit == "IOPS" else \
-                        cell.value * (1 << 20) / workload_bs(wl)
-                    text += f", {cell.cpu_pct / 100 / rate * 1e6:.1f} µs CPU/request"
+                    text += f", {per_request:.1f} µs CPU/request"
             row.append(text)
         lat_rows.append(row)
     out += ["fio completion latency p50 / p99 (µs)"

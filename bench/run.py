@@ -345,8 +345,12 @@ class Runner:
                            f"column(s) x {self.repeat}, {self.runtime:g} s each")
         os.sync()
         warm(g.image)
-        self.doc["groups"].append(run_group(g, self.runtime, self.repeat, self.workdir,
-                                            self.progress.step, self.plan.fio_timeout))
+        load = os.getloadavg()[0]
+        date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        done = run_group(g, self.runtime, self.repeat, self.workdir, self.progress.step,
+                         self.plan.fio_timeout)
+        done.update(date=date.replace("+00:00", "Z"), loadavg=[load, os.getloadavg()[0]])
+        self.doc["groups"].append(done)
 
     def run(self) -> None:
         p = self.plan
@@ -519,6 +523,27 @@ def benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     return doc, status
 
 
+def merge(old_path: str, new: dict[str, Any]) -> dict[str, Any]:
+    """``old_path``'s run with the groups of ``new``'s sections replaced by ``new``'s (and
+    its other results of those sections), recorded under ``refreshed``."""
+    with open(old_path) as f:
+        old: dict[str, Any] = json.load(f)
+    sections = new["sections"]
+    old["groups"] = [g for g in old.get("groups", []) if g["section"] not in sections]
+    old["groups"] += new.get("groups", [])
+    for key in ("control", "memory", "coalesce", "chain_depth"):
+        if key in new:
+            old[key] = new[key]
+    old.setdefault("errors", []).extend(new.get("errors", []))
+    old.setdefault("refreshed", []).append({
+        "sections": sections, "date": new["date"], "command": new["command"],
+        "runtime_s": new["runtime_s"], "repeat": new["repeat"],
+        "loadavg_start": new["machine"]["loadavg_start"][0],
+        "loadavg_end": new["machine"]["loadavg_end"][0],
+        "blktap": new["versions"]["blktap"], "from": os.path.basename(old_path)})
+    return old
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -539,7 +564,13 @@ def main() -> int:
                     "(overrides the mode)")
     ap.add_argument("--repeat", type=int, help="repetitions of each fio run")
     ap.add_argument("--dir", default="/var/tmp", help="scratch directory (default /var/tmp)")
+    ap.add_argument("--merge-into", metavar="OLD_JSON",
+                    help="with --sections: run those sections and write OLD_JSON's run with "
+                         "their groups replaced by the new ones (the page then says which "
+                         "sections were refreshed, when, and at what load)")
     args = ap.parse_args()
+    if args.merge_into and not args.sections:
+        ap.error("--merge-into needs --sections")
 
     status = 0
     if args.render:
@@ -553,6 +584,11 @@ def main() -> int:
         os.makedirs(args.out, exist_ok=True)
         stamp = doc["date"].replace(":", "").replace("-", "")
         json_path = os.path.join(args.out, f"bench-{doc['mode']}-{stamp}.json")
+        if args.merge_into:
+            doc = merge(args.merge_into, doc)
+            fresh = "+".join(doc["refreshed"][-1]["sections"])
+            json_path = os.path.join(args.out,
+                                     f"{Path(args.merge_into).stem}+{fresh}-{stamp}.json")
         with open(json_path, "w") as f:
             json.dump(doc, f, indent=1)
             f.write("\n")
