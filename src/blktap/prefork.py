@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_IDLE", "ENV", "Server", "connect", "idle_seconds", "peer_uid",
-    "prepare_run_dir", "receive", "send", "set_comm", "source_stamps", "start_server",
+    "prepare_run_dir", "receive", "send", "set_comm", "source_files", "source_stamps",
+    "start_server",
     "tapdisk_address", "tapdisk_request",
 ]
 
@@ -126,18 +127,26 @@ def set_comm(name: str) -> None:
         pass  # a name for people and tests only
 
 
-def source_stamps() -> dict[str, int]:
-    """Modification time of every imported blktap source file: a pre-imported server
-    whose stamps changed runs old code and must make way."""
-    found = {}
+def source_files() -> list[str]:
+    """The source file of every imported blktap module."""
+    found = []
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
         if path and module.__name__.startswith("blktap"):
-            try:
-                found[path] = os.stat(path).st_mtime_ns
-            except OSError:
-                found[path] = -1
-    return found
+            found.append(path)
+    return sorted(found)
+
+
+def source_stamps(files: list[str] | None = None) -> list[int]:
+    """Modification times of ``files`` (default :func:`source_files`), -1 for one gone:
+    a pre-imported server whose stamps changed runs old code and must make way."""
+    stamps = []
+    for path in source_files() if files is None else files:
+        try:
+            stamps.append(os.stat(path).st_mtime_ns)
+        except OSError:
+            stamps.append(-1)
+    return stamps
 
 
 def prepare_run_dir(rundir: str) -> None:
@@ -204,14 +213,19 @@ class Server:
     def __init__(self, listener: socket.socket, idle: float) -> None:
         self.listener = listener
         self.idle = idle
-        self.sources = source_stamps()
+        self.sources = source_files()
+        self.stamps = source_stamps(self.sources)
 
     def freeze(self) -> None:
-        """Keep the collector away from every object that exists now: it would write
-        to (and so unshare) each of their pages in every child. Output the server made
-        so far goes to /dev/null now, not later from a child to its client's stdout."""
+        """Call once everything is imported. Takes the stamps of the sources imported
+        by now (checked before each request: one stat each, not a walk of sys.modules).
+        Keeps the collector away from every object that exists now: it would write to
+        (and so unshare) each of their pages in every child. Output the server made so
+        far goes to /dev/null now, not later from a child to its client's stdout."""
         import gc
 
+        self.sources = source_files()
+        self.stamps = source_stamps(self.sources)
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
@@ -220,7 +234,7 @@ class Server:
 
     def fresh(self) -> bool:
         """No imported source file changed since the server started."""
-        return source_stamps() == self.sources
+        return source_stamps(self.sources) == self.stamps
 
     def serve(self) -> None:
         import time
