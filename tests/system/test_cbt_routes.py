@@ -7,8 +7,9 @@ written by a raw-socket client: small WRITEs served inline on the lent descripto
 large ones by the connection's write lane (threads), writes to an O_DIRECT image by the
 direct route (the image's coroutine called by the VBD), FUA writes; each test counts
 which route served the writes (the layer counts those that reach it, the general path)
-and reads the log with ``cbt-util get -b``. Writes through the block device (FUSE, which
-calls the VBD's methods) are in tests/system/test_cbt.py.
+and reads the log with ``cbt-util get -b``. Then a real tapdisk with a buffered image and
+real clients (qemu-io, fio). Writes through the block device (FUSE, which calls the
+VBD's methods) are in tests/system/test_cbt.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
@@ -32,7 +34,22 @@ from blktap.block.layers.log import LogLayer, LogSlot
 from blktap.vbd import VBD, ImageSpec
 from tests.helpers import BIN
 from tests.nbd_helpers import MIB, SIZE, RawClient, ServedImage, make_image, request
+from tests.system.test_cbt import SIZE as CBT_SIZE
+from tests.system.test_cbt import (
+    TOOLS,
+    apply_from_export,
+    client_writes,
+    create,
+    destroy,
+    fio_writes,
+    full_copy,
+    same_disk,
+    sock,
+    uri,
+)
+from tests.system.test_cbt import make_image as make_disk
 from tests.system.test_nbd_server import big_writes, lane_threads, write_reply
+from tests.system.test_tap_ctl import assert_clean, qemu_io
 
 CBT_UTIL = str(BIN / "cbt-util")
 BLOCK = 64 << 10
@@ -272,3 +289,55 @@ def test_routes_and_observers_follow_the_log_slot_at_each_resume(tmp_path: Path)
             await vbd.close()
 
     run(body())
+
+
+# ------------------------------------------------------- a real tapdisk, real clients
+_missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+
+
+@pytest.fixture
+def clean_run_dir(run_dir: str) -> Iterator[str]:
+    """``run_dir`` that must be clean at the end (as test_cbt's ``cbt_run_dir``)."""
+    yield run_dir
+    fuse = os.path.join(run_dir, "fuse")
+    if os.path.isdir(fuse) and not os.listdir(fuse):
+        os.rmdir(fuse)
+    assert_clean(run_dir)
+
+
+@pytest.mark.skipif(bool(_missing), reason=f"tools missing: {', '.join(_missing)}")
+def test_buffered_tapdisk_with_a_log_real_clients_on_every_route(
+        clean_run_dir: str, tmp_path: Path) -> None:
+    """``tap-ctl create -D -C``: a buffered raw image, where the log keeps the inline
+    route (fio's 4 KiB writes), the write lane (fio's 1 MiB writes), write_now and the
+    direct route (qemu-io's writes, FUA ones too), and the general path for the rest
+    (unaligned writes, zeroes, discards). ``cbt-util get -b`` names exactly the blocks
+    written, and copying only those onto a full copy gives the disk."""
+    img = make_disk("aio", tmp_path / "disk.raw")
+    log = new_log(tmp_path / "disk.cbtlog", CBT_SIZE)
+    pid, minor, _ = create("aio", img, log, "-D")
+    try:
+        source = uri(clean_run_dir, pid, minor)
+        copy = tmp_path / "backup.raw"
+        full_copy(source, copy)
+        assert logged(log) == set()
+        expected = client_writes(source)
+        expected |= fio_writes(tmp_path, "--ioengine=nbd", f"--uri={source}",
+                               offset=40 * MIB, size=8 * MIB, ios=200)
+        big = tmp_path / "big.iolog"
+        subprocess.run(["fio", "--name=big", "--ioengine=nbd", f"--uri={source}",
+                        "--rw=randwrite", "--bs=1M", "--iodepth=4", f"--offset={48 * MIB}",
+                        f"--size={8 * MIB}", "--number_ios=24", "--randseed=3",
+                        f"--write_iolog={big}", "--output-format=json"],
+                       check=True, capture_output=True, timeout=120)
+        expected |= blocks((int(f[-2]), int(f[-1])) for f in
+                           (line.split() for line in big.read_text().splitlines())
+                           if len(f) >= 4 and f[-3] == "write")
+        fua = [(60 * MIB, 4096), (61 * MIB + 512, 8192)]
+        qemu_io(source, *[f"write -f -P 0x5a {o} {n}" for o, n in fua])
+        expected |= blocks(fua)
+        assert logged(log) == expected
+        apply_from_export(sock(clean_run_dir, pid, minor), logged(log), copy, tmp_path)
+        same_disk(source, copy, tmp_path)
+    finally:
+        destroy(pid, minor)
