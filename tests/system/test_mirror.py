@@ -5,7 +5,8 @@ layer (blktap.block.layers.mirror) between real tapdisks, qemu-nbd and fio.
   file: afterwards the secondary equals the primary byte for byte.
 * The secondary's server killed in the middle of the writes and started again: the VBD
   keeps serving, STATS shows ``degraded`` with missed blocks (and ``nbd_mirror_failed``
-  1), then ``in_sync``; the secondary equals the primary.
+  1), then ``in_sync`` (``nbd_mirror_failed`` still 1, as in C); the secondary equals the
+  primary.
 * Standby (``-s``): the fault layer makes the primary answer ENOSPC; the writes go to
   the secondary (an empty VHD) from then on, reads of older data still come from the
   primary.
@@ -86,7 +87,10 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 120.0) -> No
 def mirror_state(pid: int, minor: int, run_dir: str | None = None) -> dict[str, Any]:
     doc = stats(pid, minor, run_dir)
     mirror: dict[str, Any] = doc["mirror"]
-    assert doc["nbd_mirror_failed"] == (1 if mirror["state"] == "degraded" else 0)
+    # Sticky, as in C: 1 from the first degradation on (in sync again included).
+    assert doc["nbd_mirror_failed"] == (1 if mirror["degraded_count"] else 0)
+    if mirror["state"] == "degraded":
+        assert doc["nbd_mirror_failed"] == 1
     return mirror
 
 
@@ -216,6 +220,8 @@ def test_secondary_killed_and_restarted_the_mirror_records_and_resyncs(
         wait_for("in sync", lambda: mirror_state(pid, minor)["state"] == "in_sync", 120)
         final = mirror_state(pid, minor)
         assert final["dirty_blocks"] == 0 and final["copied_total_blocks"] > 0, final
+        # In sync again, and still reported failed: the toolstack must not miss it.
+        assert stats(pid, minor)["nbd_mirror_failed"] == 1
         ok("destroy", "-p", str(pid), "-m", str(minor))
     assert same_bytes(primary, secondary)
     assert_clean(run_dir)

@@ -57,15 +57,35 @@ States (:class:`Phase`; ``tap-ctl stats`` shows them under ``mirror``)::
   recording its blocks before the primary has it (so the record covers every
   acknowledged write). Blocks written to the secondary since its last successful flush
   are recorded too (a restarted server may have lost them). STATS sets the C key
-  ``nbd_mirror_failed`` to 1. A background task opens the secondary again if needed and
-  reads from it until it answers; it waits until every secondary request that timed out
-  has ended (answered, or failed by the driver), since such a request could land after a
-  newer copy of its blocks; then RESYNCING.
+  ``nbd_mirror_failed`` to 1, and it stays 1 after the resync (below). A background
+  task opens the secondary again if needed and reads from it until it answers; it
+  waits until every secondary request that timed out has ended (answered, or failed by
+  the driver), since such a request could land after a newer copy of its blocks; then
+  RESYNCING.
 
 The record is a bitmap of :data:`BLOCK` (64 KiB) blocks in memory, kept by the VBD's
 :class:`MirrorSlot` across pause and resume (the layer is reopened at each resume): a
-VBD paused while degraded resumes degraded with the same record. Not persisted: a
-tapdisk that dies loses it (the mirror must then start over with ``copy=...``).
+VBD paused while degraded resumes degraded with the same record.
+
+``nbd_mirror_failed`` is sticky: 1 from the first degradation until another secondary
+is named, as the C tapdisk keeps it (C clears it only when the secondary is removed).
+The toolstack reads nothing else: xapi's storage migration polls ``tap-ctl stats``
+every 5 s while it mirrors, and one 1 seen cancels the migration; it never asks
+whether the mirror is in sync before it switches the VM to the destination. A flag
+that went back to 0 after the resync would let a failure between two polls go unseen,
+and xapi could then switch while the resync still runs. The ``mirror`` object shows
+the recovery (``state``, ``dirty_blocks``, ``in_sync``, ``degraded_count``) to a
+toolstack that reads it.
+
+Not persisted, by choice: a record that outlives the tapdisk must be on disk before
+every write it covers is acknowledged (a write-ahead dirty log, as the changed-block
+log keeps), and in every live phase too, not only while degraded: the blocks written
+to the secondary since its last flush, and the writes in flight on one side only when
+the tapdisk dies, are as missing as the degraded ones. That is a synchronous write per
+first write to a block, on the path this layer exists to keep fast. The toolstack has
+no use for it either: xapi cancels a storage migration whose tapdisk went away and
+starts over. A tapdisk that dies loses the record; the mirror starts over with
+``copy=...`` (or the toolstack's own copy).
 
 Standby mode (SECONDARY | STANDBY)
 ----------------------------------
@@ -78,8 +98,14 @@ it does not (a raw secondary holds everything); a flush goes to both, a trim is 
 the sectors written after the fail-over, as in C. A standby layer sees every request
 (reads too).
 
-Not done: a primary's ENOSPC in mirror mode is returned to the guest (C drops the
-primary and carries on with the secondary); the record is not persisted.
+A primary's ENOSPC in mirror mode is returned to the guest, by choice. The C tapdisk
+acknowledges that write as done, drops the primary and carries on with the secondary
+alone, reads included. With ``copy=none`` (what xapi uses: it copies the older blocks
+itself, through another path) the secondary does not yet hold the blocks written before
+mirroring began, and a tapdisk cannot know when the toolstack's copy has finished:
+reads from the secondary could return stale data, silently. The guest's ENOSPC is the
+same as a VBD without a secondary gives; reads and overwrites of allocated blocks go on.
+Only a standby secondary (``-s``), named for this, takes over on ENOSPC.
 """
 
 from __future__ import annotations
@@ -851,8 +877,9 @@ class MirrorSlot:
 
     @property
     def failed(self) -> bool:
-        """STATS ``nbd_mirror_failed``: the mirror is degraded."""
-        return self.state is not None and self.state.phase == Phase.DEGRADED
+        """STATS ``nbd_mirror_failed``: the mirror has degraded at least once since this
+        secondary was named (sticky, as in C: see the module docstring)."""
+        return self.state is not None and self.state.degraded_count > 0
 
     @property
     def redirected_sectors(self) -> int:
