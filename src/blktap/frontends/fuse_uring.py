@@ -29,6 +29,7 @@ import struct
 from collections.abc import Callable
 
 from blktap.proto import fuse_uring
+from blktap.util import eager
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +40,24 @@ _FEAT_SINGLE_MMAP = 1 << 0
 _SETUP_SQE128 = 1 << 10
 _SETUP_SINGLE_ISSUER = 1 << 12
 _SETUP_DEFER_TASKRUN = 1 << 13
+_SETUP_TASKRUN_FLAG = 1 << 9
+_SQ_TASKRUN = 1 << 2  # sq_flags: deferred task work waits for an enter
+_CQ_EVENTFD_DISABLED = 1 << 0  # cq_flags, the application's: completions do not signal
+_ROUNDS = 8
+"""Enter-and-reap rounds per eventfd wake-up before the loop gets a turn."""
 _ENTER_GETEVENTS = 1 << 0
 _REGISTER_EVENTFD = 4
 _OP_URING_CMD = 46
 _PARAMS = struct.Struct("<10I8IQ8IQ")
 # struct io_uring_sqe up to its command area: opcode, flags, ioprio, fd, cmd_op, pad1,
 # addr, len, uring_cmd_flags, user_data, buf_index, personality, splice_fd_in.
-_SQE_HEAD = struct.Struct("<BBHiIIQIIQHHi")
+# ... and with the command area's fuse_uring_cmd_req (flags, commit_id, qid): the rest of
+# the area stays zero (nothing else is ever written there).
+_SQE_CMD = struct.Struct("<BBHiIIQIIQHHiQQH6x")
 _SQE_SIZE = 128
 _CQE = struct.Struct("<QiI")  # user_data, res, flags
 _HEADER_STRIDE = 512
+_COMMIT = int(fuse_uring.Cmd.COMMIT_AND_FETCH)
 _IOVEC = struct.Struct("=QQ")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -129,8 +138,9 @@ class FuseRing:
         sq_size = 1
         while sq_size < self.entries:
             sq_size <<= 1
-        for flags in (_SETUP_SQE128 | _SETUP_SINGLE_ISSUER | _SETUP_DEFER_TASKRUN,
-                      _SETUP_SQE128):
+        modes = [_SETUP_SQE128 | _SETUP_SINGLE_ISSUER | _SETUP_DEFER_TASKRUN
+                 | _SETUP_TASKRUN_FLAG, _SETUP_SQE128]
+        for flags in modes:
             raw = ctypes.create_string_buffer(_PARAMS.size)
             struct.pack_into("<I", raw, 8, flags)
             try:
@@ -143,8 +153,8 @@ class FuseRing:
             break
         p = _PARAMS.unpack(raw.raw)
         sq_entries, cq_entries, _flags, _cpu, _idle, features = p[:6]
-        (_sq_head, sq_tail, sq_mask, _n, _sq_flags, _dropped, sq_array) = p[10:17]
-        (cq_head, cq_tail, cq_mask, _cq_n, _overflow, cqes) = p[19:25]
+        (_sq_head, sq_tail, sq_mask, _n, sq_flags, _dropped, sq_array) = p[10:17]
+        (cq_head, cq_tail, cq_mask, _cq_n, _overflow, cqes, cq_flags) = p[19:26]
         if not features & _FEAT_SINGLE_MMAP:
             raise OSError(errno.ENOSYS, "io_uring without IORING_FEAT_SINGLE_MMAP")
         rings = self._map_ring(max(sq_array + sq_entries * 4, cqes + cq_entries * _CQE.size),
@@ -157,6 +167,8 @@ class FuseRing:
         self._cq_head = ctypes.c_uint32.from_buffer(rings, cq_head)
         self._cq_tail = ctypes.c_uint32.from_buffer(rings, cq_tail)
         self._cq_mask = ctypes.c_uint32.from_buffer(rings, cq_mask).value
+        self._sq_flags = ctypes.c_uint32.from_buffer(rings, sq_flags)
+        self._cq_flags = ctypes.c_uint32.from_buffer(rings, cq_flags)
         self._cqes = cqes
         for i in range(sq_entries):  # each slot always names the SQE of its index
             struct.pack_into("<I", rings, sq_array + 4 * i, i)
@@ -203,11 +215,11 @@ class FuseRing:
         self._fuse_fd = fuse_fd
         iov_base = ctypes.addressof(self._iovecs)
         for index in range(self.entries):
-            self._put(index, fuse_uring.Cmd.REGISTER, iov_base + index * 2 * _IOVEC.size, 2,
-                      fuse_uring.encode_cmd_req(index // self.depth))
+            self._put(index, fuse_uring.Cmd.REGISTER, iov_base + index * 2 * _IOVEC.size, 2, 0)
         self._submit()
         self.live = self.entries
-        refused = self._reap()
+        self._submit(getevents=True)  # deferred task work: the refusals are posted by it
+        refused = self._reap()[1]
         self._loop.add_reader(self._efd, self._on_event)
         if refused:
             raise OSError(refused, f"FUSE_IO_URING_CMD_REGISTER: {os.strerror(refused)}")
@@ -222,20 +234,20 @@ class FuseRing:
         of this loop turn at the latest."""
         if self.closed:
             return
-        self._put(index, fuse_uring.Cmd.COMMIT_AND_FETCH, 0, 0,
-                  fuse_uring.encode_cmd_req(index // self.depth, unique))
+        self._put(index, _COMMIT, 0, 0, unique)
         if not self._reaping and not self._flush_scheduled:
+            # At the end of the completions being handled (the AIO reaper's batch), else
+            # in the next loop turn: one io_uring_enter for all of them.
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            eager.defer(self._loop, self._flush)
 
-    def _put(self, index: int, cmd: int, addr: int, length: int, area: bytes) -> None:
+    def _put(self, index: int, cmd: int, addr: int, length: int, commit_id: int) -> None:
         if self._pending >= self._sq_entries:
             self._submit()
         tail = self._sq_tail.value
-        offset = (tail & self._sq_mask) * _SQE_SIZE
-        _SQE_HEAD.pack_into(self._sqes, offset, _OP_URING_CMD, 0, 0, self._fuse_fd, cmd, 0,
-                            addr, length, 0, index, 0, 0, 0)
-        self._sqes[offset + _SQE_HEAD.size:offset + _SQE_SIZE] = area
+        _SQE_CMD.pack_into(self._sqes, (tail & self._sq_mask) * _SQE_SIZE, _OP_URING_CMD, 0, 0,
+                           self._fuse_fd, cmd, 0, addr, length, 0, index, 0, 0, 0,
+                           0, commit_id, index // self.depth)
         # x86: the SQE's stores are seen before the tail's.
         self._sq_tail.value = (tail + 1) & 0xFFFFFFFF
         self._pending += 1
@@ -261,14 +273,36 @@ class FuseRing:
     def _on_event(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._efd)
-        # With deferred task work, entering the ring is what fills the entries.
-        self._submit(getevents=True)
-        self._reap()
+        if self.closed:
+            return
+        if not self._defer:
+            self._reap()
+            self._submit()
+            return
+        # With deferred task work, entering the ring is what fills the entries. The
+        # completions our own enters post would signal the eventfd again for nothing:
+        # off meanwhile, and the work that came in the while is seen in sq_flags.
+        self._cq_flags.value |= _CQ_EVENTFD_DISABLED
+        try:
+            for _round in range(_ROUNDS):
+                self._submit(getevents=True)
+                self._reap()
+                if not self._sq_flags.value & _SQ_TASKRUN:
+                    break
+        finally:
+            if not self.closed:
+                self._cq_flags.value &= ~_CQ_EVENTFD_DISABLED
+        if self.closed:
+            return
         self._submit()
+        if self._sq_flags.value & _SQ_TASKRUN or self._cq_head.value != self._cq_tail.value:
+            self._loop.call_soon(self._on_event)
 
-    def _reap(self) -> int:
-        """Hand completed entries to ``on_request``; return the last REGISTER error."""
+    def _reap(self) -> tuple[int, int]:
+        """Hand completed entries to ``on_request``; return how many completions there
+        were and the last REGISTER error."""
         refused = 0
+        count = 0
         rings = self._rings
         mask = self._cq_mask
         base = self._cqes
@@ -280,6 +314,7 @@ class FuseRing:
                 tail = self._cq_tail.value
                 if head == tail:
                     break
+                count += (tail - head) & 0xFFFFFFFF
                 while head != tail:
                     index, res, _flags = unpack(rings, base + (head & mask) * _CQE.size)
                     head = (head + 1) & 0xFFFFFFFF
@@ -293,7 +328,7 @@ class FuseRing:
                         log.debug("FUSE ring entry %d ended: %s", index, os.strerror(-res))
         finally:
             self._reaping = False
-        return refused
+        return count, refused
 
     # ------------------------------------------------------------------- closing
     def close(self) -> None:
@@ -309,6 +344,7 @@ class FuseRing:
             os.close(self._efd)
             self._efd = -1
         self._sq_tail = self._cq_head = self._cq_tail = None  # type: ignore[assignment]
+        self._sq_flags = self._cq_flags = None  # type: ignore[assignment]
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
