@@ -194,3 +194,32 @@ def test_on_without_the_parameter_fails_with_the_reason(image: Path) -> None:
     assert "enable_uring is N" in proc.stderr
     assert not [e for e in json.loads(tapctl("list", "--json").stdout)
                 if e["path"] == str(image)], "a failed create leaves no VBD"
+
+
+def test_killed_tapdisk_fails_the_requests_in_its_ring(image: Path,
+                                                       request: pytest.FixtureRequest) -> None:
+    """kill -9 with requests in ring entries: they fail (EIO), nothing waits forever,
+    and ``tap-ctl free`` takes the leftovers away."""
+    with uring_parameter("Y"):
+        vbd = make(image, request)
+        assert vbd.blockdev()["io_path"] == "fuse-uring"
+        load = subprocess.Popen(
+            ["fio", "--name=load", f"--filename={vbd.device}", "--ioengine=io_uring",
+             "--direct=1", "--rw=randrw", "--bs=4k", "--iodepth=32", "--time_based",
+             "--runtime=60", "--output-format=terse"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 20
+            while vbd.blockdev()["fuse_ring_requests"] < 1000:
+                assert time.monotonic() < deadline and load.poll() is None
+                time.sleep(0.1)
+            os.kill(vbd.pid, 9)
+            _out, err = load.communicate(timeout=60)  # not stuck in the kernel
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait(10)
+        assert load.returncode != 0 and "Input/output error" in err
+        tapctl("free", "-m", str(vbd.minor))
+        assert not os.path.exists(vbd.device)
+        assert str(image) not in tapctl("list").stdout
