@@ -236,17 +236,26 @@ class Server:
         """No imported source file changed since the server started."""
         return source_stamps(self.sources) == self.stamps
 
+    def warm_up(self) -> None:
+        """Run once the server has been idle for a :data:`TICK` (and freeze again):
+        what would make its children cheaper but must not delay the first requests."""
+
     def serve(self) -> None:
         import time
 
         self.listener.settimeout(self.TICK)
         last = time.monotonic()
+        warm = False
         while True:
             try:
                 conn, _ = self.listener.accept()
             except TimeoutError:
                 if time.monotonic() - last >= self.idle or not self.fresh():
                     return
+                if not warm:
+                    warm = True
+                    self.warm_up()
+                    self.freeze()
                 continue
             with conn:
                 conn.settimeout(None)

@@ -93,24 +93,37 @@ def _request(conn: _socket.socket, argv: list[str]) -> int | None:
     fields = [_MAGIC, b"%o" % prefork.current_umask(), os.fsencode(cwd), b"%d" % len(argv)]
     fields += [os.fsencode(a) for a in argv]
     fields += prefork.environment_fields(os.environ)
-    try:
-        prefork.send(conn, fields, [0, 1, 2])
-        first = conn.recv(64)
-    except OSError:
-        return None
-    if not first.startswith(b"pid:"):
-        return None  # declined or gone before forking: nothing ran
-    worker = int(first[4:])
+    # Signals are caught from before the request on: one that comes before the worker
+    # is known waits for it (or, when no worker comes, takes its default effect here).
+    worker = 0
+    pending: list[int] = []
 
     def pass_on(signum: int, _frame: object) -> None:
+        if not worker:
+            pending.append(signum)
+            return
         try:  # noqa: SIM105 - contextlib is an import the client does without
             os.kill(worker, signum)
         except ProcessLookupError:
             pass
 
     signals = __import__("_signal")  # signal's own module costs enum
-    for sig in (signals.SIGINT, signals.SIGTERM, signals.SIGHUP):
-        signals.signal(sig, pass_on)
+    caught = (signals.SIGINT, signals.SIGTERM, signals.SIGHUP)
+    previous = [signals.signal(sig, pass_on) for sig in caught]
+    try:
+        prefork.send(conn, fields, [0, 1, 2])
+        first = conn.recv(64)
+    except OSError:
+        first = b""
+    if not first.startswith(b"pid:"):  # declined or gone before forking: nothing ran
+        for sig, handler in zip(caught, previous, strict=True):
+            signals.signal(sig, handler)
+        for sig in pending:
+            os.kill(os.getpid(), sig)  # what it would have done had it come later
+        return None
+    worker = int(first[4:])
+    for sig in pending:
+        pass_on(sig, None)
     try:
         reply = conn.recv(64)  # a signal handled meanwhile does not interrupt (PEP 475)
     except OSError:
@@ -130,15 +143,16 @@ class _Server(prefork.Server):
         self.main = tap_ctl.main
         super().__init__(listener, idle)
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped by the kernel
-        self._warm_up()
         self.freeze()
 
-    def _warm_up(self) -> None:
+    def warm_up(self) -> None:
         """Run commands that touch no tapdisk a few times in a scratch run directory.
 
         Python specializes a function's bytecode in place after some runs and fills
         caches on first use; done here, that happens once, in pages the workers share,
-        instead of in each worker (its CPU time, and its copies of those pages)."""
+        instead of in each worker (its CPU time, and its copies of those pages). Done
+        when the server is first idle (tens of milliseconds of CPU that the commands of
+        a cold start do not wait for)."""
         import contextlib
         import tempfile
 
