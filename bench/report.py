@@ -680,6 +680,19 @@ def studies_section(directory: str, md: str) -> list[str]:
                 row.append(text if ratio is None else f"{text} ({ratio:.2f}x)")
             rows.append(row)
         out += [*_table(["workload", *names], rows), ""]
+        # CPU time per request: what the load of a shared machine changes least.
+        per: dict[tuple[str, str], list[float]] = {}
+        for r in d.get("runs", []):
+            if r.get("iops") and r.get("server_cpu_pct") is not None:
+                per.setdefault((r["workload"], r["server"]), []).append(
+                    r["server_cpu_pct"] * 1e4 / r["iops"])
+        if per:
+            out += ["Server CPU time per request, microseconds (user + system of every server "
+                    "process; median of the runs):", ""]
+            out += [*_table(["workload", *names],
+                            [[wl, *[f"{statistics.median(per[wl, n]):.1f}"
+                                    if (wl, n) in per else "-" for n in names]]
+                             for wl in d.get("workloads", [])]), ""]
         measures = study.get("measures", [])
         if measures:
             out += [*_table(["measure", "value"], [[str(k), str(v)] for k, v in measures]), ""]

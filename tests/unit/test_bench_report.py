@@ -146,7 +146,13 @@ def test_history_studies_render_as_focused_comparisons(tmp_path: Path) -> None:
                                                      "ratio_to_ref": 0.625}},
                          "read-1m-qd8": {"new": {"mibps_median": 600.0, "ratio_to_ref": 1.0}}},
              "study": {"title": "A change", "text": ["Load average 3."],
-                       "measures": [["instructions per request, new", "21,000"]]}}
+                       "measures": [["instructions per request, new", "21,000"]]},
+             "runs": [{"server": "new", "workload": "randread-4k-qd1", "iops": 8000.0,
+                       "server_cpu_pct": 40.0},
+                      {"server": "new", "workload": "randread-4k-qd1", "iops": 10000.0,
+                       "server_cpu_pct": 40.0},
+                      {"server": "old", "workload": "randread-4k-qd1", "iops": 5000.0,
+                       "server_cpu_pct": 50.0}]}
     (history / "study.json").write_text(json.dumps(study))
     plain = dict(study, date="2026-12-02T00:00:00+0000")
     del plain["study"]
@@ -158,5 +164,8 @@ def test_history_studies_render_as_focused_comparisons(tmp_path: Path) -> None:
     assert "| randread-4k-qd1 [IOPS] | 8,000 (1.00x) | 5,000 (0.62x) |" in md
     assert "| read-1m-qd8 [MiB/s] | 600 (1.00x) | - |" in md
     assert "| instructions per request, new | 21,000 |" in md
+    # CPU per request: 40% of a CPU at 8,000 and 10,000 IOPS -> 50 and 40 us, median 45.
+    assert "| randread-4k-qd1 | 45.0 | 100.0 |" in md
+    assert "| read-1m-qd8 | - | - |" in md
     assert md.index("## Focused comparisons") < md.index("## History")
     assert "[plain.json]" in md and "[study.json]" in md  # both in the history table
