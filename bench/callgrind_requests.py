@@ -12,8 +12,11 @@ completions). The image is a raw file of 64 MiB on the disk the repository is on
 runs the workload twice under ``valgrind --tool=callgrind`` (few and many batches) and
 prints the difference of the two totals per request: start-up and teardown cancel out.
 ``--vhd`` serves the same bytes as a fully allocated dynamic VHD (bench/vhd_make.py)
-instead of the raw file; ``--batch 1`` sends one request at a time (queue depth 1,
-through the event loop: this harness has no socket, so no read lane).
+instead of the raw file; ``--batch 1`` sends one request at a time (without
+``--socket`` the harness feeds the next request without the loop running in between when
+the last one completed at once, so an O_DIRECT image's synchronous reads, which take one
+per loop iteration, mostly go to AIO: use ``--socket`` for queue depth 1 as a client
+sees it).
 ``--socket`` serves a real NBD socket instead, to a client in another process (not
 counted) that sends each batch and waits for its replies: with ``--batch 1`` that is
 queue depth 1 as fio's, served by the connection's read lane (nbd_lane) where the VBD
