@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.helpers import TAP_CTL, process_socket_inodes
@@ -183,3 +185,44 @@ def stop_private_servers(env: dict[str, str]) -> None:
     for pid in private_servers(env):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_signal_before_the_workers_pid_reaches_the_worker(run_dir: str) -> None:
+    """SIGTERM to the client while it waits for the worker's pid: the client must not die
+    (the worker would finish a create nobody waits for) but pass the signal on once the
+    pid comes. A stand-in server (the client's protocol, at this installation's address)
+    holds the pid back until the signal was sent; a sleep stands in for the worker."""
+    key = private_installation_env()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(private_address(key).replace("@", "\0", 1))
+    server.listen(1)
+    worker = subprocess.Popen(["sleep", "60"])
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {key['BLKTAP_SRC_LINK']!r})\n"
+         + CLIENT.format(heavy=HEAVY), "create", "-a", "aio:/nowhere"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=key)
+    try:
+        server.settimeout(30)
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(30)
+            request, ancdata, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(12))
+            for _, _, data in ancdata:  # the client's stdin, stdout, stderr: not ours
+                for i in range(0, len(data) - 3, 4):
+                    os.close(int.from_bytes(data[i : i + 4], sys.byteorder))
+            assert request.split(b"\0")[4:7] == [b"create", b"-a", b"aio:/nowhere"]
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # the handler has run by now (or the client has died)
+            assert proc.poll() is None, "the client died of a signal meant for the worker"
+            conn.send(b"pid:%d" % worker.pid)
+            assert worker.wait(timeout=30) == -signal.SIGTERM
+            conn.send(b"exit:4")
+        proc.communicate(timeout=30)
+        assert proc.returncode == 4
+    finally:
+        for p in (proc, worker):
+            if p.poll() is None:
+                p.kill()
+        proc.communicate()
+        worker.wait()
+        server.close()
