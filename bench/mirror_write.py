@@ -37,7 +37,8 @@ fio, one epoll_pwait: one loop wake-up per secondary reply, since the server ans
 them one by one and the loop takes each at once; and three getpid, asyncio asking for
 the running loop). The cost is CPU in the tapdisk: a mirrored write does the work of two
 writes, and the NBD client's write is the dear one. Instructions per 4 KiB write in one
-process (bench/nbd_driver_writes.py, callgrind; before = 17560c6, after = this tree):
+process (bench/nbd_driver_writes.py, callgrind; before = 17560c6, after = this tree; the
+nbd modes vary by some 10 % between runs, with how many replies one wake-up reads):
 
 ===========  ============  ============
 mode         before        after
@@ -45,7 +46,7 @@ mode         before        after
 file         12757         13188
 nbd          149219        93547
 mirror-file  76784         69406
-mirror-nbd   194188        139735
+mirror-nbd   194188        139735, 152598
 ===========  ============  ============
 
 What changed: the nbd driver kept its extent map in one sorted list, and each random
@@ -61,9 +62,11 @@ the tapdisk is CPU-bound on one event loop (bench/nbd_driver_read.py --multi-con
 more connections, less IOPS), and qemu-nbd serves one connection's requests
 concurrently already.
 
-fio through the tapdisk, the same run (``--reps 3 --runtime 4 --before /tmp/old/src``,
-1 GiB sparse images, load average 10-37, so IOPS are noise): plain 11.0 us tapdisk CPU
-per write, slow 19.1, mirror 119.4 (before: 144.0), qemu-nbd 36.1 (39.0) us per write.
+fio through the tapdisk, before and after in one run (``--reps 3 --runtime 4 --before
+/tmp/old/src``, 1 GiB sparse images, 2026-12-03 18:55 UTC, load average 32: IOPS are
+noise), medians of tapdisk CPU per write: plain 9.2 us, slow 16.1, mirror 103.4 (before
+114.2); IOPS plain 15493, slow 11958, mirror 1447 (before 981). An earlier run at load
+10-37: mirror 119.4 us (before 144.0).
 """
 
 from __future__ import annotations
