@@ -143,6 +143,9 @@ def step_fuzz(args: argparse.Namespace, out: Path) -> None:
         entry.update(seconds=round(time.monotonic() - started, 1), exit=proc.returncode,
                      command=" ".join(cmd), host=before,
                      loadavg_end=os.getloadavg())
+        # Read again: another invocation (another target, side by side) may have
+        # saved its entry meanwhile.
+        doc = load(path) or doc
         doc["targets"][target] = entry
         doc.setdefault("host", before)
         print(target, entry, flush=True)
