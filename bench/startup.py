@@ -4,6 +4,7 @@
     .venv/bin/python bench/startup.py [--rounds 20] [--counts 1,10,100]
         [--before /tmp/before/src] [--after /tmp/after/src]
         [--variants after,no-forkserver,before] [--json OUT.json] [--markdown OUT.md]
+    .venv/bin/python bench/startup.py --render OUT.json --markdown OUT.md
 
 Variants: ``after`` is this tree's tap-ctl as installed (bin/tap-ctl), or with --after
 the src/ of a checkout (e.g. ``git worktree add /tmp/after HEAD``: a snapshot that other
@@ -301,6 +302,16 @@ def _memory(variant: Variant, count: int, run_dir: str) -> dict[str, Any]:
             "servers": len(servers), "server_pss_mib": sum(m[1] for m in servers) / 1024}
 
 
+def commit(src: str | None) -> str:
+    """``, commit ABC`` of the checkout holding ``src`` (or of this tree)."""
+    import subprocess
+
+    where = os.path.dirname(os.path.abspath(src)) if src else str(Path(__file__).parent)
+    proc = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=False)
+    return f", commit {proc.stdout.strip()}" if proc.returncode == 0 else ""
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The comparison as a Markdown section (generated; see --markdown)."""
     lat = doc.get("latency")
@@ -327,9 +338,10 @@ def markdown(doc: dict[str, Any]) -> str:
                          f"{cell('destroy_ms')} | {cell('destroy_cpu_ms')} |")
         lines.append("")
     if doc.get("memory"):
-        lines += ["N VBDs created at once, one tapdisk each: total time, and the RSS and "
-                  "PSS of all their tapdisks plus the variant's fork servers:", "",
-                  "(`no-forkserver` only up to --max-plain)", "",
+        lines += ["N VBDs created at once, one tapdisk each, in a new run directory: total "
+                  "time (the first creates also start the variant's fork servers: a cold "
+                  "start), and the RSS and PSS of all their tapdisks plus the variant's fork "
+                  "servers (`no-forkserver` only up to --max-plain):", "",
                   "| variant | N | create | destroy | RSS | PSS | PSS per VBD |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for m in doc["memory"]:
@@ -361,7 +373,18 @@ def main() -> int:
     ap.add_argument("--max-plain", type=int, default=10,
                     help="largest N for no-forkserver (N interpreters start at once; "
                          "on a loaded machine their creates time out; default 10)")
+    ap.add_argument("--render", metavar="JSON",
+                    help="write --markdown from an earlier run's --json; run nothing")
     args = ap.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            rendered = markdown(json.load(f)) + "\n"
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(rendered)
+        else:
+            sys.stdout.write(rendered)
+        return 0
     names = (args.variants.split(",") if args.variants else
              ["after", "no-forkserver"] + (["before"] if args.before else []))
     if "before" in names and not args.before:
@@ -369,9 +392,9 @@ def main() -> int:
     scratch = tempfile.mkdtemp(prefix="su-bench-", dir="/tmp")
     src = {"after": args.after, "no-forkserver": args.after, "before": args.before}
     variants = [Variant(n, src[n], scratch) for n in names]
-    describe = {"after": f"this tree ({args.after or 'as installed'})",
+    describe = {"after": f"this tree ({args.after or 'as installed'}{commit(args.after)})",
                 "no-forkserver": "after with BLKTAP_FORKSERVER=off",
-                "before": f"{args.before}"}
+                "before": f"{args.before}{commit(args.before)}"}
     counts = [int(c) for c in args.counts.split(",") if c]
     doc: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%MZ"),
