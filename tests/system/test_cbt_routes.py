@@ -341,3 +341,27 @@ def test_buffered_tapdisk_with_a_log_real_clients_on_every_route(
         same_disk(source, copy, tmp_path)
     finally:
         destroy(pid, minor)
+
+
+def test_two_logs_are_both_marked_on_the_fast_routes(tmp_path: Path) -> None:
+    """Observers compose: with two logs stacked, each fast route marks both."""
+    img = make_image(str(tmp_path), size=SIZE)
+    first = new_log(tmp_path / "first.cbtlog")
+    second = new_log(tmp_path / "second.cbtlog")
+
+    async def body() -> None:
+        vbd = VBD(0)
+        await vbd.open(ImageSpec("aio", img), OpenOptions(direct=False),
+                       [LogSlot(first).opener(), LogSlot(second).opener()])
+        try:
+            adm = vbd.admission
+            assert adm is not None and adm.sync is not None
+            assert len(vbd.capabilities.observers) == 2
+            assert vbd.write_now(0, memoryview(bytes(4096)))
+            assert adm.sync.pwritev(adm.sync.fd, [memoryview(bytes(4096))], 3 * BLOCK, 0) == 4096
+            await vbd.write(7 * BLOCK, memoryview(bytes(512)), fua=True)
+        finally:
+            await vbd.close()
+
+    run(body())
+    assert logged(first) == logged(second) == {0, 3, 7}
