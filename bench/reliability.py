@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -136,11 +137,15 @@ def step_fuzz(args: argparse.Namespace, out: Path) -> None:
             cmd += ["--runs", str(args.fuzz_runs)]
         before = host()
         started = time.monotonic()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                               env=env_without_run_dir())
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         (work / "fuzz.log").write_text(proc.stdout + proc.stderr)
         entry = parse_fuzz_log(proc.stdout + proc.stderr)
         entry.update(seconds=round(time.monotonic() - started, 1), exit=proc.returncode,
+                     cpu_seconds=round(cpu, 1),
                      command=" ".join(cmd), host=before,
                      loadavg_end=os.getloadavg())
         # Read again: another invocation (another target, side by side) may have
@@ -518,6 +523,18 @@ def report(out: Path, doc_path: Path) -> None:
             lines.append(f"| {name} | {t['executions']:,} | {t['exec_per_sec']} | "
                          f"{t['new_units']} | {t['seconds']:.0f} | {when} | {during} | "
                          f"{found} | `{t['command']}` |")
+        probe = load(out / "fuzz-cpu.json")
+        for doc, how in ((fuzz, "in the runs above"),
+                         (probe, "in a short run of each target on its own "
+                                 "(`bench/reliability.py fuzz --fuzz-seconds 60`, "
+                                 "DIR/fuzz-cpu.json)")):
+            per_cpu = [f"{name} {t['executions'] / t['cpu_seconds']:,.0f}"
+                       for name, t in (doc or {}).get("targets", {}).items()
+                       if t.get("cpu_seconds")]
+            if per_cpu:
+                lines += ["", f"Executions per CPU second {how}, the fuzzer's own CPU "
+                          "time (which the load average does not inflate): "
+                          + ", ".join(per_cpu) + "."]
         rates = ", ".join(f"{name} {1e7 / max(t['exec_per_sec'], 1) / 3600:.1f} h"
                           for name, t in fuzz["targets"].items())
         lines += ["", f"At these rates (on this loaded machine) 10 million executions "
@@ -572,7 +589,8 @@ def report(out: Path, doc_path: Path) -> None:
         for fig in plot_soak(soak, out):
             lines += [f"![{fig}]({rel}/{fig})", ""]
         lines += [f"Figures: `bench/reliability.py soak --vbds {st['vbds']} --soak-seconds "
-                  f"{st['seconds']:.0f} && bench/reliability.py report`.", ""]
+                  f"{st['seconds']:.0f} --soak-interval {st.get('interval', 1):g} && "
+                  "bench/reliability.py report`.", ""]
     doc_path.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {doc_path}")
 
