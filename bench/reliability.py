@@ -509,7 +509,7 @@ def report(out: Path, doc_path: Path) -> None:
                   "`nbd`, `control` and `vhd` go end to end (a real server on a Unix "
                   "socket, the vhd driver's open of a file: tests/fuzz/targets.py), "
                   "hundreds of times slower.", "",
-                  "| target | executions | exec/s | new inputs | seconds | started (UTC) "
+                  "| target | executions | exec/s | new inputs | seconds | started (UTC), commit "
                   "| load during (min/med/max) | found | command |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for name, t in fuzz["targets"].items():
@@ -520,6 +520,8 @@ def report(out: Path, doc_path: Path) -> None:
             during = load_during(loadlog, h, t["seconds"]) or (
                 ", ".join(f"{x:.1f}" for x in h["loadavg"]) + " at the start" if h else "")
             when = h["date"].split(" ", 1)[1].removesuffix(" UTC") if h else ""
+            if h and h.get("commit"):
+                when += f", {h['commit']}"
             lines.append(f"| {name} | {t['executions']:,} | {t['exec_per_sec']} | "
                          f"{t['new_units']} | {t['seconds']:.0f} | {when} | {during} | "
                          f"{found} | `{t['command']}` |")
