@@ -330,6 +330,8 @@ def aim_table(crash: dict[str, Any] | None, fuzz: dict[str, Any] | None,
         for name, t in fuzz["targets"].items():
             reached = ("reached" if t["executions"] >= AIM_EXECUTIONS
                        else f"not reached: {t['seconds']:.0f} s at {t['exec_per_sec']}/s")
+            if len(t.get("runs", [])) > 1:
+                reached += f"; {len(t['runs'])} runs on one corpus"
             clean = "yes" if not t["found"] and t["exit"] == 0 else "**no**"
             rows.append(f"| fuzz executions, {name} | 10 M | {t['executions']:,} "
                         f"({reached}) | {clean} |")
@@ -517,7 +519,9 @@ def report(out: Path, doc_path: Path) -> None:
             if t.get("exit"):
                 found += f" (exit {t['exit']})"
             h = t.get("host") or fuzz.get("host")
-            during = load_during(loadlog, h, t["seconds"]) or (
+            during = " ; ".join(load_during(loadlog, r.get("host"), r["seconds"])
+                                for r in t["runs"]) if t.get("runs") else ""
+            during = during or load_during(loadlog, h, t["seconds"]) or (
                 ", ".join(f"{x:.1f}" for x in h["loadavg"]) + " at the start" if h else "")
             when = h["date"].split(" ", 1)[1].removesuffix(" UTC") if h else ""
             if h and h.get("commit"):
