@@ -430,6 +430,7 @@ def main() -> int:
         shutil.rmtree(scratch, ignore_errors=True)
         doc["loadavg"].append(os.getloadavg()[0])
         if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:
                 json.dump(doc, f, indent=1)
                 f.write("\n")
