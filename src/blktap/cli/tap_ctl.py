@@ -274,7 +274,7 @@ def _build_list() -> _Parser:
     p.add_argument("--json", action="store_true",
                    help="print a JSON array instead; each VBD also gives its NBD socket "
                         "(nbd_socket), kernel block device (block_device) and its I/O path "
-                        "(block_device_io: passthrough or fuse), image chain, "
+                        "(block_device_io: passthrough, fuse or fuse-uring), image chain, "
                         "leaf first (chain) and changed-block log (cbt_log)")
     return p
 

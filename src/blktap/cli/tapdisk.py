@@ -45,6 +45,11 @@ environment:
                    (default), on for read-write ones too (a pause then holds writes but
                    not lone reads, and an unpause onto another file is refused), off
                    for none; STATS' blockdev.io_path says
+  BLKTAP_FUSE_URING  off (default), auto or on: serve the block device's FUSE requests
+                   from io_uring ring entries (FUSE over io_uring; needs root to write Y
+                   to /sys/module/fuse/parameters/enable_uring) instead of reading
+                   /dev/fuse: auto where the kernel offers it, on or the device fails
+                   with the reason; io_path then says fuse-uring
 
 Logs go to syslog (daemon facility) when daemonized, to standard error with -D.
 """
