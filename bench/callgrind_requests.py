@@ -190,7 +190,8 @@ def _client(sock_path: str, write: bool, batches: int, batch: int) -> None:
 
 def _measure(args: argparse.Namespace) -> None:
     totals = []
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(__file__))) as tmp:
+    # Not tmpfs: the --direct cases open the image with O_DIRECT.
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         image = os.path.join(tmp, "image.raw")
         with open(image, "wb") as f:
             f.write(os.urandom(IMAGE_SIZE))  # written, not sparse: reads hit the page cache
