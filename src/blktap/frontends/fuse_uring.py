@@ -29,14 +29,12 @@ import struct
 from collections.abc import Callable
 
 from blktap.proto import fuse_uring
-from blktap.util import eager
+from blktap.util import eager, uring
 
 log = logging.getLogger(__name__)
 
 # include/uapi/linux/io_uring.h (x86_64 system call numbers)
-_NR_SETUP, _NR_ENTER, _NR_REGISTER = 425, 426, 427
-_OFF_SQ_RING, _OFF_SQES = 0, 0x10000000  # the CQ ring shares the SQ ring's mapping
-_FEAT_SINGLE_MMAP = 1 << 0
+_NR_ENTER = 426
 _SETUP_SQE128 = 1 << 10
 _SETUP_SINGLE_ISSUER = 1 << 12
 _SETUP_DEFER_TASKRUN = 1 << 13
@@ -46,16 +44,14 @@ _CQ_EVENTFD_DISABLED = 1 << 0  # cq_flags, the application's: completions do not
 _ROUNDS = 8
 """Enter-and-reap rounds per eventfd wake-up before the loop gets a turn."""
 _ENTER_GETEVENTS = 1 << 0
-_REGISTER_EVENTFD = 4
 _OP_URING_CMD = 46
-_PARAMS = struct.Struct("<10I8IQ8IQ")
 # struct io_uring_sqe up to its command area: opcode, flags, ioprio, fd, cmd_op, pad1,
 # addr, len, uring_cmd_flags, user_data, buf_index, personality, splice_fd_in.
 # ... and with the command area's fuse_uring_cmd_req (flags, commit_id, qid): the rest of
 # the area stays zero (nothing else is ever written there).
 _SQE_CMD = struct.Struct("<BBHiIIQIIQHHiQQH6x")
 _SQE_SIZE = 128
-_CQE = struct.Struct("<QiI")  # user_data, res, flags
+_CQE = uring.CQE
 _HEADER_STRIDE = 512
 _COMMIT = int(fuse_uring.Cmd.COMMIT_AND_FETCH)
 _IOVEC = struct.Struct("=QQ")
@@ -141,37 +137,20 @@ class FuseRing:
         modes = [_SETUP_SQE128 | _SETUP_SINGLE_ISSUER | _SETUP_DEFER_TASKRUN
                  | _SETUP_TASKRUN_FLAG, _SETUP_SQE128]
         for flags in modes:
-            raw = ctypes.create_string_buffer(_PARAMS.size)
-            struct.pack_into("<I", raw, 8, flags)
             try:
-                self._fd = _sys(_NR_SETUP, sq_size, ctypes.addressof(raw))
+                self._fd, params = uring.setup(sq_size, flags)
             except OSError as exc:
                 if exc.errno == errno.EINVAL and flags & _SETUP_DEFER_TASKRUN:
                     continue  # before 6.1: no deferred task work
-                raise OSError(exc.errno, f"io_uring_setup: {exc.strerror}") from None
+                raise
             self._defer = bool(flags & _SETUP_DEFER_TASKRUN)
             break
-        p = _PARAMS.unpack(raw.raw)
-        sq_entries, cq_entries, _flags, _cpu, _idle, features = p[:6]
-        (_sq_head, sq_tail, sq_mask, _n, sq_flags, _dropped, sq_array) = p[10:17]
-        (cq_head, cq_tail, cq_mask, _cq_n, _overflow, cqes, cq_flags) = p[19:26]
-        if not features & _FEAT_SINGLE_MMAP:
-            raise OSError(errno.ENOSYS, "io_uring without IORING_FEAT_SINGLE_MMAP")
-        rings = self._map_ring(max(sq_array + sq_entries * 4, cqes + cq_entries * _CQE.size),
-                               _OFF_SQ_RING)
-        self._sqes = self._map_ring(sq_entries * _SQE_SIZE, _OFF_SQES)
-        self._rings = rings
-        self._sq_tail = ctypes.c_uint32.from_buffer(rings, sq_tail)
-        self._sq_mask = ctypes.c_uint32.from_buffer(rings, sq_mask).value
-        self._sq_entries = sq_entries
-        self._cq_head = ctypes.c_uint32.from_buffer(rings, cq_head)
-        self._cq_tail = ctypes.c_uint32.from_buffer(rings, cq_tail)
-        self._cq_mask = ctypes.c_uint32.from_buffer(rings, cq_mask).value
-        self._sq_flags = ctypes.c_uint32.from_buffer(rings, sq_flags)
-        self._cq_flags = ctypes.c_uint32.from_buffer(rings, cq_flags)
-        self._cqes = cqes
-        for i in range(sq_entries):  # each slot always names the SQE of its index
-            struct.pack_into("<I", rings, sq_array + 4 * i, i)
+        r = self._r = uring.open_rings(self._fd, params, _SQE_SIZE)
+        self._maps.extend(r.maps)
+        self._rings, self._sqes, self._cqes = r.rings, r.sqes, r.cqes
+        self._sq_tail, self._sq_mask, self._sq_entries = r.sq_tail, r.sq_mask, r.sq_entries
+        self._cq_head, self._cq_tail, self._cq_mask = r.cq_head, r.cq_tail, r.cq_mask
+        self._sq_flags, self._cq_flags = r.sq_flags, r.cq_flags
         # The entries' buffers: untouched pages cost nothing (the kernel fills an entry
         # with a request's bytes only, and reuses the most recently freed entry first).
         self.headers = self._map_anon(self.entries * _HEADER_STRIDE)
@@ -189,18 +168,7 @@ class FuseRing:
                              head_base + i * _HEADER_STRIDE, _HEADER_STRIDE)
             _IOVEC.pack_into(self._iovecs, (2 * i + 1) * _IOVEC.size,
                              payload_base + i * size, size)
-        self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        arg = ctypes.c_int32(self._efd)
-        try:
-            _sys(_NR_REGISTER, self._fd, _REGISTER_EVENTFD, ctypes.addressof(arg), 1)
-        except OSError as exc:
-            raise OSError(exc.errno, f"io_uring_register(EVENTFD): {exc.strerror}") from None
-
-    def _map_ring(self, size: int, offset: int) -> mmap.mmap:
-        m = mmap.mmap(self._fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                      mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-        self._maps.append(m)
-        return m
+        self._efd = uring.register_eventfd(self._fd)
 
     def _map_anon(self, size: int) -> mmap.mmap:
         m = mmap.mmap(-1, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)

@@ -47,6 +47,97 @@ _PARAMS = struct.Struct("<10I8IQ8IQ")
 # buf_index, personality, splice_fd_in, addr3, pad
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")
 _CQE = struct.Struct("<QiI")  # user_data, res, flags
+CQE = _CQE
+"""struct io_uring_cqe (16 bytes): user_data, res, flags."""
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+
+
+class Rings:
+    """An io_uring's mapped submission and completion rings, shared by the rings of
+    this package and blktap.frontends.fuse_uring: :func:`open_rings` makes one.
+
+    The ``c_uint32`` views (``sq_tail``, ``cq_head``, ...) are the kernel's ring
+    indexes, read and written in place; ``sq_mask``, ``cq_mask``, ``sq_entries`` and
+    ``cqes`` (the CQE array's offset in ``rings``) are plain values. Each submission
+    slot names the SQE of the same index, for good."""
+
+    def __init__(self, fd: int, params: tuple[int, ...], sqe_size: int) -> None:
+        if not params[5] & _FEAT_SINGLE_MMAP:  # features
+            raise OSError(errno.ENOSYS, "io_uring without IORING_FEAT_SINGLE_MMAP")
+        self.fd = fd
+        self.maps: list[mmap.mmap] = []
+        try:
+            self._map_all(params, sqe_size)
+        except BaseException:
+            self.unmap()
+            raise
+
+    def _map_all(self, params: tuple[int, ...], sqe_size: int) -> None:
+        sq_entries, cq_entries = params[:2]
+        (_sq_head, sq_tail, sq_mask, _n, sq_flags, _dropped, sq_array) = params[10:17]
+        (cq_head, cq_tail, cq_mask, _cq_n, _overflow, cqes, cq_flags) = params[19:26]
+        self.rings = rings = self._map(
+            max(sq_array + sq_entries * 4, cqes + cq_entries * _CQE.size), _OFF_SQ_RING)
+        self.sqes = self._map(sq_entries * sqe_size, _OFF_SQES)
+        self.sq_entries = sq_entries
+        self.sq_tail = ctypes.c_uint32.from_buffer(rings, sq_tail)
+        self.sq_mask = ctypes.c_uint32.from_buffer(rings, sq_mask).value
+        self.sq_flags = ctypes.c_uint32.from_buffer(rings, sq_flags)
+        self.cq_head = ctypes.c_uint32.from_buffer(rings, cq_head)
+        self.cq_tail = ctypes.c_uint32.from_buffer(rings, cq_tail)
+        self.cq_mask = ctypes.c_uint32.from_buffer(rings, cq_mask).value
+        self.cq_flags = ctypes.c_uint32.from_buffer(rings, cq_flags)
+        self.cqes = cqes
+        for i in range(sq_entries):
+            struct.pack_into("<I", rings, sq_array + 4 * i, i)
+
+    def _map(self, size: int, offset: int) -> mmap.mmap:
+        m = mmap.mmap(self.fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                      mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        self.maps.append(m)
+        return m
+
+    def unmap(self) -> None:
+        """Drop the views (they export the mappings' buffers) and unmap what can be."""
+        self.sq_tail = self.sq_flags = None  # type: ignore[assignment]
+        self.cq_head = self.cq_tail = self.cq_flags = None  # type: ignore[assignment]
+        for m in self.maps:
+            with contextlib.suppress(BufferError):
+                m.close()
+        self.maps.clear()
+
+
+def setup(entries: int, flags: int = 0) -> tuple[int, tuple[int, ...]]:
+    """``io_uring_setup(entries)`` with ``flags`` (IORING_SETUP_*): the ring's
+    descriptor and its ``struct io_uring_params``, unpacked. Raises OSError."""
+    raw = ctypes.create_string_buffer(_PARAMS.size)
+    struct.pack_into("<I", raw, 8, flags)
+    while (fd := _syscall(_NR_SETUP, entries, raw)) < 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, f"io_uring_setup: {os.strerror(err)}")
+    return fd, _PARAMS.unpack(raw.raw)
+
+
+def open_rings(fd: int, params: tuple[int, ...], sqe_size: int) -> Rings:
+    """Map the rings of the io_uring ``fd`` made by :func:`setup` (``sqe_size``: 64, or
+    128 with IORING_SETUP_SQE128). Raises OSError; unmaps what it mapped then."""
+    return Rings(fd, params, sqe_size)
+
+
+def register_eventfd(fd: int) -> int:
+    """A new non-blocking eventfd registered with the io_uring ``fd`` (signalled on
+    completions). Raises OSError (the eventfd closed)."""
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    arg = ctypes.c_int32(efd)
+    if _syscall(_NR_REGISTER, fd, _REGISTER_EVENTFD, ctypes.byref(arg), 1) < 0:
+        err = ctypes.get_errno()
+        os.close(efd)
+        raise OSError(err, f"io_uring_register(EVENTFD): {os.strerror(err)}")
+    return efd
+
 
 DEPTH = 64
 """Most writes in the kernel at once; more wait in order."""
@@ -59,22 +150,24 @@ class Uring:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, entries: int = DEPTH) -> None:
         self._loop = loop
-        raw = ctypes.create_string_buffer(_PARAMS.size)
-        fd = _syscall(_NR_SETUP, entries, raw)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"io_uring_setup: {os.strerror(err)}")
+        fd, params = setup(entries)
         self._fd = fd
-        self._maps: list[mmap.mmap] = []
-        self._efd = -1
         try:
-            self._setup(_PARAMS.unpack(raw.raw))
+            r = self._r = open_rings(fd, params, _SQE.size)
         except BaseException:
-            self._unmap()
             os.close(fd)
-            if self._efd >= 0:
-                os.close(self._efd)
             raise
+        try:
+            self._efd = register_eventfd(fd)
+        except BaseException:
+            r.unmap()
+            os.close(fd)
+            raise
+        # Without SQPOLL the kernel takes each SQE during our io_uring_enter: the
+        # submission queue never holds more than the one being submitted.
+        self._rings, self._sqes, self._cqes = r.rings, r.sqes, r.cqes
+        self._sq_tail, self._sq_mask, self._sq_entries = r.sq_tail, r.sq_mask, r.sq_entries
+        self._cq_head, self._cq_tail, self._cq_mask = r.cq_head, r.cq_tail, r.cq_mask
         self._futs: dict[int, tuple[EagerFuture[int], Any]] = {}
         # Requests past DEPTH: (tag, future, fd, addr, nbytes, offset, keep, rw_flags).
         self._waiting: deque[tuple[int, EagerFuture[int], int, int, int, int, Any, int]] = deque()
@@ -83,40 +176,6 @@ class Uring:
         self._closed = False
         self._refs = 0
         loop.add_reader(self._efd, self._on_completions)
-
-    def _setup(self, p: tuple[int, ...]) -> None:
-        sq_entries, cq_entries, _flags, _cpu, _idle, features = p[:6]
-        (_sq_head, sq_tail, sq_mask, _sq_entries, _sq_flags, _dropped, sq_array) = p[10:17]
-        (cq_head, cq_tail, cq_mask, _cq_entries, _overflow, cqes) = p[19:25]
-        if not features & _FEAT_SINGLE_MMAP:
-            raise OSError(errno.ENOSYS, "io_uring without IORING_FEAT_SINGLE_MMAP")
-        size = max(sq_array + sq_entries * 4, cqes + cq_entries * _CQE.size)
-        rings = self._map(size, _OFF_SQ_RING)
-        self._sqes = self._map(sq_entries * _SQE.size, _OFF_SQES)
-        self._rings = rings
-        # Without SQPOLL the kernel takes each SQE during our io_uring_enter: the
-        # submission queue never holds more than the one being submitted.
-        self._sq_tail = ctypes.c_uint32.from_buffer(rings, sq_tail)
-        self._sq_mask = ctypes.c_uint32.from_buffer(rings, sq_mask).value
-        self._sq_entries = sq_entries
-        self._cq_head = ctypes.c_uint32.from_buffer(rings, cq_head)
-        self._cq_tail = ctypes.c_uint32.from_buffer(rings, cq_tail)
-        self._cq_mask = ctypes.c_uint32.from_buffer(rings, cq_mask).value
-        self._cqes = cqes
-        # Each submission queue slot always names the SQE of the same index.
-        for i in range(sq_entries):
-            struct.pack_into("<I", rings, sq_array + 4 * i, i)
-        self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        arg = ctypes.c_int32(self._efd)
-        if _syscall(_NR_REGISTER, self._fd, _REGISTER_EVENTFD, ctypes.byref(arg), 1) < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"io_uring_register(EVENTFD): {os.strerror(err)}")
-
-    def _map(self, size: int, offset: int) -> mmap.mmap:
-        m = mmap.mmap(self._fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                      mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-        self._maps.append(m)
-        return m
 
     # ------------------------------------------------------------------ requests
     def write(self, fd: int, addr: int, nbytes: int, offset: int, keep: Any,
@@ -224,10 +283,7 @@ class Uring:
     def _unmap(self) -> None:
         # The ctypes views export the mapping's buffer: drop them so that it can close.
         self._sq_tail = self._cq_head = self._cq_tail = None  # type: ignore[assignment]
-        for m in self._maps:
-            with contextlib.suppress(BufferError):
-                m.close()
-        self._maps.clear()
+        self._r.unmap()
 
 
 def _wait_and_close(fd: int, inflight: int, keep: list[Any]) -> None:
@@ -238,8 +294,6 @@ def _wait_and_close(fd: int, inflight: int, keep: list[Any]) -> None:
     keep.clear()
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
 _unavailable: set[str] = set()
 
 
