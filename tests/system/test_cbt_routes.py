@@ -20,7 +20,7 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +32,27 @@ from blktap.block.driver import OpenOptions
 from blktap.block.layer import Layer, LayerOpener, Stack
 from blktap.block.layers.log import LogLayer, LogSlot
 from blktap.vbd import VBD, ImageSpec
-from tests.helpers import BIN
 from tests.nbd_helpers import MIB, SIZE, RawClient, ServedImage, make_image, request
 from tests.system.test_cbt import SIZE as CBT_SIZE
 from tests.system.test_cbt import (
     TOOLS,
     apply_from_export,
+    blocks,
     client_writes,
     create,
     destroy,
     fio_writes,
     full_copy,
+    logged,
     same_disk,
     sock,
     uri,
 )
 from tests.system.test_cbt import make_image as make_disk
+from tests.system.test_cbt import new_log as cbt_new_log
 from tests.system.test_nbd_server import big_writes, lane_threads, write_reply
 from tests.system.test_tap_ctl import assert_clean, qemu_io
 
-CBT_UTIL = str(BIN / "cbt-util")
 BLOCK = 64 << 10
 SYNC = 512 << 10  # a write for the thread route (lanes take SYNC_WRITE_MAX and more)
 
@@ -78,25 +79,8 @@ def counting_log(path: str, opened: list[CountingLogLayer]) -> LayerOpener:
 
 
 def new_log(path: Path, size: int = SIZE) -> str:
-    subprocess.run([CBT_UTIL, "create", "-n", str(path), "-s", str(size)], check=True,
-                   timeout=60)
-    return str(path)
-
-
-def logged(log: str) -> set[int]:
-    """The blocks ``cbt-util get -b`` names."""
-    bitmap = subprocess.run([CBT_UTIL, "get", "-n", log, "-b"], check=True,
-                            capture_output=True, timeout=60).stdout
-    return {i * 8 + b for i, byte in enumerate(bitmap) if byte for b in range(8)
-            if byte >> b & 1}
-
-
-def blocks(requests: Iterable[tuple[int, int]]) -> set[int]:
-    """The 64 KiB blocks that ``(offset, length)`` requests touch."""
-    out: set[int] = set()
-    for offset, length in requests:
-        out.update(range(offset // BLOCK, (offset + length - 1) // BLOCK + 1))
-    return out
+    """A new log for a disk of ``size`` (this file's images: tests.nbd_helpers.SIZE)."""
+    return cbt_new_log(path, size)
 
 
 class Routes:
