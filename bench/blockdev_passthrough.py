@@ -26,15 +26,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from blockdevs import losetup, tapdev
+from blockdevs import WORKLOADS, losetup, tapdev
 
-WORKLOADS = [  # name, rw, bs, iodepth, unit
-    ("randread-4k-qd1", "randread", "4k", 1, "iops"),
-    ("randread-4k-qd32", "randread", "4k", 32, "iops"),
-    ("randwrite-4k-qd32", "randwrite", "4k", 32, "iops"),
-    ("read-1m-qd8", "read", "1M", 8, "MiB/s"),
-    ("write-1m-qd8", "write", "1M", 8, "MiB/s"),
-]
 DEVICES = ("passthrough", "fallback", "loop")
 
 

@@ -24,6 +24,14 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 
+WORKLOADS = [  # the five default workloads: name, fio rw, bs, iodepth, unit
+    ("randread-4k-qd1", "randread", "4k", 1, "iops"),
+    ("randread-4k-qd32", "randread", "4k", 32, "iops"),
+    ("randwrite-4k-qd32", "randwrite", "4k", 32, "iops"),
+    ("read-1m-qd8", "read", "1M", 8, "MiB/s"),
+    ("write-1m-qd8", "write", "1M", 8, "MiB/s"),
+]
+
 
 def loop_dio(device: str) -> bool | None:
     """Whether the loop device does direct I/O on its backing file (None: unknown)."""
