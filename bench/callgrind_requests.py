@@ -35,6 +35,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 IMAGE_SIZE = 64 << 20
@@ -104,18 +105,8 @@ async def _run(spec: str, direct: bool, write: bool, batches: int, batch: int) -
         conn.buffer_updated(len(data))
 
     feed(_handshake())
-    rng = random.Random(1)
-    header = struct.Struct(">IHHQQI")
-    payload = bytes(range(256)) * (LENGTH // 256)
-    command = 1 if write else 0
-    for n in range(batches):
-        parts = []
-        for i in range(batch):
-            offset = rng.randrange(IMAGE_SIZE // LENGTH) * LENGTH
-            parts.append(header.pack(0x25609513, 0, command, n * batch + i, offset, LENGTH))
-            if write:
-                parts.append(payload)
-        feed(b"".join(parts))
+    for requests in _batches(write, batches, batch):
+        feed(requests)
         while conn._inflight or conn._backlog:
             # Long enough for a batch's AIO completions (the loop serves them meanwhile):
             # one look per batch, so that the disk's pace does not change the count.
@@ -167,6 +158,20 @@ def _client(sock_path: str, write: bool, batches: int, batch: int) -> None:
     recv(18)  # NBDMAGIC, IHAVEOPT, handshake flags
     sock.sendall(_handshake())
     recv(10)  # size and transmission flags (NO_ZEROES: nothing after them)
+    for requests in _batches(write, batches, batch):
+        sock.sendall(requests)
+        for _ in range(batch):
+            magic, error, _cookie = struct.unpack(">IIQ", recv(16))
+            assert magic == 0x67446698 and not error, (magic, error)
+            if not write:
+                recv(LENGTH)
+    sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))  # NBD_CMD_DISC
+    sock.close()
+
+
+def _batches(write: bool, batches: int, batch: int) -> Iterator[bytes]:
+    """The NBD requests of each batch, as the client sends them: ``batch`` 4 KiB reads or
+    writes (with their payload) at random aligned offsets, the same ones every run."""
     rng = random.Random(1)
     header = struct.Struct(">IHHQQI")
     payload = bytes(range(256)) * (LENGTH // 256)
@@ -178,14 +183,7 @@ def _client(sock_path: str, write: bool, batches: int, batch: int) -> None:
             parts.append(header.pack(0x25609513, 0, command, n * batch + i, offset, LENGTH))
             if write:
                 parts.append(payload)
-        sock.sendall(b"".join(parts))
-        for _ in range(batch):
-            magic, error, _cookie = struct.unpack(">IIQ", recv(16))
-            assert magic == 0x67446698 and not error, (magic, error)
-            if not write:
-                recv(LENGTH)
-    sock.sendall(header.pack(0x25609513, 0, 2, 0, 0, 0))  # NBD_CMD_DISC
-    sock.close()
+        yield b"".join(parts)
 
 
 def _measure(args: argparse.Namespace) -> None:
