@@ -39,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -144,20 +145,7 @@ def servers_of(tc: TapCtl) -> list[int]:
     """The fork servers a variant's commands started (their environment is the first
     client's, which names the variant)."""
     wanted = f"BLKTAP_BENCH_VARIANT={tc.env['BLKTAP_BENCH_VARIANT']}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/comm") as f:
-                if f.read().strip() not in SERVER_COMMS:
-                    continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if wanted in f.read().split(b"\0"):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
+    return _processes_with(wanted, "comm", lambda comm: comm.strip().decode() in SERVER_COMMS)
 
 
 def make_images(run_dir: str, count: int, size: int) -> list[str]:
@@ -235,16 +223,24 @@ def tapdisks_of(run_dir: str) -> list[int]:
     """Tapdisk processes whose environment names ``run_dir`` (one still starting when a
     create failed is not listed yet)."""
     wanted = f"BLKTAP_RUN_DIR={run_dir}".encode()
+    return _processes_with(wanted, "cmdline", lambda cmdline: any(
+        a.endswith(b"tapdisk") for a in cmdline.split(b"\0")[:2]))
+
+
+def _processes_with(variable: bytes, proc_file: str, candidate: Callable[[bytes], bool]
+                    ) -> list[int]:
+    """PIDs whose /proc/PID/``proc_file`` passes ``candidate`` and whose environment
+    holds ``variable`` (``NAME=value``)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if not any(a.endswith(b"tapdisk") for a in f.read().split(b"\0")[:2]):
+            with open(f"/proc/{entry}/{proc_file}", "rb") as f:
+                if not candidate(f.read()):
                     continue
             with open(f"/proc/{entry}/environ", "rb") as f:
-                if wanted in f.read().split(b"\0"):
+                if variable in f.read().split(b"\0"):
                     found.append(int(entry))
         except OSError:
             continue
