@@ -76,8 +76,9 @@ ATTR_VALID_SECONDS = 86400
 FILE_BLKSIZE = 4096
 
 PASSTHROUGH_ENV = "BLKTAP_FUSE_PASSTHROUGH"
-"""``auto`` (the default): the kernel reads and writes a raw image file itself where it
-can (FUSE passthrough); ``off``: every request goes through tapdisk."""
+"""Which block devices let the kernel read and write their one raw image file itself
+(FUSE passthrough): ``auto`` (the default) read-only ones, ``on`` read-write ones too,
+``off`` none (:class:`PassthroughMode`)."""
 
 IO_FUSE = "fuse"
 IO_PASSTHROUGH = "passthrough"
