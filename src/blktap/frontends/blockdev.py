@@ -533,6 +533,9 @@ class _FuseSession:
         self.hold_tid = -1
         """The process sending the holding FALLOCATE (the header's pid is the caller's
         thread id: the child's pid)."""
+        self.hold_spawning = False
+        """The holder is being started: its pid is not known yet, and its FALLOCATE may
+        already be here (it is then recognised as a child of this process's)."""
         self._vbd = vbd
         self._size = vbd.size
         self._read_only = vbd.read_only
@@ -871,10 +874,15 @@ class _FuseSession:
         eager.start(coro, done)
 
     def _is_hold(self, pid: int, body: memoryview) -> bool:
-        if pid != self.hold_tid or len(body) < fuse.FALLOCATE_IN.size:
+        if len(body) < fuse.FALLOCATE_IN.size:
+            return False
+        if pid != self.hold_tid and not (self.hold_spawning and _parent_of(pid) == os.getpid()):
             return False
         req = fuse.FallocateIn.decode(body)
-        return req.offset == _HOLD_OFFSET and req.mode == _HOLD_MODE
+        if req.offset != _HOLD_OFFSET or req.mode != _HOLD_MODE:
+            return False
+        self.hold_tid = pid
+        return True
 
     def release_hold(self) -> None:
         """Answer the holding FALLOCATE (if any): the kernel lets the held writes go."""
@@ -1449,9 +1457,15 @@ class BlockDevice:
         argv = ([tool, "--keep-size", "--punch-hole", "--offset", str(_HOLD_OFFSET),
                  "--length", "4096", self.file_path] if tool else
                 [sys.executable, "-c", _HOLD_SCRIPT, self.file_path])
-        holder = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE)
+        # The holder's FALLOCATE can arrive while this awaits its start (the event loop
+        # serves /dev/fuse meanwhile): hold_spawning lets _is_hold know it by its parent.
+        session.hold_spawning = True
+        try:
+            holder = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE)
+        finally:
+            session.hold_spawning = False
         session.hold_tid = holder.pid
         exited = asyncio.ensure_future(holder.wait())
         waiters: list[asyncio.Future[Any]] = [session.hold_taken, exited]
@@ -1672,3 +1686,14 @@ class BlockDevice:
             _umount(self.mountpoint, _MNT_FORCE)  # aborts the FUSE connection
         with contextlib.suppress(OSError):
             _umount(self.mountpoint, _MNT_DETACH)
+
+
+def _parent_of(pid: int) -> int:
+    """The parent of process ``pid`` (/proc/PID/stat), or -1 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return -1
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
